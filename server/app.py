@@ -1,0 +1,76 @@
+"""The application factory: wires settings, Redis, store, hub and routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from . import keys, views
+from .hub import Hub
+from .problems import problem_middleware
+from .publisher import assemble
+from .redis_client import open_redis
+from .settings import Settings
+from .store import AnyRedis
+from .streams import StreamRegistry
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# A permissive pattern: aiohttp's default excludes `{` `}`, which must answer 400, not 404.
+WF = "{workflow_id:[^/]+}"
+
+
+def create_app(
+    settings: Settings, *, redis: AnyRedis | None = None, sharded: bool = False
+) -> web.Application:
+    """Build the app; no I/O here. Without `redis`, one is opened from settings on startup."""
+    app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
+    app[keys.settings_key] = settings
+    app[keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        if redis is not None:
+            await _wire(app, settings, redis, sharded)
+            yield
+            await app[keys.hub_key].close()
+            return
+        async with open_redis(settings.redis_url) as (client, is_sharded):
+            await _wire(app, settings, client, is_sharded)
+            yield
+            await app[keys.hub_key].close()
+
+    app.cleanup_ctx.append(redis_ctx)
+    if settings.demo:
+        from . import demo
+
+        demo.setup_demo(app)
+    app.on_shutdown.append(_end_streams)
+
+    app.router.add_post(f"/workflows/{WF}/events", views.publish_events)
+    app.router.add_get(f"/workflows/{WF}/events", views.stream_events)
+    app.router.add_get(f"/workflows/{WF}/progress", views.get_progress)
+    app.router.add_get("/", views.index)
+    app.router.add_static("/static/", STATIC_DIR, append_version=True)
+    app.router.add_get("/healthz", views.healthz)
+    app.router.add_get("/readyz", views.readyz)
+    return app
+
+
+async def _wire(app: web.Application, settings: Settings, redis: AnyRedis, sharded: bool) -> None:
+    store, tracker, publisher = assemble(settings, redis, sharded=sharded)
+    hub = Hub(redis, queue_limit=settings.client_queue_frames)
+    await hub.start()
+    app[keys.redis_key] = redis
+    app[keys.store_key] = store
+    app[keys.hub_key] = hub
+    app[keys.tracker_key] = tracker
+    app[keys.publisher_key] = publisher
+
+
+async def _end_streams(app: web.Application) -> None:
+    app[keys.streams_key].shutdown()

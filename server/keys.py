@@ -1,0 +1,24 @@
+"""Typed application state keys, shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .hub import Hub
+    from .publisher import Publisher
+    from .store import AnyRedis, Store
+    from .streams import StreamRegistry
+    from .tracker import ProgressService
+
+settings_key = web.AppKey("settings", Settings)
+redis_key: web.AppKey[AnyRedis] = web.AppKey("redis")
+store_key: web.AppKey[Store] = web.AppKey("store")
+hub_key: web.AppKey[Hub] = web.AppKey("hub")
+publisher_key: web.AppKey[Publisher] = web.AppKey("publisher")
+streams_key: web.AppKey[StreamRegistry] = web.AppKey("streams")
+tracker_key: web.AppKey[ProgressService] = web.AppKey("tracker")

@@ -1,0 +1,898 @@
+"""Progress: a pure fold of events into state, and the ETA estimator (no I/O, clock passed in).
+
+Decisions the SPEC leaves open, made here:
+
+- `started_at` is the earliest timestamp of an event showing the run at work: a
+  `workflow_state_changed` to RUNNING or any node event. A plan or a CREATED/PENDING
+  state does not start the clock.
+- Without a plan every node seen counts in the totals (`total_known` false). With a
+  plan, a node outside it is still tracked (it shows in `running`, its duration feeds
+  the estimate and the history) but is left out of `total_nodes` and of the completed,
+  failed and skipped counts, so the percentage stays "k of the planned n".
+- A new plan replaces the old one: node states are kept, nodes only planned before are
+  dropped, and an identical plan sent again changes nothing.
+- A node's latest event decides its state: `node_started` after a failure is a retry (a
+  new attempt); `node_started` for a running node is a duplicate and ignored;
+  `node_progress` for a node never started marks it running.
+- The workflow state is null until a `workflow_state_changed` arrives; node states are
+  facts from events and are not rewritten by a terminal state (a run may be resumed).
+- Durations enter the history when the run reaches a terminal state (`history_items`),
+  so the history holds previous runs only and this run's nodes are not compared with
+  themselves.
+- The ETA is a median: the remaining time the run is as likely to beat as to miss
+  (bench/RESULTS.md shows why: it is the better answer for right-skewed durations).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, assert_never
+
+from server.history import HistoryView, Stats, log_seconds
+from server.models import (
+    TERMINAL_STATES,
+    Event,
+    NodeCompleted,
+    NodeFailed,
+    NodeProgress,
+    NodeSkipped,
+    NodeStarted,
+    WorkflowPlanned,
+    WorkflowStateChanged,
+    format_timestamp,
+)
+
+PENDING = "pending"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+SKIPPED = "skipped"
+STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, SKIPPED)
+
+MIN_REMAINING = 0.1  # SPEC: an unfinished run always has some time left
+DEFAULT_VAR = 0.36  # log-variance of one node's durations before any is measured
+POOLED_VAR = 1.0  # log-variance across a run's different nodes before it is measured
+K_VAR = 2.0  # pseudo-count pulling a measured log-variance toward its reference
+MIN_BETWEEN = 0.05  # floor of the between-node log-variance within a node type
+CAL_TAU = 0.35  # prior sd of this run's log speed factor versus history (1.4x at 1 sd)
+K_TYPE = 1.0  # pseudo-count pulling this run's per-type mean toward the run's mean
+EM_ROUNDS = 12
+TAU_FRACTION = 0.03  # smoothing time constant, as a share of the estimated total time
+TAU_MIN = 1.0
+TAU_MAX = 600.0
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = 1_000_000
+
+
+@dataclass(slots=True)
+class NodeState:
+    """What is known of one node: its latest state, its latest attempt and its plan entry."""
+
+    status: str = PENDING
+    attempts: int = 0
+    started_us: int | None = None
+    finished_us: int | None = None
+    duration_us: int | None = None
+    node_name: str | None = None
+    node_type: str | None = None
+    depends_on: list[str] = field(default_factory=list)
+    index: int = -1  # position in the plan, -1 when not planned
+    seen: bool = False  # a node event named it (not only the plan)
+    recorded: bool = False  # its duration already went into the history
+    start_seq: int = 0  # fold order of the latest start, to order equal timestamps
+
+    @property
+    def planned(self) -> bool:
+        """True when the current plan names this node."""
+        return self.index >= 0
+
+
+def _zero_counts() -> dict[str, int]:
+    return dict.fromkeys(STATUSES, 0)
+
+
+@dataclass(slots=True)
+class FoldState:
+    """Everything progress needs, kept incrementally so no event needs a full scan."""
+
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    plan: list[str] = field(default_factory=list)
+    plan_known: bool = False
+    plan_version: int = 0  # bumped when the plan changes; percentages may restart then
+    has_deps: bool = False  # some planned node has depends_on
+    definition_id: str | None = None
+    max_concurrency: int | None = None
+    state: str | None = None
+    started_us: int | None = None
+    ended_us: int | None = None
+    updated_us: int | None = None
+    counts: dict[str, int] = field(default_factory=_zero_counts)  # counted nodes only
+    total: int = 0
+    running: dict[str, None] = field(default_factory=dict)  # every running node, start order
+    seq: int = 0  # events folded
+    failed_attempts: int = 0
+    clock_us: int | None = None  # latest timestamp seen, for the parallelism integral
+    busy_us: int = 0  # integral of the number of running nodes over time
+    active_us: int = 0  # time with at least one node running
+    peak_running: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        """True in COMPLETED, FAILED or CANCELLED."""
+        return self.state in TERMINAL_STATES
+
+    def counted(self, node: NodeState) -> bool:
+        """Whether a node counts in the totals: planned ones, or all without a plan."""
+        return node.planned or not self.plan_known
+
+
+def new_state() -> FoldState:
+    """The state before any event."""
+    return FoldState()
+
+
+# ---------------------------------------------------------------------------- fold
+
+
+def _event_us(event: Event) -> int:
+    if event.timestamp is None:
+        raise ValueError("an event must have its timestamp filled in before it is folded")
+    return (event.timestamp - _EPOCH) // timedelta(microseconds=1)
+
+
+def _advance_clock(state: FoldState, ts: int) -> None:
+    """Integrate the number of running nodes up to `ts` (observed parallelism)."""
+    if state.clock_us is None:
+        state.clock_us = ts
+    elif ts > state.clock_us:
+        dt = ts - state.clock_us
+        state.busy_us += len(state.running) * dt
+        if state.running:
+            state.active_us += dt
+        state.clock_us = ts
+
+
+def _mark_started(state: FoldState, ts: int) -> None:
+    if state.started_us is None or ts < state.started_us:
+        state.started_us = ts
+
+
+def _node(state: FoldState, node_id: str) -> NodeState:
+    node = state.nodes.get(node_id)
+    if node is None:
+        node = NodeState()
+        state.nodes[node_id] = node
+        if not state.plan_known:
+            state.total += 1
+            state.counts[PENDING] += 1
+    node.seen = True
+    return node
+
+
+def _set_status(state: FoldState, node_id: str, node: NodeState, status: str) -> None:
+    old = node.status
+    if old == status:
+        return
+    if state.counted(node):
+        state.counts[old] -= 1
+        state.counts[status] += 1
+    if old == RUNNING:
+        del state.running[node_id]
+    if status == RUNNING:
+        state.running[node_id] = None
+        state.peak_running = max(state.peak_running, len(state.running))
+    node.status = status
+
+
+def _names(node: NodeState, name: str | None, node_type: str | None) -> None:
+    if name is not None:
+        node.node_name = name
+    if node_type is not None:
+        node.node_type = node_type
+
+
+def _start(state: FoldState, node_id: str, node: NodeState, ts: int) -> None:
+    node.attempts += 1
+    node.started_us = ts
+    node.finished_us = None
+    node.duration_us = None
+    node.recorded = False
+    node.start_seq = state.seq
+    _set_status(state, node_id, node, RUNNING)
+
+
+def _finish(
+    state: FoldState, node_id: str, node: NodeState, status: str, ts: int, duration_ms: int | None
+) -> None:
+    if status == COMPLETED and node.status != COMPLETED:
+        node.recorded = False
+    if status != SKIPPED:
+        node.attempts = max(node.attempts, 1)  # it ran even if its start went unreported
+    node.finished_us = ts
+    if duration_ms is not None:
+        node.duration_us = duration_ms * 1000
+    elif node.status == RUNNING and node.started_us is not None and ts >= node.started_us:
+        node.duration_us = ts - node.started_us
+    else:
+        node.duration_us = None
+    _set_status(state, node_id, node, status)
+
+
+def _recount(state: FoldState) -> None:
+    counts = _zero_counts()
+    total = 0
+    for node in state.nodes.values():
+        if state.counted(node):
+            counts[node.status] += 1
+            total += 1
+    state.counts = counts
+    state.total = total
+
+
+def _apply_plan(state: FoldState, event: WorkflowPlanned) -> None:
+    new_ids = [n.node_id for n in event.nodes]
+    changed = not state.plan_known or state.plan != new_ids
+    wanted = set(new_ids)
+    for node_id in state.plan:
+        if node_id not in wanted:
+            node = state.nodes[node_id]
+            node.index = -1
+            node.depends_on = []
+            if not node.seen:
+                del state.nodes[node_id]
+    has_deps = False
+    for index, planned in enumerate(event.nodes):
+        found = state.nodes.get(planned.node_id)
+        node = found if found is not None else NodeState()
+        state.nodes[planned.node_id] = node
+        deps = list(planned.depends_on or ())
+        changed = changed or deps != node.depends_on
+        has_deps = has_deps or bool(deps)
+        node.index = index
+        node.depends_on = deps
+        if node.node_name is None:
+            node.node_name = planned.node_name
+        if node.node_type is None:
+            node.node_type = planned.node_type
+    state.plan = new_ids
+    state.plan_known = True
+    state.has_deps = has_deps
+    state.definition_id = event.definition_id
+    state.max_concurrency = event.max_concurrency
+    _recount(state)
+    if changed:
+        state.plan_version += 1
+
+
+def fold(state: FoldState, event: Event) -> FoldState:
+    """Apply one event: updates `state` in place and returns it, O(1) per node event."""
+    ts = _event_us(event)
+    state.seq += 1
+    _advance_clock(state, ts)
+    state.updated_us = ts
+    match event:
+        case WorkflowPlanned():
+            _apply_plan(state, event)
+        case WorkflowStateChanged():
+            state.state = event.to_state
+            if event.is_terminal:
+                state.ended_us = ts
+                # history_items() has just listed these; mark them so a resumed run that
+                # ends again does not record them twice.
+                for node in state.nodes.values():
+                    if node.status == COMPLETED:
+                        node.recorded = True
+            else:
+                state.ended_us = None
+                if event.to_state == "RUNNING":
+                    _mark_started(state, ts)
+        case NodeStarted():
+            node = _node(state, event.node_id)
+            _names(node, event.node_name, event.node_type)
+            if node.status != RUNNING:
+                _start(state, event.node_id, node, ts)
+            _mark_started(state, ts)
+        case NodeProgress():
+            node = _node(state, event.node_id)
+            if node.status == PENDING:
+                _start(state, event.node_id, node, ts)
+            _mark_started(state, ts)
+        case NodeCompleted():
+            node = _node(state, event.node_id)
+            _names(node, event.node_name, event.node_type)
+            _finish(state, event.node_id, node, COMPLETED, ts, event.duration_ms)
+            _mark_started(state, ts)
+        case NodeFailed():
+            node = _node(state, event.node_id)
+            _names(node, event.node_name, event.node_type)
+            if node.status != FAILED:
+                state.failed_attempts += 1
+            _finish(state, event.node_id, node, FAILED, ts, event.duration_ms)
+            _mark_started(state, ts)
+        case NodeSkipped():
+            node = _node(state, event.node_id)
+            _finish(state, event.node_id, node, SKIPPED, ts, None)
+            _mark_started(state, ts)
+        case _:
+            assert_never(event)
+    return state
+
+
+def history_items(
+    state_before: FoldState, event: Event
+) -> list[tuple[str | None, str, str | None, float]]:
+    """Durations to pass to history.record() for `event`; call it before folding the event.
+
+    Non-empty only when `event` ends the run: every completed node not yet recorded, as
+    (definition_id, node_id, node_type, seconds).
+    """
+    if not isinstance(event, WorkflowStateChanged) or not event.is_terminal:
+        return []
+    return [
+        (state_before.definition_id, node_id, node.node_type, node.duration_us / _US)
+        for node_id, node in state_before.nodes.items()
+        if node.status == COMPLETED and not node.recorded and node.duration_us is not None
+    ]
+
+
+def node_types(state: FoldState) -> list[str]:
+    """The distinct node types of the run, in node order."""
+    return list(dict.fromkeys(n.node_type for n in state.nodes.values() if n.node_type))
+
+
+def history_keys(state: FoldState) -> tuple[str | None, list[str], list[str]]:
+    """(definition_id, node_ids, node_types) to pass to history.load()."""
+    return state.definition_id, list(state.nodes), node_types(state)
+
+
+# --------------------------------------------------------------- (de)serialisation
+
+_STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
+
+
+def dumps_state(state: FoldState) -> bytes:
+    """Compact JSON of the state; loads_state() gives back an equal object."""
+    nodes = [
+        [
+            node_id,
+            _STATUS_CODE[n.status],
+            n.attempts,
+            n.started_us,
+            n.finished_us,
+            n.duration_us,
+            n.node_name,
+            n.node_type,
+            n.depends_on,
+            n.index,
+            int(n.seen) | int(n.recorded) << 1,
+            n.start_seq,
+        ]
+        for node_id, n in state.nodes.items()
+    ]
+    doc = {
+        "v": 1,
+        "n": nodes,
+        "p": state.plan,
+        "pk": state.plan_known,
+        "pv": state.plan_version,
+        "hd": state.has_deps,
+        "d": state.definition_id,
+        "mc": state.max_concurrency,
+        "s": state.state,
+        "t": [state.started_us, state.ended_us, state.updated_us, state.clock_us],
+        "c": [state.counts[s] for s in STATUSES],
+        "tot": state.total,
+        "r": list(state.running),
+        "q": state.seq,
+        "x": [state.failed_attempts, state.busy_us, state.active_us, state.peak_running],
+    }
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def loads_state(data: bytes) -> FoldState:
+    """The state written by dumps_state()."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or doc.get("v") != 1:
+        raise ValueError("not a progress state of version 1")
+    nodes: dict[str, NodeState] = {}
+    for row in doc["n"]:
+        (node_id, status, attempts, started, finished, duration, name, ntype, deps, index,
+         flags, start_seq) = row  # fmt: skip
+        nodes[node_id] = NodeState(
+            status=STATUSES[status],
+            attempts=attempts,
+            started_us=started,
+            finished_us=finished,
+            duration_us=duration,
+            node_name=name,
+            node_type=ntype,
+            depends_on=deps,
+            index=index,
+            seen=bool(flags & 1),
+            recorded=bool(flags & 2),
+            start_seq=start_seq,
+        )
+    started_us, ended_us, updated_us, clock_us = doc["t"]
+    failed_attempts, busy_us, active_us, peak = doc["x"]
+    return FoldState(
+        nodes=nodes,
+        plan=doc["p"],
+        plan_known=doc["pk"],
+        plan_version=doc["pv"],
+        has_deps=doc["hd"],
+        definition_id=doc["d"],
+        max_concurrency=doc["mc"],
+        state=doc["s"],
+        started_us=started_us,
+        ended_us=ended_us,
+        updated_us=updated_us,
+        counts=dict(zip(STATUSES, doc["c"], strict=True)),
+        total=doc["tot"],
+        running=dict.fromkeys(doc["r"]),
+        seq=doc["q"],
+        failed_attempts=failed_attempts,
+        clock_us=clock_us,
+        busy_us=busy_us,
+        active_us=active_us,
+        peak_running=peak,
+    )
+
+
+# ------------------------------------------------------------------ lognormal math
+
+_SQRT_HALF_PI = math.sqrt(math.pi / 2)
+
+
+def _mills(x: float) -> float:
+    """Mills ratio Q(x)/phi(x) of the standard normal, stable for large x."""
+    if x > 25.0:
+        inv2 = 1.0 / (x * x)
+        return (1.0 - inv2 * (1.0 - 3.0 * inv2 * (1.0 - 5.0 * inv2))) / x
+    return _SQRT_HALF_PI * math.erfc(x / math.sqrt(2.0)) * math.exp(x * x / 2.0)
+
+
+def _hazard(x: float) -> float:
+    """phi(x)/Q(x): how far above a lower bound x a standard normal is expected to be."""
+    if x < -25.0:
+        return 0.0
+    return 1.0 / _mills(x)
+
+
+def expected_remaining(mu: float, var: float, ran: float) -> float:
+    """E[D - t | D > t] for D lognormal(mu, var) and t = `ran` seconds: never zero."""
+    mean = math.exp(mu + var / 2.0)
+    if ran <= 0.0:
+        return mean
+    s = math.sqrt(max(var, 1e-6))
+    a = (math.log(ran) - mu) / s
+    if a < -8.0:
+        # Far before the median the condition D > t carries no information.
+        return max(mean - ran, 0.0) or mean
+    # E[D | D > t] = t * R(a - s) / R(a), R the Mills ratio.
+    return ran * (_mills(a - s) / _mills(a) - 1.0)
+
+
+# ------------------------------------------------------------------------ estimator
+
+
+@dataclass(slots=True)
+class _Prior:
+    mu: float
+    var: float
+    calibrated: bool  # from history, so this run's speed factor applies
+
+
+def _var(stats: Stats | None) -> float | None:
+    return None if stats is None else stats.var_log
+
+
+def _pooled_within(history: HistoryView) -> float:
+    """Run-to-run log-variance of one node, pooled over the definition's nodes."""
+    m2 = sum(st.m2_log for st in history.nodes.values() if st.count >= 2)
+    dof = sum(st.count - 1 for st in history.nodes.values() if st.count >= 2)
+    return (m2 + K_VAR * DEFAULT_VAR) / (dof + K_VAR)
+
+
+def _history_prior(
+    definition_id: str | None,
+    node_id: str,
+    node: NodeState,
+    history: HistoryView,
+    reference: float,
+) -> _Prior | None:
+    """The node's own history shrunk toward its type's, else the type's, else None."""
+    own = history.for_node(definition_id, node_id)
+    kind = history.for_type(node.node_type)
+    kind_var = _var(kind)
+    if own is None:
+        if kind is None:
+            return None
+        var = kind_var if kind_var is not None else DEFAULT_VAR
+        return _Prior(kind.mean_log, var * (1.0 + 1.0 / kind.count), True)
+    # Within-node variance, pulled toward the definition's pooled one while few runs
+    # are known (a type's variance also holds the differences between its nodes).
+    within = (own.m2_log + K_VAR * reference) / (own.count - 1 + K_VAR)
+    if kind is None:
+        return _Prior(own.mean_log, within * (1.0 + 1.0 / own.count), True)
+    # Empirical Bayes: trust the node's mean over the type's by within/between variance.
+    between = max((kind_var if kind_var is not None else reference) - within, MIN_BETWEEN)
+    k = min(max(within / between, 0.1), 50.0)
+    n = own.count
+    mu = (n * own.mean_log + k * kind.mean_log) / (n + k)
+    return _Prior(mu, within * (1.0 + 1.0 / (n + k)), True)
+
+
+def _censored_mean(
+    obs: list[tuple[float, float]],
+    cens: list[tuple[float, float]],
+    prior_mean: float,
+    prior_weight: float,
+) -> float:
+    """MAP of a common shift from exact (value, var) and lower-bounded (bound, var) data (EM)."""
+    num0 = prior_weight * prior_mean + sum(x / v for x, v in obs)
+    den_exact = prior_weight + sum(1.0 / v for _, v in obs)
+    den = den_exact + sum(1.0 / v for _, v in cens)
+    if den <= 0.0:
+        return prior_mean
+    # Start from the exact data alone; each round adds what the lower bounds imply.
+    c = num0 / den_exact if den_exact > 0.0 else prior_mean
+    for _ in range(EM_ROUNDS):
+        num = num0
+        for bound, v in cens:
+            s = math.sqrt(v)
+            num += (c + s * _hazard((bound - c) / s)) / v
+        c = num / den
+    return c
+
+
+def _informative(bound: float, var: float) -> bool:
+    """A running node tells something only once it has run near its expected life."""
+    return bound / math.sqrt(var) > -3.0
+
+
+@dataclass(slots=True)
+class _RunModel:
+    """This run's own durations, for nodes without history."""
+
+    mean: float
+    var_all: float
+    var_within: float
+    count: int
+    by_type: dict[str | None, float]
+
+    def prior(self, node_type: str | None) -> _Prior:
+        """A node of this run, of this type when the run has seen that type."""
+        mu = self.by_type.get(node_type)
+        if mu is None:
+            return _Prior(self.mean, self.var_all * (1.0 + 1.0 / self.count), False)
+        return _Prior(mu, self.var_within * (1.0 + 1.0 / self.count), False)
+
+
+def _run_model(
+    done: list[tuple[str | None, float]], running: list[tuple[str | None, float]]
+) -> _RunModel | None:
+    """Mean log-duration of this run's nodes (overall and per type), counting running ones."""
+    if not done:
+        return None
+    n = len(done)
+    xs = [x for _, x in done]
+    plain = sum(xs) / n
+    ss_all = sum((x - plain) ** 2 for x in xs)
+    var_all = (ss_all + K_VAR * POOLED_VAR) / (n - 1 + K_VAR)
+    groups: dict[str | None, list[float]] = {}
+    for t, x in done:
+        groups.setdefault(t, []).append(x)
+    ss_within = 0.0
+    for values in groups.values():
+        m = sum(values) / len(values)
+        ss_within += sum((x - m) ** 2 for x in values)
+    var_within = (ss_within + K_VAR * DEFAULT_VAR) / (n - len(groups) + K_VAR)
+    # Short nodes finish first: the running ones are lower bounds, or the mean is biased low.
+    cens_all = [(b, var_all) for _, b in running if _informative(b - plain, var_all)]
+    mean = _censored_mean([(x, var_all) for x in xs], cens_all, plain, 0.0)
+    # Per type, pulled toward the run's mean; a type with only running nodes counts too
+    # once they run long, so a long type is noticed before its first node finishes.
+    by_type: dict[str | None, float] = {}
+    running_by_type: dict[str | None, list[tuple[float, float]]] = {}
+    for t, b in running:
+        if _informative(b - mean, var_within):
+            running_by_type.setdefault(t, []).append((b, var_within))
+    for t in groups.keys() | running_by_type.keys():
+        obs = [(x, var_within) for x in groups.get(t, ())]
+        cens = running_by_type.get(t, [])
+        by_type[t] = _censored_mean(obs, cens, mean, K_TYPE / var_within)
+    return _RunModel(mean, var_all, var_within, n, by_type)
+
+
+def _slots(state: FoldState) -> int | None:
+    """How many nodes may run at once: the plan's limit, else none with a DAG, else observed."""
+    if state.max_concurrency is not None:
+        return state.max_concurrency
+    if state.has_deps:
+        return None
+    if state.active_us > 0:
+        return max(1, round(state.busy_us / state.active_us))
+    return None
+
+
+Moment = tuple[float, float]  # (mean, variance) of a time, seconds
+
+
+def _later(x: Moment, y: Moment) -> Moment:
+    """The later expected of two times, with its variance.
+
+    Times in one schedule share most of their history (the same slots, the same
+    ancestors), so treating them as independent (Clark's max) badly overstates the max.
+    """
+    return x if x[0] >= y[0] else y
+
+
+def _makespan(
+    state: FoldState, running: dict[str, Moment], pending: dict[str, Moment], slots: int | None
+) -> Moment:
+    """List-schedule the remaining sub-DAG on `slots` (None: unlimited): its end's moments.
+
+    Scheduling follows the expected times; a start inherits the variance of whichever
+    expected end it waited for (a parent's, or the one that freed its slot).
+    """
+    unfinished = running.keys() | pending.keys()
+    indegree: dict[str, int] = {}
+    children: dict[str, list[str]] = {}
+    for node_id in pending:
+        deps = [d for d in state.nodes[node_id].depends_on if d in unfinished]
+        indegree[node_id] = len(deps)
+        for dep in deps:
+            children.setdefault(dep, []).append(node_id)
+
+    def order(node_id: str) -> int:
+        index = state.nodes[node_id].index
+        return index if index >= 0 else len(state.plan)
+
+    zero: Moment = (0.0, 0.0)
+    ready_at: dict[str, Moment] = {}
+    busy = [(m, order(n), n, v) for n, (m, v) in running.items()]
+    heapq.heapify(busy)
+    # Ready nodes go first-ready first, then in plan order, as engines commonly do.
+    ready = [(0.0, order(n), n) for n, d in indegree.items() if d == 0]
+    heapq.heapify(ready)
+    freed: Moment = zero
+    end: Moment = zero
+    while True:
+        while ready and (slots is None or len(busy) < slots):
+            _, index, node_id = heapq.heappop(ready)
+            start = ready_at.get(node_id, zero)
+            if slots is not None:
+                start = _later(start, freed)
+            m, v = pending[node_id]
+            heapq.heappush(busy, (start[0] + m, index, node_id, start[1] + v))
+        if not busy:
+            return end
+        m, _, node_id, v = heapq.heappop(busy)
+        freed = (m, v)
+        end = _later(end, freed)
+        for child in children.get(node_id, ()):
+            ready_at[child] = _later(ready_at.get(child, zero), freed)
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                heapq.heappush(ready, (m, order(child), child))
+
+
+def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
+    """Seconds left, as likely to be beaten as missed: None without a basis, 0 when terminal.
+
+    While the run goes on the answer is at least 0.1 (an overdue node still has time left).
+    """
+    if state.terminal:
+        return 0.0
+    now_us = round(now * _US)
+    reference = _pooled_within(history)
+    priors: dict[str, _Prior | None] = {}
+    done: list[tuple[str | None, float]] = []
+    ran: dict[str, float] = {}
+    for node_id, node in state.nodes.items():
+        if node.status in (COMPLETED, SKIPPED):
+            if node.status == COMPLETED and node.duration_us is not None:
+                done.append((node.node_type, log_seconds(node.duration_us / _US)))
+                priors[node_id] = _history_prior(
+                    state.definition_id, node_id, node, history, reference
+                )
+            continue
+        if not node.planned and node.status != RUNNING:
+            continue  # out of plan and not running: nothing is known to be left of it
+        priors[node_id] = _history_prior(
+                    state.definition_id, node_id, node, history, reference
+                )
+        if node.status == RUNNING and node.started_us is not None:
+            ran[node_id] = max(now_us - node.started_us, 0) / _US
+    with_history = [p for p in priors.values() if p is not None]
+    if not done and not with_history:
+        return None
+
+    # This run's log speed factor versus its history, from its finished nodes, shrunk
+    # toward 1x while few have finished. (Counting overdue running nodes as lower bounds
+    # measured slightly worse here: the history already predicts them well.)
+    obs: list[tuple[float, float]] = []
+    for node_id, node in state.nodes.items():
+        prior = priors.get(node_id)
+        if prior is not None and node.status == COMPLETED and node.duration_us is not None:
+            obs.append((log_seconds(node.duration_us / _US) - prior.mu, prior.var))
+    cal_weight = 1.0 / CAL_TAU**2
+    precision = cal_weight + sum(1.0 / v for _, v in obs)
+    factor = sum(x / v for x, v in obs) / precision
+
+    run = _run_model(
+        done,
+        [
+            (state.nodes[n].node_type, math.log(t))
+            for n, t in ran.items()
+            if t > 0.0 and priors.get(n) is None
+        ],
+    )
+    fallback = _Prior(0.0, DEFAULT_VAR, False)
+    if run is None:
+        # Nothing finished yet: a node without history is taken as an average known node.
+        mus = [p.mu for p in with_history]
+        mean_mu = sum(mus) / len(mus)
+        spread = sum((m - mean_mu) ** 2 for m in mus) / len(mus)
+        mean_var = sum(p.var for p in with_history) / len(with_history)
+        fallback = _Prior(mean_mu, mean_var + spread, True)
+
+    running: dict[str, Moment] = {}
+    pending: dict[str, Moment] = {}
+    for node_id, node in state.nodes.items():
+        if node.status in (COMPLETED, SKIPPED) or node_id not in priors:
+            continue
+        prior = priors[node_id]
+        if prior is None:
+            prior = run.prior(node.node_type) if run is not None else fallback
+        mu = prior.mu + (factor if prior.calibrated else 0.0)
+        if node.status == RUNNING:
+            # An overdue node hints that this run is slow: its tail includes the doubt
+            # about the run's speed, or a long-overdue node would "finish any second".
+            doubt = 1.0 / precision if prior.calibrated else 0.0
+            if run is not None and not prior.calibrated:
+                doubt = run.var_all / run.count
+            mean = expected_remaining(mu, prior.var + doubt, ran.get(node_id, 0.0))
+            running[node_id] = (mean, mean * mean * math.expm1(prior.var))
+        else:
+            # Failed nodes are expected to be retried while the run goes on.
+            mean = math.exp(mu + prior.var / 2.0)
+            pending[node_id] = (mean, mean * mean * math.expm1(prior.var))
+    mean, var = _makespan(state, running, pending, _slots(state))
+    if mean <= 0.0:
+        return MIN_REMAINING
+    # A right-skewed total: take it as lognormal and answer its median, the estimate that
+    # is as likely to be early as late (the mean is pulled out by rare long nodes). The
+    # speed factor's own uncertainty scales the mean and the spread alike: the median
+    # does not move, so it needs no term here.
+    median = mean / math.sqrt(1.0 + var / (mean * mean))
+    return max(median, MIN_REMAINING)
+
+
+# ------------------------------------------------------------------------- snapshot
+
+
+@dataclass
+class Shown:
+    """What was last shown, so that shown figures are smoothed and never go back."""
+
+    plan_version: int = 0
+    percentage: float = 0.0  # highest count-based percentage shown under plan_version
+    time_percentage: float | None = None  # highest shown while not terminal
+    finish_at: float | None = None  # smoothed predicted finish, epoch seconds
+    at: float | None = None  # when finish_at was computed
+    tau: float | None = None  # smoothing time constant used then, seconds
+
+
+def dumps_shown(s: Shown) -> bytes:
+    """Compact JSON of a Shown."""
+    doc = [s.plan_version, s.percentage, s.time_percentage, s.finish_at, s.at, s.tau]
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def loads_shown(b: bytes) -> Shown:
+    """The Shown written by dumps_shown()."""
+    plan_version, percentage, time_percentage, finish_at, at, tau = json.loads(b)
+    return Shown(plan_version, percentage, time_percentage, finish_at, at, tau)
+
+
+def _iso_us(us: int | None) -> str | None:
+    return None if us is None else format_timestamp(_EPOCH + timedelta(microseconds=us))
+
+
+def _iso(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    return format_timestamp(_EPOCH + timedelta(milliseconds=ms))
+
+
+def _smooth(prev: Shown, raw_finish: float, now: float, tau: float) -> float:
+    """Move the shown finish time toward the new estimate with time constant `tau`."""
+    # A shown finish already passed was wrong: show the new estimate rather than creep
+    # up from "0.1 s left".
+    if prev.finish_at is None or prev.at is None or prev.finish_at <= now:
+        return raw_finish
+    alpha = 1.0 - math.exp(-max(now - prev.at, 0.0) / tau)
+    return prev.finish_at + alpha * (raw_finish - prev.finish_at)
+
+
+def snapshot(
+    state: FoldState,
+    *,
+    workflow_id: str,
+    last_event_id: str | None,
+    history: HistoryView,
+    now: float,
+    shown: Shown | None,
+) -> tuple[dict[str, Any], Shown]:
+    """The SPEC's progress object as of `now`, and what to remember as shown."""
+    prev = shown if shown is not None else Shown()
+    terminal = state.terminal
+    total = state.total
+    done = state.counts[COMPLETED] + state.counts[SKIPPED]
+    counted = round(100.0 * done / total, 1) if total else 0.0
+    floor = prev.percentage if prev.plan_version == state.plan_version else 0.0
+    floor = max(floor, counted)
+    percentage = 100.0 if state.state == "COMPLETED" else floor
+
+    elapsed: float | None = None
+    if state.started_us is not None:
+        end = state.ended_us / _US if terminal and state.ended_us is not None else now
+        elapsed = round(max(end - state.started_us / _US, 0.0), 1)
+
+    new = Shown(state.plan_version, floor, prev.time_percentage, None, now, prev.tau)
+    remaining: float | None
+    time_percentage: float | None
+    if terminal:
+        remaining, time_percentage = 0.0, 100.0
+    else:
+        raw = eta(state, history, now)
+        if raw is None:
+            remaining, time_percentage = None, None
+        else:
+            spent = elapsed or 0.0
+            tau = min(max(TAU_FRACTION * (spent + raw), TAU_MIN), TAU_MAX)
+            new.finish_at = _smooth(prev, now + raw, now, tau)
+            new.tau = tau
+            remaining = max(round(new.finish_at - now, 1), MIN_REMAINING)
+            share = min(round(100.0 * spent / (spent + remaining), 1), 99.9)
+            time_percentage = max(share, prev.time_percentage or 0.0)
+            new.time_percentage = time_percentage
+
+    running_ids = sorted(
+        state.running,
+        key=lambda n: (state.nodes[n].started_us or 0, state.nodes[n].start_seq),
+    )
+    running = [
+        {
+            "node_id": n,
+            "node_name": state.nodes[n].node_name,
+            "started_at": _iso_us(state.nodes[n].started_us),
+        }
+        for n in running_ids
+    ]
+    progress: dict[str, Any] = {
+        "workflow_id": workflow_id,
+        "state": state.state,
+        "total_nodes": total,
+        "total_known": state.plan_known,
+        "completed_nodes": state.counts[COMPLETED],
+        "failed_nodes": state.counts[FAILED],
+        "skipped_nodes": state.counts[SKIPPED],
+        "running_nodes": len(running_ids),
+        "percentage": percentage,
+        "time_percentage": time_percentage,
+        "current_node": running_ids[-1] if running_ids else None,
+        "running": running,
+        "started_at": _iso_us(state.started_us),
+        "updated_at": _iso_us(state.updated_us),
+        "elapsed_seconds": elapsed,
+        "estimated_remaining_seconds": remaining,
+        "estimated_completion_at": None if remaining is None else _iso(now + remaining),
+        "last_event_id": last_event_id,
+    }
+    return progress, new

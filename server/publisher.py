@@ -1,0 +1,127 @@
+"""The Python publisher a workflow engine calls in-process; HTTP publishing uses it too."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import progress
+from .models import MAX_BATCH, Event, EventRejected, is_workflow_id, validate_event
+from .redis_client import open_redis
+from .settings import Settings
+from .store import AnyRedis, Appended, Store
+from .tracker import ProgressService
+
+logger = logging.getLogger(__name__)
+
+RawEvent = BaseModel | Mapping[str, Any]
+AfterAppend = Callable[[str, Appended], Awaitable[None]]
+
+
+class Publisher:
+    """Validates events and appends them through the store's one atomic path."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_event_bytes: int = 64 * 1024,
+        after_append: AfterAppend | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.max_event_bytes = max_event_bytes
+        self._after_append = after_append
+        self._clock = clock
+
+    def validate(
+        self, workflow_id: str, raw: Sequence[Any], *, batch: bool, size: int | None = None
+    ) -> list[Event]:
+        """Validate events all-or-nothing; raises EventRejected listing every error.
+
+        `size` is the received byte size of a single (non-batch) event, when known.
+        """
+        if not is_workflow_id(workflow_id):
+            raise ValueError(f"invalid workflow_id {workflow_id!r}")
+        if not 1 <= len(raw) <= MAX_BATCH:
+            raise EventRejected(
+                f"a batch holds 1 to {MAX_BATCH} events, got {len(raw)}",
+                [{"loc": [], "msg": f"expected 1 to {MAX_BATCH} events"}],
+            )
+        now = self._clock()
+        events: list[Event] = []
+        errors: list[dict[str, Any]] = []
+        for i, item in enumerate(raw):
+            try:
+                events.append(
+                    validate_event(
+                        item,
+                        workflow_id,
+                        max_event_bytes=self.max_event_bytes,
+                        now=now,
+                        size=None if batch else size,
+                        loc_prefix=(i,) if batch else (),
+                    )
+                )
+            except EventRejected as exc:
+                errors.extend(exc.errors)
+        if errors:
+            detail = errors[0]["msg"] if len(errors) == 1 else f"{len(errors)} validation errors"
+            raise EventRejected(f"invalid event: {detail}; nothing was stored", errors)
+        return events
+
+    async def store_events(self, workflow_id: str, events: Sequence[Event]) -> list[str]:
+        """Append already-validated events; returns their ids in input order."""
+        appended = await self.store.append(workflow_id, events)
+        if self._after_append is not None and appended.new_events:
+            try:
+                await self._after_append(workflow_id, appended)
+            except Exception:  # the events are stored; a side effect must not fail the publish
+                logger.exception("after-append hook failed for %s", workflow_id)
+        return appended.ids
+
+    async def publish(self, workflow_id: str, event: RawEvent) -> str:
+        """Validate and store one event; returns its stream id."""
+        ids = await self.store_events(workflow_id, self.validate(workflow_id, [event], batch=False))
+        return ids[0]
+
+    async def publish_many(self, workflow_id: str, events: Sequence[RawEvent]) -> list[str]:
+        """Validate and store a batch atomically (all or nothing); ids in input order."""
+        return await self.store_events(
+            workflow_id, self.validate(workflow_id, list(events), batch=True)
+        )
+
+
+def assemble(
+    settings: Settings, redis: AnyRedis, *, sharded: bool
+) -> tuple[Store, ProgressService, Publisher]:
+    """The write path as the server and an out-of-process engine both use it."""
+    store = Store(
+        redis,
+        maxlen=settings.history_maxlen,
+        retention_seconds=settings.retention_seconds,
+        folder=progress,
+        sharded=sharded,
+    )
+    tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
+    publisher = Publisher(
+        store, max_event_bytes=settings.max_event_bytes, after_append=tracker.record_history
+    )
+    return store, tracker, publisher
+
+
+@asynccontextmanager
+async def connect(redis_url: str | None = None, **options: Any) -> AsyncIterator[Publisher]:
+    """A publisher on its own Redis connection, for an engine outside the server process.
+
+    `options` are Settings fields (history_maxlen, retention_seconds, max_event_bytes...)
+    and must match the server's.
+    """
+    settings = Settings(redis_url=redis_url, **options)
+    async with open_redis(settings.redis_url) as (redis, sharded):
+        yield assemble(settings, redis, sharded=sharded)[2]

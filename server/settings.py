@@ -1,0 +1,109 @@
+"""One frozen Settings object, built once from the environment and command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the SPEC's Configuration section; the defaults are the SPEC's."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None
+    heartbeat_seconds: float = 15.0
+    retry_ms: int = 3000
+    history_maxlen: int = 10_000
+    retention_seconds: int = 86_400
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_event_bytes: int = 64 * 1024
+    max_streams: int = 20_000
+    publish_token: str | None = None
+    subscribe_secret: str | None = None
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    workers: str = "1"
+    legacy_ingest: bool = False
+    # Beyond the SPEC's list: per-client live queue bound (frames) before a catch-up, and
+    # how long per-definition duration history is kept after its last update.
+    client_queue_frames: int = 1024
+    history_ttl_seconds: int = 30 * 86_400
+    demo: bool = False
+
+    def __post_init__(self) -> None:
+        positive = (
+            "port", "heartbeat_seconds", "retry_ms", "history_maxlen", "retention_seconds",
+            "max_body_bytes", "max_event_bytes", "max_streams", "client_queue_frames",
+            "history_ttl_seconds",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
+            raise ValueError(f"WORKERS must be a positive integer or 'auto', got {self.workers!r}")
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    if kind in ("int", int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name.upper()} must be an integer, got {raw!r}") from None
+    if kind in ("float", float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name.upper()} must be a number, got {raw!r}") from None
+    if kind in ("bool", bool):
+        low = raw.strip().lower()
+        if low in _BOOL_TRUE:
+            return True
+        if low in _BOOL_FALSE:
+            return False
+        raise ValueError(f"{name.upper()} must be 0 or 1, got {raw!r}")
+    if kind in ("tuple[str, ...]",):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind in ("str | None",):
+        return raw or None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting: `--retry-ms` for RETRY_MS."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, nargs="?", const="1", default=None,
+                                metavar="0|1", help=f"env {f.name.upper()}")  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=f"env {f.name.upper()}")
+
+
+def from_sources(env: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Settings:
+    """Build Settings: a flag wins over the environment variable, which wins over the default."""
+    values: dict[str, Any] = {}
+    flags = flags or {}
+    for f in fields(Settings):
+        raw = flags.get(f.name)
+        if raw is None:
+            raw = env.get(f.name.upper())
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.name, f.type, str(raw))
+    return Settings(**values)
+
+
+def parse(argv: Sequence[str] | None = None) -> Settings:
+    """Settings from `os.environ` and `argv`: the one place the environment is read."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    return from_sources(os.environ, vars(ns))

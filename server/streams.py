@@ -1,0 +1,302 @@
+"""One open event stream: replay after an id, then live, gap-free across the hand-over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import sse
+from .hub import Subscription
+from .models import TERMINAL_STATES
+from .store import Entry, Page, Store, id_key
+
+logger = logging.getLogger(__name__)
+
+PAGE = 500  # events per history read: bounds memory of a catch-up
+MAX_WRITE_FRAMES = 256  # live frames joined into one write
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+ProgressFn = Callable[[str], Awaitable[dict[str, Any] | None]]
+
+
+class StreamsFull(Exception):
+    """MAX_STREAMS streams are open in this process."""
+
+
+@dataclass(eq=False)
+class StreamRegistry:
+    """Counts open streams (event, progress, WebSocket) and ends them on shutdown."""
+
+    limit: int
+    retry_ms: int
+    open: set[StreamHandle] = field(default_factory=set)
+    closing: bool = False
+
+    def acquire(self) -> StreamHandle:
+        if self.closing:
+            raise StreamsFull("server is shutting down")
+        if len(self.open) >= self.limit:
+            raise StreamsFull(f"{self.limit} streams are open in this process (MAX_STREAMS)")
+        handle = StreamHandle()
+        self.open.add(handle)
+        return handle
+
+    def release(self, handle: StreamHandle) -> None:
+        self.open.discard(handle)
+
+    def shutdown(self) -> None:
+        """Ask every stream to send a jittered `retry:` and end, so clients spread reconnects."""
+        self.closing = True
+        for handle in self.open:
+            handle.stop(self.retry_ms + random.randint(0, max(self.retry_ms, 1000)))
+
+
+@dataclass(eq=False)
+class StreamHandle:
+    """Lets the registry stop one stream from outside its task."""
+
+    stopping: bool = False
+    retry_ms: int | None = None
+    wakeup: asyncio.Event | None = None  # the stream's own wake-up, so one wait covers both
+
+    def stop(self, retry_ms: int) -> None:
+        self.retry_ms = retry_ms
+        self.stopping = True
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+
+async def wait_for_wakeup(sub: Subscription, timeout: float) -> bool:
+    """Wait until the hub (or shutdown) wakes `sub`; False when `timeout` passed first."""
+    sub.wakeup.clear()
+    if sub.queue or sub.resync:
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await sub.wakeup.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class EventStream:
+    """Writes one workflow's events to one response: history first, then live."""
+
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        store: Store,
+        sub: Subscription,
+        *,
+        start: str | None,
+        heartbeat: float,
+        handle: StreamHandle,
+        progress: ProgressFn,
+        on_sent: Callable[[int], None] = lambda n: None,
+        on_gap: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.response = response
+        self.store = store
+        self.sub = sub
+        self.workflow_id = sub.workflow_id
+        self.last_id = start
+        self.last_key = id_key(start) if start else (0, 0)
+        self.heartbeat = heartbeat
+        self.handle = handle
+        self.progress = progress
+        self.on_sent = on_sent
+        self.on_gap = on_gap
+        self.read_once = False
+        handle.wakeup = sub.wakeup
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.response.write(data)
+        except (ConnectionResetError, ConnectionError, RuntimeError) as exc:
+            raise ClientGone from exc
+
+    async def run(self) -> None:
+        """Stream until the terminal event, the client leaving, or shutdown."""
+        try:
+            await self._run()
+        except ClientGone:
+            return
+        if self.handle.retry_ms is not None:
+            # Shutdown: a fresh retry tells EventSource when to come back (elsewhere).
+            try:
+                await self.write(sse.encode(retry=self.handle.retry_ms))
+            except ClientGone:
+                return
+
+    async def _run(self) -> None:
+        self.sub.resync = True
+        backoff = 0.1
+        while not self.handle.stopping:
+            if self.sub.resync:
+                self.sub.resync = False
+                self.sub.queue.clear()
+                try:
+                    if await self._catch_up():
+                        return
+                    backoff = 0.1
+                except RedisError as exc:
+                    # Redis is down: keep the client, retry the read; the hub resyncs us too.
+                    logger.info("catch-up for %s failed (%s); retrying", self.workflow_id, exc)
+                    self.sub.resync = True
+                    await self._idle(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+            if await self._drain_live():
+                return
+            if self.sub.resync or self.sub.queue:
+                continue
+            await self._idle(self.heartbeat, keep_alive=True)
+
+    async def _idle(self, timeout: float, *, keep_alive: bool = False) -> None:
+        """Wait for a live frame, a resync, shutdown, or the heartbeat interval."""
+        if not await wait_for_wakeup(self.sub, timeout) and keep_alive:
+            await self.write(sse.KEEP_ALIVE)
+
+    async def _drain_live(self) -> bool:
+        """Send queued live frames newer than the last sent id; True after the terminal."""
+        queue = self.sub.queue
+        while queue and not self.sub.resync:
+            chunk: list[bytes] = []
+            terminal = False
+            while queue and len(chunk) < MAX_WRITE_FRAMES:
+                frame = queue.popleft()
+                if frame.key <= self.last_key:
+                    continue  # already sent from history
+                chunk.append(frame.data)
+                self.last_id, self.last_key = frame.id, frame.key
+                if frame.terminal:
+                    terminal = True
+                    break
+            if chunk:
+                await self.write(b"".join(chunk))
+                self.on_sent(len(chunk))
+            if terminal:
+                return True
+        return False
+
+    async def _catch_up(self) -> bool:
+        """Send every retained event after the last sent id; True if the terminal was sent."""
+        while True:
+            page = await self.store.read_after(self.workflow_id, self.last_id, PAGE)
+            if page.trimmed is not None:
+                trimmed_key = id_key(page.trimmed)
+                if self.last_id is None and not self.read_once:
+                    # "From the beginning" means what is retained when the client asked:
+                    # only what is trimmed after that is a gap.
+                    self.last_id, self.last_key = page.trimmed, trimmed_key
+                elif self.last_key < trimmed_key:
+                    await self._announce_gap(page)
+                    self.last_id, self.last_key = page.trimmed, trimmed_key
+            self.read_once = True
+            if await self._send_entries(page.entries):
+                return True
+            if len(page.entries) < PAGE:
+                return False
+
+    async def _announce_gap(self, page: Page) -> None:
+        payload = {
+            "requested": self.last_id or "0-0",
+            "earliest_available": page.entries[0].id if page.entries else None,
+            "progress": await self.progress(self.workflow_id),
+        }
+        self.on_gap()
+        await self.write(sse.encode(json.dumps(payload, ensure_ascii=False), event="gap"))
+
+    async def _send_entries(self, entries: list[Entry]) -> bool:
+        chunk: list[bytes] = []
+        terminal = False
+        for entry in entries:
+            if entry.key <= self.last_key:
+                continue
+            chunk.append(sse.encode(entry.data, id=entry.id, event=entry.event_type))
+            self.last_id, self.last_key = entry.id, entry.key
+            if entry.terminal:
+                terminal = True
+                break
+        if chunk:
+            await self.write(b"".join(chunk))
+            self.on_sent(len(chunk))
+        return terminal
+
+
+def progress_frame(snap: dict[str, Any]) -> bytes:
+    """An `event: progress` frame; its id lets a reconnect after the end get 204."""
+    return sse.encode(
+        json.dumps(snap, ensure_ascii=False, separators=(",", ":")),
+        id=snap.get("last_event_id") or None,
+        event="progress",
+    )
+
+
+def is_final(snap: dict[str, Any]) -> bool:
+    return snap.get("state") in TERMINAL_STATES
+
+
+class ProgressStream:
+    """Progress objects as they change, at most `rate` per second, ending after terminal."""
+
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        sub: Subscription,
+        *,
+        snapshot: ProgressFn,
+        heartbeat: float,
+        handle: StreamHandle,
+        min_interval: float = 0.25,
+    ) -> None:
+        self.response = response
+        self.sub = sub
+        self.snapshot = snapshot
+        self.heartbeat = heartbeat
+        self.handle = handle
+        self.min_interval = min_interval
+        handle.wakeup = sub.wakeup
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_sent: str | None = None
+        sent_at = -1e9
+        try:
+            while not self.handle.stopping:
+                self.sub.queue.clear()  # only "something changed" matters here
+                self.sub.resync = False
+                wait = sent_at + self.min_interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the rate limit of the SPEC: 4 per second
+                try:
+                    snap = await self.snapshot(self.sub.workflow_id)
+                except RedisError:
+                    snap = None  # Redis is down: keep the client, try again on the next wake
+                if snap is not None and snap["last_event_id"] != last_sent:
+                    await self.response.write(progress_frame(snap))
+                    last_sent, sent_at = snap["last_event_id"], loop.time()
+                    if is_final(snap):
+                        break
+                if not await wait_for_wakeup(self.sub, self.heartbeat):
+                    await self.response.write(sse.KEEP_ALIVE)
+            if self.handle.retry_ms is not None:
+                await self.response.write(sse.encode(retry=self.handle.retry_ms))
+        except (ConnectionResetError, ConnectionError, RuntimeError):
+            return

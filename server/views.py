@@ -1,0 +1,194 @@
+"""HTTP handlers, kept thin: parse, call the pieces, answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import keys
+from .hub import HubUnavailable
+from .models import EventRejected, is_workflow_id, parse_event_id
+from .problems import Problem
+from .streams import SSE_HEADERS, EventStream, ProgressStream, StreamsFull, is_final
+
+logger = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+
+
+def workflow_id_of(request: web.Request) -> str:
+    """The URL's workflow id, validated before it reaches Redis or a frame."""
+    value = request.match_info["workflow_id"]
+    if not is_workflow_id(value):
+        raise Problem(
+            400,
+            "workflow_id must be 1 to 128 characters of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit",
+            slug="bad-workflow-id",
+        )
+    return value
+
+
+def start_id_of(request: web.Request) -> str | None:
+    """Where a stream starts: Last-Event-ID header, else lastEventId query; empty = absent."""
+    value = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or None
+    if value is None:
+        return None
+    value = value.strip()
+    if parse_event_id(value) is None:
+        raise Problem(400, "Last-Event-ID must look like <milliseconds>-<sequence>",
+                      slug="bad-last-event-id")  # fmt: skip
+    return value
+
+
+def _decode_json(body: bytes) -> Any:
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Problem(400, f"malformed JSON: {exc}", slug="malformed-json") from None
+
+
+async def publish_events(request: web.Request) -> web.Response:
+    """POST /workflows/{id}/events: one event or a batch, all-or-nothing."""
+    workflow_id = workflow_id_of(request)
+    if request.content_type not in JSON_TYPES:
+        raise Problem(415, "send events as Content-Type: application/json")
+    body = await request.read()  # client_max_size enforces MAX_BODY_BYTES, chunked too
+    raw = _decode_json(body)
+    publisher = request.app[keys.publisher_key]
+    batch = isinstance(raw, list)
+    items = raw if batch else [raw]
+    try:
+        events = publisher.validate(workflow_id, items, batch=batch, size=len(body))
+    except EventRejected as exc:
+        raise Problem(422, exc.detail, errors=exc.errors, slug="invalid-event") from None
+    ids = await publisher.store_events(workflow_id, events)
+    return web.json_response({"ids": ids}, status=201)
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """GET /workflows/{id}/events: replay after the client's id, then live."""
+    workflow_id = workflow_id_of(request)
+    start = start_id_of(request)
+    app = request.app
+    settings, store, hub = app[keys.settings_key], app[keys.store_key], app[keys.hub_key]
+    registry = app[keys.streams_key]
+
+    last = await store.last_entry(workflow_id)
+    if last is not None and last.terminal and start is not None:
+        if parse_event_id(start) >= last.key:  # type: ignore[operator]
+            return web.Response(status=204)  # tells EventSource to stop reconnecting
+
+    try:
+        handle = registry.acquire()
+    except StreamsFull as exc:
+        raise Problem(
+            503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
+        ) from None
+    try:
+        async with hub.subscribe(workflow_id) as sub:
+            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            await response.prepare(request)
+            stream = EventStream(
+                response,
+                store,
+                sub,
+                start=start,
+                heartbeat=settings.heartbeat_seconds,
+                handle=handle,
+                progress=app[keys.tracker_key].snapshot,
+            )
+            try:
+                await response.write(b"retry: %d\n\n" % settings.retry_ms)
+                await stream.run()
+            except (ConnectionResetError, RedisError):
+                pass
+            return response
+    except HubUnavailable as exc:
+        raise Problem(503, str(exc), headers={"Retry-After": "1"}) from None
+    finally:
+        registry.release(handle)
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    candidates = (c.strip().removeprefix("W/").strip('"') for c in header.split(","))
+    return any(c in (etag, "*") for c in candidates)
+
+
+async def get_progress(request: web.Request) -> web.StreamResponse:
+    """GET /workflows/{id}/progress: JSON with ETag, or a stream of `event: progress`."""
+    workflow_id = workflow_id_of(request)
+    tracker = request.app[keys.tracker_key]
+    snap = await tracker.snapshot(workflow_id)
+    if snap is None:
+        raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
+                      slug="unknown-workflow")  # fmt: skip
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await _progress_stream(request, workflow_id, snap)
+    etag = snap["last_event_id"] or ""
+    headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("If-None-Match", ""), etag):
+        return web.Response(status=304, headers=headers)
+    return web.json_response(snap, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+async def _progress_stream(
+    request: web.Request, workflow_id: str, snap: dict[str, Any]
+) -> web.StreamResponse:
+    app = request.app
+    settings, hub, registry = app[keys.settings_key], app[keys.hub_key], app[keys.streams_key]
+    start = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    if start and is_final(snap) and start.strip() == snap["last_event_id"]:
+        return web.Response(status=204)  # the final object was seen: stop reconnecting
+    try:
+        handle = registry.acquire()
+    except StreamsFull as exc:
+        raise Problem(
+            503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
+        ) from None
+    try:
+        async with hub.subscribe(workflow_id) as sub:
+            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            await response.prepare(request)
+            await response.write(b"retry: %d\n\n" % settings.retry_ms)
+            stream = ProgressStream(
+                response, sub, snapshot=app[keys.tracker_key].snapshot,
+                heartbeat=settings.heartbeat_seconds, handle=handle,
+            )  # fmt: skip
+            await stream.run()
+            return response
+    except HubUnavailable as exc:
+        raise Problem(503, str(exc), headers={"Retry-After": "1"}) from None
+    finally:
+        registry.release(handle)
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    """The dashboard page."""
+    return web.FileResponse(Path(__file__).parent / "static" / "index.html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the process serves."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when Redis answers a PING, else 503."""
+    try:
+        await request.app[keys.redis_key].ping()
+    except (RedisError, OSError) as exc:
+        raise Problem(503, f"Redis does not answer: {exc}", headers={"Retry-After": "1"}) from None
+    return web.json_response({"status": "ready"})
