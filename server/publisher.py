@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import progress
 from .models import MAX_BATCH, Event, EventRejected, is_workflow_id, validate_event
 from .redis_client import open_redis
 from .settings import Settings
@@ -105,7 +104,6 @@ def assemble(
         redis,
         maxlen=settings.history_maxlen,
         retention_seconds=settings.retention_seconds,
-        folder=progress,
         sharded=sharded,
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)

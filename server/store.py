@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from . import progress
 from .models import Event, parse_event_id, to_json
 
 logger = logging.getLogger(__name__)
@@ -56,20 +57,22 @@ def workflow_keys(workflow_id: str) -> list[str]:
 
 
 # KEYS: stream, trimmed, idem, progress.
-# ARGV: channel, maxlen, ttl, publish command, expected ver ('' = any), fold state ('' = keep),
-#       event count, then 4 per event: idempotency key ('' = none), event_type, terminal, json.
-# Returns {ids, added}: `ids` in input order; a known idempotency key returns its first id.
+# ARGV: channel, maxlen, ttl, publish command, expected ver, event count E, state fields to
+#       set S, state fields to delete D; then 4 per event (idempotency key or '', event_type,
+#       terminal 0|1, json); then S field/value pairs; then D field names.
+# Returns {ids, added}: `ids` in input order (a known idempotency key returns its first id);
+# added = -1 when `ver` moved since the caller read it (another writer won: retry).
 APPEND_LUA = """
 local ver = tonumber(redis.call('HGET', KEYS[4], 'ver') or '0')
-if ARGV[5] ~= '' and ver ~= tonumber(ARGV[5]) then
+if ver ~= tonumber(ARGV[5]) then
   return {{}, -1}
 end
-local n = tonumber(ARGV[7])
+local n, nset, ndel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local ids = {}
 local added = 0
 local last = false
 for i = 0, n - 1 do
-  local b = 8 + i * 4
+  local b = 9 + i * 4
   local ik = ARGV[b]
   local known = false
   if ik ~= '' then known = redis.call('HGET', KEYS[3], ik) end
@@ -94,7 +97,14 @@ if added > 0 then
     redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
   end
   redis.call('HSET', KEYS[4], 'ver', ver + added, 'last', last)
-  if ARGV[6] ~= '' then redis.call('HSET', KEYS[4], 'fold', ARGV[6]) end
+  local s = 9 + n * 4
+  for k = 0, nset - 1 do
+    redis.call('HSET', KEYS[4], ARGV[s + 2 * k], ARGV[s + 2 * k + 1])
+  end
+  local d = s + 2 * nset
+  for k = 0, ndel - 1 do
+    redis.call('HDEL', KEYS[4], ARGV[d + k])
+  end
   local ttl = tonumber(ARGV[3])
   for k = 1, 4 do
     if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ttl) end
@@ -103,17 +113,8 @@ end
 return {ids, added}
 """
 
-
-class Folder(Protocol):
-    """The progress fold as the store needs it (server.progress satisfies it)."""
-
-    def new_state(self) -> Any: ...
-    def fold(self, state: Any, event: Event) -> Any: ...
-    def dumps_state(self, state: Any) -> bytes: ...
-    def loads_state(self, data: bytes) -> Any: ...
-    def history_items(
-        self, state_before: Any, event: Event
-    ) -> list[tuple[str | None, str, str | None, float]]: ...
+# Fields of the progress hash besides `ver`, `last` and `shown`: the fold state in parts.
+META, PLAN, NODE = "meta", "plan", "n:"
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class Appended:
 
     ids: list[str]
     new_events: list[Event]
-    state: Any  # the progress fold after these events (None without a folder)
+    state: progress.FoldState  # the progress fold after these events
     # Durations these events finished, for the history: (definition, node, type, seconds).
     history: list[tuple[str | None, str, str | None, float]]
 
@@ -159,6 +160,23 @@ def id_key(event_id: str) -> tuple[int, int]:
     if parsed is None:
         raise ValueError(f"not a stream id: {event_id!r}")
     return parsed
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+@dataclass(frozen=True)
+class StoredProgress:
+    """What a progress read finds in Redis."""
+
+    state: progress.FoldState
+    last_event_id: str | None
+    shown: bytes | None
 
 
 def _entry(raw_id: Any, fields: Any) -> Entry:
@@ -179,13 +197,11 @@ class Store:
         *,
         maxlen: int,
         retention_seconds: int,
-        folder: Folder | None = None,
         sharded: bool = False,
     ) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self.retention_seconds = retention_seconds
-        self.folder = folder
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
         self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
@@ -202,13 +218,31 @@ class Store:
         raise AppendConflict(f"workflow {workflow_id}: too many concurrent writers")
 
     async def _append_once(self, workflow_id: str, events: Sequence[Event]) -> Appended:
+        # Read only the parts of the fold state these events touch (all of it for a plan or
+        # a terminal state), so an append costs O(its events), not O(nodes).
+        wanted: set[str] = set()
+        touched: set[str] | None = wanted
+        for event in events:
+            nodes = progress.touched_nodes(event)
+            if nodes is None:
+                touched = None
+                break
+            wanted.update(nodes)
+        node_fields = [NODE + n for n in touched or ()]
         keys_wanted = [e.idempotency_key for e in events if e.idempotency_key]
+        pkey = progress_key(workflow_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(progress_key(workflow_id), ["ver", "fold"])
+            if touched is None:
+                pipe.hgetall(pkey)
+            else:
+                pipe.hmget(pkey, ["ver", META, *node_fields])
             if keys_wanted:
                 pipe.hmget(idempotency_key(workflow_id), keys_wanted)
             replies = await pipe.execute()
-        ver_raw, fold_raw = replies[0]
+        if touched is None:
+            fields = {_text(k): v for k, v in replies[0].items()}
+        else:
+            fields = dict(zip(["ver", META, *node_fields], replies[0], strict=True))
         known = {
             k for k, v in zip(keys_wanted, replies[1] if keys_wanted else [], strict=True) if v
         }
@@ -225,24 +259,37 @@ class Store:
                 seen.add(key)
             new_events.append(event)
 
-        state: Any = None
-        fold_arg = b""
+        before_nodes = {f[len(NODE) :] for f, v in fields.items() if f.startswith(NODE) and v}
+        meta = fields.get(META)
+        state = (
+            progress.loads_parts(
+                meta, fields.get(PLAN), {n: fields[NODE + n] for n in before_nodes}
+            )
+            if meta
+            else progress.new_state()
+        )
         history: list[tuple[str | None, str, str | None, float]] = []
-        if self.folder is not None and new_events:
-            state = self.folder.loads_state(fold_raw) if fold_raw else self.folder.new_state()
-            for event in new_events:
-                history += self.folder.history_items(state, event)  # before fold updates it
-                state = self.folder.fold(state, event)
-            fold_arg = self.folder.dumps_state(state)
+        for event in new_events:
+            history += progress.history_items(state, event)  # before fold updates it
+            state = progress.fold(state, event)
+
+        updates: list[Any] = [META, progress.dumps_meta(state)]
+        deletes: list[str] = []
+        if touched is None:
+            updates += [PLAN, progress.dumps_plan(state)]
+            deletes = [NODE + n for n in before_nodes - state.nodes.keys()]
+        for node_id in state.nodes if touched is None else touched & state.nodes.keys():
+            updates += [NODE + node_id, progress.dumps_node(state.nodes[node_id])]
 
         args: list[Any] = [
             channel(workflow_id),
             self.maxlen,
             self.retention_seconds,
             self.publish_command,
-            int(ver_raw or 0),
-            fold_arg,
+            int(fields.get("ver") or 0),
             len(events),
+            len(updates) // 2,
+            len(deletes),
         ]
         for event in events:
             args += [
@@ -251,11 +298,11 @@ class Store:
                 "1" if event.is_terminal else "0",
                 to_json(event),
             ]
+        args += updates + deletes
         ids_raw, added = await self._append(keys=workflow_keys(workflow_id), args=args)
         if added == -1:
             raise AppendConflict(workflow_id)
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids_raw]
-        return Appended(ids, new_events, state, history)
+        return Appended([_text(i) for i in ids_raw], new_events, state, history)
 
     async def read_after(self, workflow_id: str, after: str | None, count: int) -> Page:
         """Up to `count` retained events after `after`, and what was trimmed, as one snapshot.
@@ -281,18 +328,17 @@ class Store:
         raw_id, fields = rows[0]
         return _entry(raw_id, fields)
 
-    async def load_progress(
-        self, workflow_id: str
-    ) -> tuple[bytes | None, str | None, bytes | None]:
-        """The stored fold state, last event id and what was last shown (None when unknown)."""
-        fold, last, shown = await self.redis.hmget(
-            progress_key(workflow_id), ["fold", "last", "shown"]
-        )
-        return (
-            fold.encode() if isinstance(fold, str) else fold,
-            last.decode() if isinstance(last, bytes) else last,
-            shown.encode() if isinstance(shown, str) else shown,
-        )
+    async def load_progress(self, workflow_id: str) -> StoredProgress | None:
+        """The whole fold state, last event id and what was last shown; None when unknown."""
+        raw = await self.redis.hgetall(progress_key(workflow_id))
+        fields = {_text(k): _bytes(v) for k, v in raw.items()}
+        meta = fields.get(META)
+        if not meta:
+            return None
+        nodes = {f[len(NODE) :]: v for f, v in fields.items() if f.startswith(NODE)}
+        state = progress.loads_parts(meta, fields.get(PLAN), nodes)
+        last = fields.get("last")
+        return StoredProgress(state, _text(last) if last else None, fields.get("shown"))
 
     async def save_shown(self, workflow_id: str, shown: bytes) -> None:
         """Remember what a poll showed, so every process smooths from the same place."""

@@ -30,10 +30,10 @@ class ProgressService:
 
     async def snapshot(self, workflow_id: str) -> dict[str, Any] | None:
         """The SPEC's progress object, or None for an unknown workflow."""
-        fold_raw, last_id, shown_raw = await self.store.load_progress(workflow_id)
-        if fold_raw is None:
+        stored = await self.store.load_progress(workflow_id)
+        if stored is None:
             return None
-        state = progress.loads_state(fold_raw)
+        state, last_id, shown_raw = stored.state, stored.last_event_id, stored.shown
         definition_id, node_ids, node_types = progress.history_keys(state)
         view = await history.load(
             self.redis, definition_id, node_ids, node_types, prefix=self.history_prefix

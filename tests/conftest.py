@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import fakeredis
@@ -63,22 +63,27 @@ def new_workflow(redis: Any) -> Callable[[], str]:
     return make
 
 
-Serve = Callable[..., Awaitable[str]]
+class Serve:
+    """Starts the real app on a real socket over the test's Redis; returns its base URL."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.servers: list[TestServer] = []
+        self.apps: list[web.Application] = []
+
+    async def __call__(self, **overrides: Any) -> str:
+        app = create_app(Settings(**overrides), redis=self.redis)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        self.servers.append(server)
+        self.apps.append(app)
+        return str(server.make_url("")).rstrip("/")
 
 
 @pytest.fixture
 async def serve(redis: Any) -> AsyncIterator[Serve]:
-    """Start the real app on a real socket over the test's Redis; returns its base URL."""
-    servers: list[TestServer] = []
-
-    async def start(**overrides: Any) -> str:
-        settings = Settings(**overrides)
-        app: web.Application = create_app(settings, redis=redis)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
-
-    yield start
-    for server in servers:
+    """A started app per call; all closed after the test."""
+    serving = Serve(redis)
+    yield serving
+    for server in serving.servers:
         await server.close()
