@@ -107,10 +107,19 @@ class Hub:
         # Serialises SUBSCRIBE/UNSUBSCRIBE so two tasks never open the pub/sub connection twice.
         self._lock = asyncio.Lock()
         self.reconnects = 0
+        self.overflows = 0  # subscribers that fell behind and were sent to catch up
 
     @property
     def channel_count(self) -> int:
         return len(self._channels)
+
+    def queued_frames(self) -> int:
+        """Live frames held for local subscribers right now (bounded by design)."""
+        return sum(len(sub.queue) for chan in self._channels.values() for sub in chan.subs)
+
+    def max_queue(self) -> int:
+        """The longest subscriber queue right now."""
+        return max((len(s.queue) for c in self._channels.values() for s in c.subs), default=0)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-reader")
@@ -216,6 +225,7 @@ class Hub:
             frame = parse_message(message["data"])
             for sub in chan.subs:
                 if not sub.offer(frame):
+                    self.overflows += 1
                     self._on_overflow()
         elif kind in ("subscribe", "ssubscribe"):
             if chan.outstanding > 0:

@@ -1,0 +1,151 @@
+"""The hub: one pub/sub connection per process, bounded memory, no loss for slow readers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import fakeredis
+
+from server import keys, store
+from tests.conftest import Serve
+from tests.sse_client import Parser, collect, iter_messages
+
+
+def started(node: str, **extra: Any) -> dict[str, Any]:
+    return {"event_type": "node_started", "node_id": node, **extra}
+
+
+DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Poll a condition that has no event to await (Redis-side state), bounded in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    base = await serve()
+    hub = serve.apps[0][keys.hub_key]
+    workflows = [new_workflow() for _ in range(50)]
+    channels = [store.channel(wf) for wf in workflows]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        responses = []
+        for i in range(200):
+            resp = await s.get(f"{base}/workflows/{workflows[i % 50]}/events")
+            assert resp.status == 200
+            responses.append(resp)
+        assert hub.channel_count == 50
+        numsub = dict(await redis.pubsub_numsub(*channels))
+        assert all(numsub[c.encode()] == 1 for c in channels), numsub
+        if not isinstance(redis, fakeredis.FakeAsyncRedis):  # the real server: its client list
+            clients = await redis.client_list(_type="pubsub")
+            holding = [c for c in clients if int(c["sub"]) == 51]  # 50 channels + control
+            assert len(holding) == 1, clients
+        # Every stream gets its workflow's events through that one connection.
+        publisher = serve.apps[0][keys.publisher_key]
+        for wf in workflows:
+            await publisher.publish(wf, DONE)
+        for i, resp in enumerate(responses):
+            msgs = [m async for m in iter_messages(resp) if m.comment is None and m.data]
+            assert [m.json()["workflow_id"] for m in msgs] == [workflows[i % 50]]
+            resp.release()
+
+    async def unsubscribed() -> bool:
+        numsub = dict(await redis.pubsub_numsub(*channels))
+        return hub.channel_count == 0 and all(v == 0 for v in numsub.values())
+
+    await wait_until(unsubscribed)
+
+
+async def open_stalled_reader(base: str, path: str) -> socket.socket:
+    """A client that sends its GET and then does not read: a tiny receive window."""
+    parts = urlsplit(base)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (parts.hostname, parts.port))
+    request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    return sock
+
+
+async def read_all(sock: socket.socket, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+
+    async def run() -> None:
+        while True:
+            chunk = await loop.sock_recv(sock, 1 << 16)
+            if not chunk:
+                return
+            chunks.append(chunk)
+            if b"COMPLETED" in chunk[-400:]:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return b"".join(chunks)
+
+
+async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    base, wf = await serve(client_queue_frames=64), new_workflow()
+    app = serve.apps[0]
+    hub, publisher = app[keys.hub_key], app[keys.publisher_key]
+    stalled = await open_stalled_reader(base, f"/workflows/{wf}/events")
+    payload = "x" * 1024
+    n = 6000  # ~6.5 MB: more than the kernel's socket buffers can hide
+    try:
+        async with aiohttp.ClientSession() as s:
+            await wait_until(lambda: _true(hub.channel_count == 1))
+            reader = asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events", timeout=120))
+            await wait_until(lambda: _true(sum(1 for _ in app[keys.streams_key].open) == 2))
+            peak = 0
+            for i in range(n):
+                await publisher.publish(wf, {"event_type": "node_progress", "node_id": f"n{i % 40}",
+                                             "fraction": 0.5, "message": payload})  # fmt: skip
+                peak = max(peak, hub.max_queue())
+            await publisher.publish(wf, DONE)
+            fast = await reader
+            # The other client got everything while the stalled one had read nothing.
+            assert len(fast) == n + 1
+            assert peak <= 64  # the bound on each subscriber's live queue
+            assert hub.overflows >= 1  # the stalled one was sent to catch up from the stream
+        raw = await read_all(stalled, timeout=120)
+    finally:
+        stalled.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"200 OK" in head
+    # Chunked transfer encoding: strip the chunk framing before parsing SSE.
+    msgs = Parser().feed(_dechunk(body))
+    ids = [m.id for m in msgs if m.id]
+    stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+    assert ids == stored and len(ids) == n + 1
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
