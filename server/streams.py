@@ -78,10 +78,10 @@ class StreamHandle:
             self.wakeup.set()
 
 
-async def wait_for_wakeup(sub: Subscription, timeout: float) -> bool:
+async def wait_for_wakeup(sub: Subscription, handle: StreamHandle, timeout: float) -> bool:
     """Wait until the hub (or shutdown) wakes `sub`; False when `timeout` passed first."""
     sub.wakeup.clear()
-    if sub.queue or sub.resync:
+    if sub.queue or sub.resync or handle.stopping:  # a wake-up that came before the clear
         return True
     try:
         async with asyncio.timeout(timeout):
@@ -170,7 +170,7 @@ class EventStream:
 
     async def _idle(self, timeout: float, *, keep_alive: bool = False) -> None:
         """Wait for a live frame, a resync, shutdown, or the heartbeat interval."""
-        if not await wait_for_wakeup(self.sub, timeout) and keep_alive:
+        if not await wait_for_wakeup(self.sub, self.handle, timeout) and keep_alive:
             await self.write(sse.KEEP_ALIVE)
 
     async def _drain_live(self) -> bool:
@@ -294,7 +294,7 @@ class ProgressStream:
                     last_sent, sent_at = snap["last_event_id"], loop.time()
                     if is_final(snap):
                         break
-                if not await wait_for_wakeup(self.sub, self.heartbeat):
+                if not await wait_for_wakeup(self.sub, self.handle, self.heartbeat):
                     await self.response.write(sse.KEEP_ALIVE)
             if self.handle.retry_ms is not None:
                 await self.response.write(sse.encode(retry=self.handle.retry_ms))

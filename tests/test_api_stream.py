@@ -26,9 +26,10 @@ DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 
 
 async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> list[str]:
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{base}/workflows/{wf}/events", data=json.dumps(events), headers=JSON
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{base}/workflows/{wf}/events", data=json.dumps(events), headers=JSON) as resp,
+    ):
         assert resp.status == 201, await resp.text()
         ids: list[str] = (await resp.json())["ids"]
         return ids
@@ -56,10 +57,13 @@ async def test_headers_and_exact_frame_bytes(
 ) -> None:
     base, wf = await serve(), new_workflow()
     (eid,) = await publish(base, wf, [started("n1", node_name="품질 판정")])
-    (_, fields), = await redis.xrange(store.stream_key(wf))
-    async with aiohttp.ClientSession() as s, s.get(
-        f"{base}/workflows/{wf}/events", headers={"Accept-Encoding": "gzip, deflate"}
-    ) as resp:
+    ((_, fields),) = await redis.xrange(store.stream_key(wf))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"{base}/workflows/{wf}/events", headers={"Accept-Encoding": "gzip, deflate"}
+        ) as resp,
+    ):
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         assert resp.headers["Cache-Control"] == "no-cache"
@@ -97,7 +101,9 @@ async def test_replay_from_start_header_and_query_where_header_wins(
     assert msgs[0].json()["node_id"] == "n0" and msgs[0].json()["workflow_id"] == wf
 
 
-@pytest.mark.parametrize("bad", ["abc", "1", "1-", "-1", "1-2-3", "1.5-0", "99999999999999999999999-0", "1-0 x"])
+@pytest.mark.parametrize(
+    "bad", ["abc", "1", "1-", "-1", "1-2-3", "1.5-0", "99999999999999999999999-0", "1-0 x"]
+)
 async def test_malformed_last_event_id_is_400(
     serve: Serve, new_workflow: Callable[[], str], bad: str
 ) -> None:
@@ -133,8 +139,13 @@ async def test_terminal_ends_stream_and_reconnect_at_terminal_is_204(
         # The stream ends at the terminal event, even though a resumed run follows.
         assert [m.id for m in await collect(s, url)] == ids[:2]
         # Not 204 while the last event is not terminal: the resumed run streams on.
-        resumed = await publish(base, wf, [{"event_type": "workflow_state_changed", "to_state": "CANCELLED"}])
-        assert [m.id for m in await collect(s, url, headers={"Last-Event-ID": ids[1]})] == [ids[2], *resumed]
+        resumed = await publish(
+            base, wf, [{"event_type": "workflow_state_changed", "to_state": "CANCELLED"}]
+        )
+        assert [m.id for m in await collect(s, url, headers={"Last-Event-ID": ids[1]})] == [
+            ids[2],
+            *resumed,
+        ]
         for start in (resumed[0], "99999999999999-0"):
             async with s.get(url, headers={"Last-Event-ID": start}) as resp:
                 assert resp.status == 204
@@ -169,7 +180,9 @@ async def test_trimmed_history_is_announced_as_gap(
         assert gap.event == "gap" and gap.id is None
         body = gap.json()
         assert body["requested"] == ids[1] and body["earliest_available"] == ids[5]
-        assert body["progress"]["workflow_id"] == wf and body["progress"]["last_event_id"] == ids[-1]
+        assert (
+            body["progress"]["workflow_id"] == wf and body["progress"]["last_event_id"] == ids[-1]
+        )
         assert [m.id for m in rest] == ids[5:]
         # Nothing newer than the requested id was trimmed: no gap, nothing silent.
         assert [m.id for m in await collect(s, url, headers={"Last-Event-ID": ids[4]})] == ids[5:]
@@ -191,7 +204,9 @@ async def test_handover_stress_every_client_gets_exactly_the_stored_ids_after_it
         # In-process, no await between events but Redis' own: as fast as it can.
         for i in range(2000):
             if i % 100 == 0:
-                published.extend(await publisher.publish_many(wf, [started(f"b{i}"), started(f"c{i}")]))
+                published.extend(
+                    await publisher.publish_many(wf, [started(f"b{i}"), started(f"c{i}")])
+                )
             else:
                 published.append(await publisher.publish(wf, started(f"n{i}")))
         published.append(await publisher.publish(wf, DONE))

@@ -1,0 +1,177 @@
+"""Faults for real: Redis restarted mid-stream, SIGTERM with open streams, a server SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from server import publisher as publisher_mod
+from server import store
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import REDIS_URL, real_redis_or_skip
+from tests.procs import RedisProcess, ServerProcess
+from tests.sse_client import Message, iter_messages
+
+
+def started(node: str) -> dict[str, Any]:
+    return {"event_type": "node_started", "node_id": node}
+
+
+DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
+
+
+async def post(
+    s: aiohttp.ClientSession, base: str, wf: str, event: dict[str, Any]
+) -> aiohttp.ClientResponse:
+    async with s.post(f"{base}/workflows/{wf}/events", json=event) as resp:
+        await resp.read()
+        return resp
+
+
+async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicates() -> None:
+    redis_proc = RedisProcess()
+    redis_proc.start()
+    client = Redis.from_url(redis_proc.url, socket_timeout=2, socket_connect_timeout=1)
+    server = TestServer(create_app(Settings(), redis=client), host="127.0.0.1")
+    await server.start_server()
+    base, wf = str(server.make_url("")).rstrip("/"), "outage-" + uuid.uuid4().hex[:8]
+    received: list[Message] = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            before = [(await post(s, base, wf, started(f"a{i}"))) for i in range(5)]
+            assert all(r.status == 201 for r in before)
+            resp = await s.get(f"{base}/workflows/{wf}/events")
+            got_first = asyncio.Event()
+
+            async def read() -> None:
+                async for msg in iter_messages(resp):
+                    if msg.comment is None and msg.data:
+                        received.append(msg)
+                        if len(received) == 5:
+                            got_first.set()
+
+            reader = asyncio.create_task(read())
+            await asyncio.wait_for(got_first.wait(), 10)
+
+            redis_proc.kill()
+            during = await post(s, base, wf, started("lost"))
+            assert during.status == 503 and during.headers["Retry-After"]
+            assert during.headers["Content-Type"].startswith("application/problem+json")
+            async with s.get(f"{base}/readyz") as ready:
+                assert ready.status == 503
+
+            redis_proc.start()  # same port, empty: it kept nothing on disk
+            deadline = time.monotonic() + 15
+            while True:
+                async with s.get(f"{base}/readyz") as ready:
+                    if ready.status == 200:
+                        break
+                assert time.monotonic() < deadline, "readyz did not recover"
+                await asyncio.sleep(0.1)
+            after = []
+            for i in range(5):
+                r = await post(s, base, wf, started(f"b{i}"))
+                assert r.status == 201
+                after.append(r)
+            assert (await post(s, base, wf, DONE)).status == 201
+            await asyncio.wait_for(reader, 20)  # the stream stayed open and ends at terminal
+            resp.release()
+        stored = [eid.decode() for eid, _ in await client.xrange(store.stream_key(wf))]
+        ids = [m.id for m in received]
+        assert len(ids) == len(set(ids)) == 11  # 5 before, 5 after, the terminal; no duplicate
+        assert ids[5:] == stored  # after the restart: exactly what Redis now holds, in order
+        assert [m.json()["node_id"] for m in received[:10]] == [f"a{i}" for i in range(5)] + [
+            f"b{i}" for i in range(5)
+        ]
+    finally:
+        await server.close()
+        await client.aclose()
+        redis_proc.kill()
+
+
+async def test_sigterm_with_200_open_streams_ends_all_cleanly_within_5s() -> None:
+    server = ServerProcess()
+    await server.start()
+    wf = "term-" + uuid.uuid4().hex[:8]
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            responses = [await s.get(f"{server.url}/workflows/{wf}/events") for _ in range(200)]
+            assert all(r.status == 200 for r in responses)
+            started_at = time.monotonic()
+            server.signal(signal.SIGTERM)
+
+            async def drain(resp: aiohttp.ClientResponse) -> list[int]:
+                retries = [m.retry async for m in iter_messages(resp) if m.retry is not None]
+                resp.release()
+                return retries
+
+            results = await asyncio.wait_for(asyncio.gather(*(drain(r) for r in responses)), 5)
+            code = server.wait(5)
+            elapsed = time.monotonic() - started_at
+        assert code == 0 and elapsed < 5
+        finals = [r[-1] for r in results]
+        assert all(len(r) == 2 for r in results)  # the opening retry and the shutdown one
+        assert all(f >= 3000 for f in finals) and len(set(finals)) > 50  # jittered
+    finally:
+        server.stop()
+
+
+async def test_client_reconnects_to_second_server_after_sigkill_and_gets_every_event_once() -> None:
+    real = await real_redis_or_skip()
+    wf = "kill-" + uuid.uuid4().hex[:8]
+    env = {"REDIS_URL": REDIS_URL}
+    first, second = ServerProcess(env=env), ServerProcess(env=env)
+    await first.start()
+    await second.start()
+    received: list[str] = []
+    try:
+        async with publisher_mod.connect(REDIS_URL) as publisher, aiohttp.ClientSession() as s:
+            stop = asyncio.Event()
+
+            async def publish() -> int:
+                n = 0
+                while not stop.is_set() and n < 3000:
+                    await publisher.publish(wf, started(f"n{n}"))
+                    n += 1
+                    if n % 20 == 0:
+                        await asyncio.sleep(0.005)  # an engine's pace, not synchronisation
+                await publisher.publish(wf, DONE)
+                return n
+
+            pub = asyncio.create_task(publish())
+            async with s.get(f"{first.url}/workflows/{wf}/events") as resp:
+                try:
+                    async for msg in iter_messages(resp):
+                        if msg.id:
+                            received.append(msg.id)
+                            if len(received) == 200:
+                                first.signal(signal.SIGKILL)
+                except aiohttp.ClientPayloadError:
+                    pass  # the server died mid-response
+            cut = len(received)
+            assert 200 <= cut
+            headers = {"Last-Event-ID": received[-1]}
+            async with s.get(f"{second.url}/workflows/{wf}/events", headers=headers) as resp:
+                stop.set()
+                async for msg in iter_messages(resp):
+                    if msg.id:
+                        received.append(msg.id)
+            await pub
+        stored = [eid.decode() for eid, _ in await real.xrange(store.stream_key(wf))]
+        assert received == stored  # every event exactly once, in order, across the kill
+        assert len(received) > cut
+    finally:
+        first.stop()
+        second.stop()
+        await real.delete(*store.workflow_keys(wf))
+        await real.aclose()
