@@ -50,7 +50,7 @@ class RedisProcess:
                 "no",
                 "--dir",
                 self.dir,
-            ],  # fmt: skip
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 import uuid
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
