@@ -8,8 +8,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import keys, views
+from . import auth, keys, openapi, views
 from .hub import Hub
+from .metrics import Metrics
 from .problems import problem_middleware
 from .publisher import assemble
 from .redis_client import open_redis
@@ -32,6 +33,8 @@ def create_app(
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
     app[keys.settings_key] = settings
     app[keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
+    app[keys.metrics_key] = metrics = Metrics()
+    auth.setup_cors(app, settings.cors_origins)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         if redis is not None:
@@ -58,12 +61,22 @@ def create_app(
     app.router.add_static("/static/", STATIC_DIR, append_version=True)
     app.router.add_get("/healthz", views.healthz)
     app.router.add_get("/readyz", views.readyz)
+    app.router.add_get("/metrics", metrics.handler)
+    app.router.add_get("/openapi.json", openapi.openapi_handler)
     return app
 
 
 async def _wire(app: web.Application, settings: Settings, redis: AnyRedis, sharded: bool) -> None:
-    store, tracker, publisher = assemble(settings, redis, sharded=sharded)
-    hub = Hub(redis, queue_limit=settings.client_queue_frames)
+    metrics = app[keys.metrics_key]
+    store, tracker, publisher = assemble(
+        settings, redis, sharded=sharded, on_published=metrics.events_published_total.inc
+    )
+    hub = Hub(
+        redis,
+        queue_limit=settings.client_queue_frames,
+        on_reconnect=metrics.redis_reconnects_total.inc,
+        on_overflow=metrics.slow_client_catchups_total.inc,
+    )
     await hub.start()
     app[keys.redis_key] = redis
     app[keys.store_key] = store

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .metrics import Metrics
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -22,3 +23,4 @@ hub_key: web.AppKey[Hub] = web.AppKey("hub")
 publisher_key: web.AppKey[Publisher] = web.AppKey("publisher")
 streams_key: web.AppKey[StreamRegistry] = web.AppKey("streams")
 tracker_key: web.AppKey[ProgressService] = web.AppKey("tracker")
+metrics_key = web.AppKey("metrics", Metrics)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -50,16 +51,31 @@ def parse_event_id(value: str) -> tuple[int, int] | None:
     return ms, seq
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339_only(value: Any) -> Any:
+    """Accept an RFC 3339 string (or a datetime from Python), never a number or a date."""
+    if isinstance(value, datetime) or value is None:
+        return value
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        return value
+    raise ValueError("timestamp must be RFC 3339 with an offset, e.g. 2026-01-22T10:28:00Z")
+
+
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 in UTC with a `Z`, keeping sub-second precision when present."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: "0.5" is not a fraction and 1769077817 is not a timestamp.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     workflow_id: str | None = None
-    timestamp: AwareDatetime | None = None
+    timestamp: (
+        Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_rfc3339_only)] | None
+    ) = None
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
     @field_validator("workflow_id")
@@ -79,7 +95,7 @@ class _Event(BaseModel):
 
 
 class PlannedNode(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     node_id: NodeId
     node_name: Name | None = None
@@ -202,7 +218,7 @@ class EventRejected(ValueError):
 
 def json_size(obj: Any) -> int:
     """Bytes of `obj` as compact UTF-8 JSON: how an event's size is measured."""
-    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
+    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str).encode())
 
 
 def to_json(event: _Event) -> str:

@@ -31,11 +31,13 @@ class Publisher:
         *,
         max_event_bytes: int = 64 * 1024,
         after_append: AfterAppend | None = None,
+        on_published: Callable[[int], None] = lambda n: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.max_event_bytes = max_event_bytes
         self._after_append = after_append
+        self._on_published = on_published
         self._clock = clock
 
     def validate(
@@ -77,6 +79,7 @@ class Publisher:
     async def store_events(self, workflow_id: str, events: Sequence[Event]) -> list[str]:
         """Append already-validated events; returns their ids in input order."""
         appended = await self.store.append(workflow_id, events)
+        self._on_published(len(appended.new_events))
         if self._after_append is not None and appended.new_events:
             try:
                 await self._after_append(workflow_id, appended)
@@ -97,7 +100,11 @@ class Publisher:
 
 
 def assemble(
-    settings: Settings, redis: AnyRedis, *, sharded: bool
+    settings: Settings,
+    redis: AnyRedis,
+    *,
+    sharded: bool,
+    on_published: Callable[[int], None] = lambda n: None,
 ) -> tuple[Store, ProgressService, Publisher]:
     """The write path as the server and an out-of-process engine both use it."""
     store = Store(
@@ -108,7 +115,10 @@ def assemble(
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
     publisher = Publisher(
-        store, max_event_bytes=settings.max_event_bytes, after_append=tracker.record_history
+        store,
+        max_event_bytes=settings.max_event_bytes,
+        after_append=tracker.record_history,
+        on_published=on_published,
     )
     return store, tracker, publisher
 

@@ -110,6 +110,7 @@ class EventStream:
         progress: ProgressFn,
         on_sent: Callable[[int], None] = lambda n: None,
         on_gap: Callable[[], None] = lambda: None,
+        on_live: Callable[[str], None] = lambda event_id: None,
     ) -> None:
         self.response = response
         self.store = store
@@ -122,6 +123,7 @@ class EventStream:
         self.progress = progress
         self.on_sent = on_sent
         self.on_gap = on_gap
+        self.on_live = on_live
         self.read_once = False
         handle.wakeup = sub.wakeup
 
@@ -191,6 +193,7 @@ class EventStream:
             if chunk:
                 await self.write(b"".join(chunk))
                 self.on_sent(len(chunk))
+                self.on_live(self.last_id or "")  # publish-to-write delay of the newest
             if terminal:
                 return True
         return False

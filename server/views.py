@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import keys
+from . import auth, keys
 from .hub import HubUnavailable
 from .models import EventRejected, is_workflow_id, parse_event_id
 from .problems import Problem
@@ -56,9 +56,34 @@ def _decode_json(body: bytes) -> Any:
         raise Problem(400, f"malformed JSON: {exc}", slug="malformed-json") from None
 
 
+def authorize_publish(request: web.Request) -> None:
+    """401 unless PUBLISH_TOKEN is unset or given; failures are counted, tokens never logged."""
+    try:
+        auth.check_publish(
+            request.headers.get("Authorization"), request.app[keys.settings_key].publish_token
+        )
+    except auth.AuthFailed as exc:
+        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        raise
+
+
+def authorize_subscribe(request: web.Request, workflow_id: str) -> None:
+    """401/403 unless SUBSCRIBE_SECRET is unset or a token grants `workflow_id`."""
+    try:
+        auth.check_subscribe(
+            auth.subscriber_token(request),
+            request.app[keys.settings_key].subscribe_secret,
+            workflow_id,
+        )
+    except auth.AuthFailed as exc:
+        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        raise
+
+
 async def publish_events(request: web.Request) -> web.Response:
     """POST /workflows/{id}/events: one event or a batch, all-or-nothing."""
     workflow_id = workflow_id_of(request)
+    authorize_publish(request)  # before the body is read: no 413/415/422 for strangers
     if request.content_type not in JSON_TYPES:
         raise Problem(415, "send events as Content-Type: application/json")
     body = await request.read()  # client_max_size enforces MAX_BODY_BYTES, chunked too
@@ -77,9 +102,11 @@ async def publish_events(request: web.Request) -> web.Response:
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """GET /workflows/{id}/events: replay after the client's id, then live."""
     workflow_id = workflow_id_of(request)
+    authorize_subscribe(request, workflow_id)
     start = start_id_of(request)
     app = request.app
     settings, store, hub = app[keys.settings_key], app[keys.store_key], app[keys.hub_key]
+    metrics = app[keys.metrics_key]
     registry = app[keys.streams_key]
 
     last = await store.last_entry(workflow_id)
@@ -105,10 +132,16 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 heartbeat=settings.heartbeat_seconds,
                 handle=handle,
                 progress=app[keys.tracker_key].snapshot,
+                on_sent=metrics.events_delivered_total.inc,
+                on_live=metrics.observe_fanout,
+                on_gap=metrics.gaps_total.inc,
             )
+            if start is not None:
+                metrics.replays_total.inc()
             try:
                 await response.write(b"retry: %d\n\n" % settings.retry_ms)
-                await stream.run()
+                with metrics.open_streams.labels("events").track_inprogress():
+                    await stream.run()
             except (ConnectionResetError, RedisError):
                 pass
             return response
@@ -126,6 +159,7 @@ def _etag_matches(header: str, etag: str) -> bool:
 async def get_progress(request: web.Request) -> web.StreamResponse:
     """GET /workflows/{id}/progress: JSON with ETag, or a stream of `event: progress`."""
     workflow_id = workflow_id_of(request)
+    authorize_subscribe(request, workflow_id)
     tracker = request.app[keys.tracker_key]
     snap = await tracker.snapshot(workflow_id)
     if snap is None:
@@ -167,7 +201,8 @@ async def _progress_stream(
                 response, sub, snapshot=app[keys.tracker_key].snapshot,
                 heartbeat=settings.heartbeat_seconds, handle=handle,
             )  # fmt: skip
-            await stream.run()
+            with app[keys.metrics_key].open_streams.labels("progress").track_inprogress():
+                await stream.run()
             return response
     except HubUnavailable as exc:
         raise Problem(503, str(exc), headers={"Retry-After": "1"}) from None

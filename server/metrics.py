@@ -1,0 +1,100 @@
+"""Prometheus metrics, one registry per app so several apps can share a process."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from .models import parse_event_id
+
+NAMESPACE = "wfsse"
+STREAM_KINDS = ("events", "progress", "websocket")
+# Publish (the Redis entry id's clock) to the write on a client's socket: 0.5 ms to 10 s.
+FANOUT_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """The server's counters, gauges and the fan-out histogram, on a private registry."""
+
+    def __init__(self, *, process: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        if process:
+            ProcessCollector(namespace=ns, registry=r)  # RSS and open fds, per process
+        self.open_streams = Gauge(
+            "open_streams", "Open streams by kind.", ["kind"], namespace=ns, registry=r
+        )
+        for kind in STREAM_KINDS:
+            self.open_streams.labels(kind)  # every kind shows, 0 included
+        self.events_published_total = Counter(
+            "events_published", "Events stored (HTTP, in-process and legacy ingest).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.events_delivered_total = Counter(
+            "events_delivered", "Events written to clients (SSE and WebSocket).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.fanout_delay_seconds = Histogram(
+            "fanout_delay_seconds", "Time from an event's storage to its write to a client.",
+            buckets=FANOUT_BUCKETS, namespace=ns, registry=r,
+        )  # fmt: skip
+        self.replays_total = Counter(
+            "replays", "Streams that resumed from a Last-Event-ID.", namespace=ns, registry=r
+        )
+        self.gaps_total = Counter(
+            "gaps", "Gap events sent: history trimmed past a client's position.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.slow_client_catchups_total = Counter(
+            "slow_client_catchups", "Live queues overflowed and replaced by a read from Redis.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.slow_client_drops_total = Counter(
+            "slow_client_drops", "Slow clients disconnected so they reconnect with their id.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.redis_reconnects_total = Counter(
+            "redis_reconnects", "Reconnects of the pub/sub connection to Redis.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.auth_failures_total = Counter(
+            "auth_failures", "Refused credentials (401 and 403) by kind and reason.",
+            ["kind", "reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.legacy_ingest_invalid_total = Counter(
+            "legacy_ingest_invalid", "Legacy channel messages that were not valid events.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+
+    def observe_fanout(self, event_id: str, *, now: float | None = None) -> None:
+        """Record the delay of one event whose id (`<ms>-<seq>`) Redis stamped at storage."""
+        key = parse_event_id(event_id)
+        if key is None:
+            return
+        current = time.time() if now is None else now
+        # Redis's clock against ours: a skew below zero is clamped, not recorded as negative.
+        self.fanout_delay_seconds.observe(max(current - key[0] / 1000.0, 0.0))
+
+    def auth_failed(self, kind: str, reason: str) -> None:
+        self.auth_failures_total.labels(kind, reason).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+    async def handler(self, request: web.Request) -> web.Response:
+        """GET /metrics."""
+        # Given as a header: aiohttp's `content_type=` refuses parameters such as `version`.
+        return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

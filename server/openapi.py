@@ -1,0 +1,387 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated from the pydantic models."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime
+from functools import cache
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
+from .models import MAX_BATCH, State, event_adapter
+
+REF = "#/components/schemas/{model}"
+WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+EVENT_ID_PATTERN = r"^[0-9]+-[0-9]+$"
+PROBLEM = "application/problem+json"
+SSE = "text/event-stream"
+
+
+class RunningNode(BaseModel):
+    """A node that runs now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str
+    node_name: str | None
+    started_at: datetime | None
+
+
+class ProgressModel(BaseModel):
+    """The progress object of the SPEC: every key always present, null where unknown."""
+
+    model_config = ConfigDict(extra="forbid", title="Progress")
+
+    workflow_id: str
+    state: State | None
+    total_nodes: NonNegativeInt
+    total_known: bool
+    completed_nodes: NonNegativeInt
+    failed_nodes: NonNegativeInt
+    skipped_nodes: NonNegativeInt
+    running_nodes: NonNegativeInt
+    percentage: float = Field(ge=0, le=100)
+    time_percentage: float | None = Field(ge=0, le=100)
+    current_node: str | None
+    running: list[RunningNode]
+    started_at: datetime | None
+    updated_at: datetime | None
+    elapsed_seconds: float | None = Field(ge=0)
+    estimated_remaining_seconds: float | None = Field(ge=0)
+    estimated_completion_at: datetime | None
+    last_event_id: str | None = Field(pattern=EVENT_ID_PATTERN)
+
+
+class Gap(BaseModel):
+    """The data of an `event: gap` frame: history was trimmed past the client's position."""
+
+    model_config = ConfigDict(extra="forbid", title="Gap")
+
+    requested: str = Field(pattern=EVENT_ID_PATTERN)
+    earliest_available: str | None = Field(pattern=EVENT_ID_PATTERN)
+    progress: ProgressModel | None
+
+
+class Accepted(BaseModel):
+    """The answer to a publish: the stored ids, in input order."""
+
+    model_config = ConfigDict(extra="forbid", title="Accepted")
+
+    ids: list[Annotated[str, Field(pattern=EVENT_ID_PATTERN)]] = Field(
+        min_length=1, max_length=MAX_BATCH
+    )
+
+
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                    "msg": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+_REASONS = {
+    400: "Malformed JSON, a bad workflow id or a bad Last-Event-ID.",
+    401: "Missing or invalid credentials.",
+    403: "Valid credentials for another workflow.",
+    404: "Unknown workflow (no events, or expired).",
+    413: "Body over MAX_BODY_BYTES.",
+    415: "Content-Type is not application/json.",
+    422: "Valid JSON that is not an event or a batch of 1 to 1,000 events.",
+    503: "Redis is unavailable, or MAX_STREAMS streams are open.",
+}
+
+_RETRY_AFTER = {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+_CHALLENGE = {"description": "The Bearer challenge.", "schema": {"type": "string"}}
+
+
+def _problem(status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": _REASONS[status],
+        "content": {PROBLEM: {"schema": {"$ref": REF.format(model="Problem")}}},
+    }
+    if status == 503:
+        response["headers"] = {"Retry-After": _RETRY_AFTER}
+    if status == 401:
+        response["headers"] = {"WWW-Authenticate": _CHALLENGE}
+    return response
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {str(s): _problem(s) for s in statuses}
+
+
+def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_STATUS = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"type": "string"}},
+}
+
+_WORKFLOW_ID = {
+    "name": "workflow_id",
+    "in": "path",
+    "required": True,
+    "description": "1 to 128 of A-Z a-z 0-9 . _ -, starting with a letter or digit.",
+    "schema": {"type": "string", "pattern": WORKFLOW_ID_PATTERN},
+}
+
+
+def _start(schema: dict[str, Any], usage: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "description": f"{usage} (wins over lastEventId; empty counts as absent).",
+            "schema": schema,
+        },
+        {
+            "name": "lastEventId",
+            "in": "query",
+            "required": False,
+            "description": f"{usage}, for clients that cannot set headers.",
+            "schema": schema,
+        },
+    ]
+
+
+# Empty counts as absent and surrounding blanks are ignored; anything else is a 400.
+_START_ID = {"type": "string", "pattern": r"^(\s*[0-9]{1,20}-[0-9]{1,20}\s*)?$"}
+_SUBSCRIBE_SECURITY: list[dict[str, list[str]]] = [
+    {},  # open unless SUBSCRIBE_SECRET is set
+    {"subscribeBearer": []},
+    {"subscribeQuery": []},
+    {"subscribeCookie": []},
+]
+
+
+def _publish_operation() -> dict[str, Any]:
+    event = {"$ref": REF.format(model="Event")}
+    return {
+        "operationId": "publishEvents",
+        "summary": "Store one event or a batch of 1 to 1,000, all or nothing.",
+        "security": [{}, {"publishBearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            event,
+                            {"type": "array", "items": event, "minItems": 1, "maxItems": MAX_BATCH},
+                        ]
+                    }
+                }
+            },
+        },
+        "responses": {
+            "201": _json("Stored; ids in input order.", {"$ref": REF.format(model="Accepted")}),
+            **_problems(400, 401, 413, 415, 422, 503),
+        },
+    }
+
+
+def _stream_operation() -> dict[str, Any]:
+    return {
+        "operationId": "streamEvents",
+        "summary": "Server-Sent Events: retained history after the start id, then live.",
+        "description": (
+            "Each message is `id: <event id>`, `event: <event_type>`, `data: <Event as JSON>`. "
+            "An `event: gap` announces trimmed history; the response ends after a terminal "
+            "state."
+        ),
+        "security": _SUBSCRIBE_SECURITY,
+        "parameters": _start(_START_ID, "Resume after this id"),
+        "responses": {
+            "200": {
+                "description": "The event stream; the schema describes one message.",
+                "content": {SSE: {"schema": {"$ref": REF.format(model="EventMessage")}}},
+            },
+            "204": {"description": "Already at or past the terminal event: stop reconnecting."},
+            **_problems(400, 401, 403, 503),
+        },
+    }
+
+
+def _progress_operation() -> dict[str, Any]:
+    return {
+        "operationId": "getProgress",
+        "summary": "Progress and ETA; with Accept: text/event-stream, a stream of them.",
+        "security": _SUBSCRIBE_SECURITY,
+        "parameters": [
+            # Only the stream form reads it (to answer 204 after the final object): not checked.
+            *_start({"type": "string"}, "Stream form: the last progress id seen"),
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The progress object (ETag: its last_event_id).",
+                "headers": {"ETag": {"schema": {"type": "string"}}},
+                "content": {
+                    "application/json": {"schema": {"$ref": REF.format(model="Progress")}},
+                    SSE: {"schema": {"$ref": REF.format(model="ProgressMessage")}},
+                },
+            },
+            "204": {"description": "Stream form: the final object was already seen."},
+            "304": {"description": "Unchanged since the ETag given in If-None-Match."},
+            **_problems(400, 401, 403, 404, 503),
+        },
+    }
+
+
+def _message(names: list[str], data: dict[str, Any], description: str) -> dict[str, Any]:
+    """One Server-Sent Events message as the OpenAPI 3.2 convention models it."""
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["data", "event"],
+        "properties": {
+            "event": {"type": "string", "enum": sorted(names)},
+            "id": {"type": "string", "pattern": EVENT_ID_PATTERN},
+            "retry": {"type": "integer", "minimum": 0},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": data,
+            },
+        },
+    }
+
+
+def _components() -> dict[str, Any]:
+    events = event_adapter.json_schema(ref_template=REF, mode="validation")
+    schemas: dict[str, Any] = dict(events.pop("$defs"))
+    for name, schema in schemas.items():
+        if name != "PlannedNode" and "workflow_id" in schema["properties"]:
+            # The model checks it in a validator, invisible to the generated schema.
+            schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
+    schemas["Event"] = events
+    for model in (ProgressModel, RunningNode, Gap, Accepted):
+        generated = model.model_json_schema(ref_template=REF, mode="serialization")
+        schemas.update(generated.pop("$defs", {}))
+        schemas[generated.get("title", model.__name__)] = generated
+    schemas["Problem"] = copy.deepcopy(_PROBLEM_SCHEMA)
+    schemas["EventMessage"] = _message(
+        [*events["discriminator"]["mapping"], "gap"],
+        {"oneOf": [{"$ref": REF.format(model="Event")}, {"$ref": REF.format(model="Gap")}]},
+        "One SSE message: a stored event (`event:` is its event_type) or a gap notice.",
+    )
+    schemas["ProgressMessage"] = _message(
+        ["progress"], {"$ref": REF.format(model="Progress")}, "One `event: progress` message."
+    )
+    return {
+        "schemas": schemas,
+        "securitySchemes": {
+            "publishBearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "PUBLISH_TOKEN, when set.",
+            },
+            "subscribeBearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "HS256 JWT signed with SUBSCRIBE_SECRET.",
+            },
+            "subscribeQuery": {"type": "apiKey", "in": "query", "name": "access_token"},
+            "subscribeCookie": {"type": "apiKey", "in": "cookie", "name": "access_token"},
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document: paths, event and progress schemas, problem responses."""
+    ops_security: list[dict[str, list[str]]] = [{}]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Workflow events over SSE",
+            "version": "0.1.0",
+            "description": "Publish workflow events; stream them and their progress.",
+        },
+        "paths": {
+            "/workflows/{workflow_id}/events": {
+                "parameters": [_WORKFLOW_ID],
+                "post": _publish_operation(),
+                "get": _stream_operation(),
+            },
+            "/workflows/{workflow_id}/progress": {
+                "parameters": [_WORKFLOW_ID],
+                "get": _progress_operation(),
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "200 while the process serves.",
+                    "security": ops_security,
+                    "responses": {"200": _json("Serving.", _STATUS)},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "200 when Redis answers, else 503.",
+                    "security": ops_security,
+                    "responses": {"200": _json("Ready.", _STATUS), **_problems(503)},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus text exposition.",
+                    "security": ops_security,
+                    "responses": {"200": _text("Metrics.")},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "security": ops_security,
+                    "responses": {"200": _json("OpenAPI 3.1.", {"type": "object"})},
+                }
+            },
+        },
+        "components": _components(),
+    }
+
+
+@cache
+def _document_bytes() -> bytes:
+    return json.dumps(openapi_document(), ensure_ascii=False).encode()
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    """GET /openapi.json (built once per process)."""
+    return web.Response(body=_document_bytes(), content_type="application/json")
