@@ -25,12 +25,18 @@ class HubUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A live event, encoded once and shared by every local subscriber."""
+    """A live event, encoded once per process and shared by every local subscriber."""
 
     key: tuple[int, int]
     id: str
-    data: bytes
+    data: bytes  # the SSE frame
+    ws: str  # the WebSocket text message: the event object with its `id`
     terminal: bool
+
+
+def ws_text(event_id: str, data: str) -> str:
+    """The stored event JSON (an object) with `"id"` first: what a WebSocket client gets."""
+    return '{"id":"' + event_id + '",' + data[1:] if data != "{}" else '{"id":"' + event_id + '"}'
 
 
 @dataclass(eq=False)
@@ -74,10 +80,10 @@ class _Channel:
 
 def parse_message(payload: bytes) -> Frame:
     """`<id> <event_type> <terminal> <json>` (as the append script publishes) -> Frame."""
-    raw_id, event_type, terminal, data = payload.split(b" ", 3)
-    event_id = raw_id.decode()
-    frame = sse.encode(data.decode(), id=event_id, event=event_type.decode())
-    return Frame(store.id_key(event_id), event_id, frame, terminal == b"1")
+    raw_id, event_type, terminal, raw = payload.split(b" ", 3)
+    event_id, data = raw_id.decode(), raw.decode()
+    frame = sse.encode(data, id=event_id, event=event_type.decode())
+    return Frame(store.id_key(event_id), event_id, frame, ws_text(event_id, data), terminal == b"1")
 
 
 class Hub:

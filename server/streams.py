@@ -8,13 +8,13 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import sse
-from .hub import Subscription
+from .hub import Frame, Subscription
 from .models import TERMINAL_STATES
 from .store import Entry, Page, Store, id_key
 
@@ -95,12 +95,65 @@ class ClientGone(Exception):
     """The client closed the connection."""
 
 
+class Sink(Protocol):
+    """How one client receives events: SSE frames on a response, or WebSocket messages."""
+
+    def entry(self, entry: Entry) -> Any:
+        """Encode a history entry (per client: replay is per client anyway)."""
+
+    def frame(self, frame: Frame) -> Any:
+        """A live frame's shared encoding (made once per process by the hub)."""
+
+    async def send(self, chunk: list[Any]) -> None:
+        """Write encoded events; raises ClientGone when the client left."""
+
+    async def gap(self, payload: dict[str, Any]) -> None:
+        """Announce trimmed history."""
+
+    async def keep_alive(self) -> None:
+        """Nothing was sent for a while."""
+
+    async def goodbye(self, retry_ms: int) -> None:
+        """The server is shutting down: tell the client when to come back."""
+
+
+class SseSink:
+    """SSE frames on a prepared StreamResponse."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    def entry(self, entry: Entry) -> bytes:
+        return sse.encode(entry.data, id=entry.id, event=entry.event_type)
+
+    def frame(self, frame: Frame) -> bytes:
+        return frame.data
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.response.write(data)
+        except (ConnectionResetError, ConnectionError, RuntimeError) as exc:
+            raise ClientGone from exc
+
+    async def send(self, chunk: list[bytes]) -> None:
+        await self.write(b"".join(chunk))  # several frames, one write
+
+    async def gap(self, payload: dict[str, Any]) -> None:
+        await self.write(sse.encode(json.dumps(payload, ensure_ascii=False), event="gap"))
+
+    async def keep_alive(self) -> None:
+        await self.write(sse.KEEP_ALIVE)
+
+    async def goodbye(self, retry_ms: int) -> None:
+        await self.write(sse.encode(retry=retry_ms))
+
+
 class EventStream:
-    """Writes one workflow's events to one response: history first, then live."""
+    """Sends one workflow's events to one client: history first, then live, no gap."""
 
     def __init__(
         self,
-        response: web.StreamResponse,
+        sink: Sink,
         store: Store,
         sub: Subscription,
         *,
@@ -112,7 +165,7 @@ class EventStream:
         on_gap: Callable[[], None] = lambda: None,
         on_live: Callable[[str], None] = lambda event_id: None,
     ) -> None:
-        self.response = response
+        self.sink = sink
         self.store = store
         self.sub = sub
         self.workflow_id = sub.workflow_id
@@ -127,12 +180,6 @@ class EventStream:
         self.read_once = False
         handle.wakeup = sub.wakeup
 
-    async def write(self, data: bytes) -> None:
-        try:
-            await self.response.write(data)
-        except (ConnectionResetError, ConnectionError, RuntimeError) as exc:
-            raise ClientGone from exc
-
     async def run(self) -> None:
         """Stream until the terminal event, the client leaving, or shutdown."""
         try:
@@ -142,7 +189,7 @@ class EventStream:
         if self.handle.retry_ms is not None:
             # Shutdown: a fresh retry tells EventSource when to come back (elsewhere).
             try:
-                await self.write(sse.encode(retry=self.handle.retry_ms))
+                await self.sink.goodbye(self.handle.retry_ms)
             except ClientGone:
                 return
 
@@ -173,25 +220,25 @@ class EventStream:
     async def _idle(self, timeout: float, *, keep_alive: bool = False) -> None:
         """Wait for a live frame, a resync, shutdown, or the heartbeat interval."""
         if not await wait_for_wakeup(self.sub, self.handle, timeout) and keep_alive:
-            await self.write(sse.KEEP_ALIVE)
+            await self.sink.keep_alive()
 
     async def _drain_live(self) -> bool:
         """Send queued live frames newer than the last sent id; True after the terminal."""
         queue = self.sub.queue
         while queue and not self.sub.resync:
-            chunk: list[bytes] = []
+            chunk: list[Any] = []
             terminal = False
             while queue and len(chunk) < MAX_WRITE_FRAMES:
                 frame = queue.popleft()
                 if frame.key <= self.last_key:
                     continue  # already sent from history
-                chunk.append(frame.data)
+                chunk.append(self.sink.frame(frame))
                 self.last_id, self.last_key = frame.id, frame.key
                 if frame.terminal:
                     terminal = True
                     break
             if chunk:
-                await self.write(b"".join(chunk))
+                await self.sink.send(chunk)
                 self.on_sent(len(chunk))
                 self.on_live(self.last_id or "")  # publish-to-write delay of the newest
             if terminal:
@@ -224,21 +271,21 @@ class EventStream:
             "progress": await self.progress(self.workflow_id),
         }
         self.on_gap()
-        await self.write(sse.encode(json.dumps(payload, ensure_ascii=False), event="gap"))
+        await self.sink.gap(payload)
 
     async def _send_entries(self, entries: list[Entry]) -> bool:
-        chunk: list[bytes] = []
+        chunk: list[Any] = []
         terminal = False
         for entry in entries:
             if entry.key <= self.last_key:
                 continue
-            chunk.append(sse.encode(entry.data, id=entry.id, event=entry.event_type))
+            chunk.append(self.sink.entry(entry))
             self.last_id, self.last_key = entry.id, entry.key
             if entry.terminal:
                 terminal = True
                 break
         if chunk:
-            await self.write(b"".join(chunk))
+            await self.sink.send(chunk)
             self.on_sent(len(chunk))
         return terminal
 

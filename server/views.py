@@ -14,7 +14,7 @@ from . import auth, keys
 from .hub import HubUnavailable
 from .models import EventRejected, is_workflow_id, parse_event_id
 from .problems import Problem
-from .streams import SSE_HEADERS, EventStream, ProgressStream, StreamsFull, is_final
+from .streams import SSE_HEADERS, EventStream, ProgressStream, SseSink, StreamsFull, is_final
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await response.prepare(request)
             stream = EventStream(
-                response,
+                SseSink(response),
                 store,
                 sub,
                 start=start,
