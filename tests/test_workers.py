@@ -1,0 +1,77 @@
+"""WORKERS=N: several processes share one port, are supervised, and stop together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import aiohttp
+
+from server import store
+from tests.conftest import REDIS_URL, real_redis_or_skip
+from tests.procs import ServerProcess
+from tests.sse_client import collect
+
+
+async def pids_seen(url: str, tries: int = 40) -> set[int]:
+    """Fresh connections, so SO_REUSEPORT can hand each to any worker."""
+    pids: set[int] = set()
+    for _ in range(tries):
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/healthz") as resp:
+            pids.add((await resp.json())["pid"])
+    return pids
+
+
+async def test_two_workers_share_the_port_restart_on_crash_and_stop_on_sigterm() -> None:
+    real = await real_redis_or_skip()
+    await real.aclose()
+    server = ServerProcess("--workers", "2", env={"REDIS_URL": REDIS_URL})
+    await server.start()
+    wf = "workers-" + uuid.uuid4().hex[:8]
+    try:
+        pids = await pids_seen(server.url)
+        assert len(pids) == 2 and server.proc is not None and server.proc.pid not in pids
+        # A stream on one worker sees what is published through the other.
+        async with aiohttp.ClientSession() as s:
+            reader = asyncio.create_task(collect(s, f"{server.url}/workflows/{wf}/events"))
+            for node in ("a", "b"):
+                async with (
+                    aiohttp.ClientSession() as p,
+                    p.post(
+                        f"{server.url}/workflows/{wf}/events",
+                        json={"event_type": "node_started", "node_id": node},
+                    ) as resp,
+                ):
+                    assert resp.status == 201
+            async with s.post(f"{server.url}/workflows/{wf}/events",
+                              json={"event_type": "workflow_state_changed", "to_state": "COMPLETED"}) as resp:  # fmt: skip
+                assert resp.status == 201
+            assert [m.event for m in await reader] == ["node_started"] * 2 + [
+                "workflow_state_changed"
+            ]
+        # A worker that dies is replaced.
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            now = await pids_seen(server.url, tries=20)
+            if len(now) == 2 and victim not in now:
+                break
+            assert time.monotonic() < deadline, now
+            await asyncio.sleep(0.2)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(6) == 0 and time.monotonic() - started < 5
+        for pid in now:
+            assert (
+                not os.path.exists(f"/proc/{pid}")
+                or "zombie" in open(f"/proc/{pid}/status").read().lower()
+            )
+    finally:
+        server.stop()
+        real = await real_redis_or_skip()
+        await real.delete(*store.workflow_keys(wf))
+        await real.aclose()
