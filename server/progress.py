@@ -19,17 +19,25 @@ Decisions the SPEC leaves open, made here:
 - Durations enter the history when the run reaches a terminal state (`history_items`),
   so the history holds previous runs only and this run's nodes are not compared with
   themselves.
-- The ETA is a median: the remaining time the run is as likely to beat as to miss
-  (bench/RESULTS.md shows why: it is the better answer for right-skewed durations).
+- The ETA comes from simulated futures of the remaining sub-DAG (lognormal durations,
+  drawn with common random numbers so polls do not jitter) and is their median weighted
+  by 1 / total time: the answer with the least expected error as a share of the run's
+  total, slightly below the plain median when durations are very uncertain
+  (bench/RESULTS.md shows why a median and not a mean, and the numbers).
+- This run's speed versus its history has a spike-and-slab prior: even odds that it
+  goes at its history's speed, so noise in its first nodes is not extrapolated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from statistics import NormalDist
 from typing import Any, assert_never
 
 from server.history import HistoryView, Stats, log_seconds
@@ -59,13 +67,20 @@ POOLED_VAR = 1.0  # log-variance across a run's different nodes before it is mea
 K_VAR = 2.0  # pseudo-count pulling a measured log-variance toward its reference
 MIN_BETWEEN = 0.05  # floor of the between-node log-variance within a node type
 CAL_TAU = 0.35  # prior sd of this run's log speed factor versus history (1.4x at 1 sd)
+CAL_SLAB_ODDS = 0.5  # prior probability that the run's speed departs from its history
 K_TYPE = 1.0  # pseudo-count pulling this run's per-type mean toward the run's mean
 EM_ROUNDS = 12
 TAU_FRACTION = 0.03  # smoothing time constant, as a share of the estimated total time
 TAU_MIN = 1.0
 TAU_MAX = 600.0
+MC_SAMPLES = 32  # simulated futures per poll (at most 64)
+MC_MIN_SAMPLES = 8
+MC_BUDGET = 16_000  # node durations drawn per poll at most: big plans get fewer futures
+TAIL_Z = 5.0  # a running node this many sd past its median: exponential tail
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NORMAL = NormalDist()
+_SPEED_KEY = "\x00speed"  # the speed factor's draws (a node of this id only shares them)
 _US = 1_000_000
 
 
@@ -661,6 +676,36 @@ def _run_model(
     return _RunModel(mean, var_all, var_within, n, by_type)
 
 
+def _speed(obs: list[tuple[float, float]], cens: list[tuple[float, float]]) -> tuple[float, float]:
+    """Posterior mean and variance of this run's log speed factor versus its history.
+
+    `obs` are finished nodes' (log duration - expected, variance), `cens` running nodes'
+    (log time run so far - expected, variance), lower bounds. The prior is a spike and
+    slab: even odds that the run goes at its history's speed (the history's spread
+    already holds ordinary run-to-run variation) or that it departs from it by a factor
+    of prior sd CAL_TAU. A run within noise of its history is not recalibrated on that
+    noise; a clearly slow one is followed almost as fast as with the slab alone.
+    """
+    exact = sum(1.0 / v for _, v in obs)
+    slab = _censored_mean(obs, cens, 0.0, 1.0 / CAL_TAU**2)
+    slab_var = 1.0 / (1.0 / CAL_TAU**2 + exact)
+    if exact <= 0.0:
+        # Only lower bounds: no evidence for the odds, which stay even.
+        p_slab = CAL_SLAB_ODDS
+    else:
+        # Evidence: the data's own estimate of the factor, and its noise, under each.
+        r = _censored_mean(obs, cens, 0.0, 0.0)
+        noise = 1.0 / exact
+        wide = noise + CAL_TAU**2
+        log_ratio = 0.5 * (math.log(noise / wide) + r * r / noise - r * r / wide)
+        log_ratio = min(max(log_ratio, -700.0), 700.0)
+        odds = CAL_SLAB_ODDS / (1.0 - CAL_SLAB_ODDS) * math.exp(log_ratio)
+        p_slab = odds / (1.0 + odds)
+    mean = p_slab * slab
+    second = p_slab * (slab_var + slab * slab)
+    return mean, max(second - mean * mean, 0.0)
+
+
 def _slots(state: FoldState) -> int | None:
     """How many nodes may run at once: the plan's limit, else none with a DAG, else observed."""
     if state.max_concurrency is not None:
@@ -672,72 +717,155 @@ def _slots(state: FoldState) -> int | None:
     return None
 
 
-Moment = tuple[float, float]  # (mean, variance) of a time, seconds
+@lru_cache(maxsize=8)
+def _strata(k: int) -> tuple[float, ...]:
+    """The standard normal quantiles at (i + 0.5) / k, i < k: one draw per stratum."""
+    z = NormalDist()
+    return tuple(z.inv_cdf((i + 0.5) / k) for i in range(k))
 
 
-def _later(x: Moment, y: Moment) -> Moment:
-    """The later expected of two times, with its variance.
+def _draw_order(key: str, k: int) -> list[int]:
+    """A fixed pseudo-random permutation of range(k) for `key` (k <= 64).
 
-    Times in one schedule share most of their history (the same slots, the same
-    ancestors), so treating them as independent (Clark's max) badly overstates the max.
+    Sample i of a node uses stratum order[i]: each node sees every stratum once (a Latin
+    hypercube), nodes are mixed independently, and a node's draws are the same at every
+    poll (common random numbers), so the estimate moves only when the run does.
     """
-    return x if x[0] >= y[0] else y
+    digest = hashlib.blake2b(key.encode(), digest_size=k).digest()
+    return sorted(range(k), key=digest.__getitem__)
 
 
-def _makespan(
-    state: FoldState, running: dict[str, Moment], pending: dict[str, Moment], slots: int | None
-) -> Moment:
-    """List-schedule the remaining sub-DAG on `slots` (None: unlimited): its end's moments.
+def _samples(state: FoldState) -> int:
+    """Simulated futures per poll: MC_SAMPLES, fewer for big plans (fixed for a plan)."""
+    return min(MC_SAMPLES, max(MC_MIN_SAMPLES, MC_BUDGET // max(len(state.nodes), 1)))
 
-    Scheduling follows the expected times; a start inherits the variance of whichever
-    expected end it waited for (a parent's, or the one that freed its slot).
+
+def _left_of_running(mu: float, var: float, ran: float, u: float) -> float:
+    """The u-quantile of D - t given D > t, for D lognormal(mu, var) and t = `ran`."""
+    s = math.sqrt(max(var, 1e-6))
+    if ran <= 0.0:
+        return math.exp(mu + s * _NORMAL.inv_cdf(u))
+    a = (math.log(ran) - mu) / s
+    if a > TAIL_Z:
+        # Far in the tail the excess over t is close to exponential with the right mean.
+        return expected_remaining(mu, var, ran) * -math.log1p(-u)
+    survival = 0.5 * math.erfc(a / math.sqrt(2.0)) * (1.0 - u)
+    return max(math.exp(mu - s * _NORMAL.inv_cdf(survival)) - ran, 0.0)
+
+
+@dataclass(slots=True)
+class _Remaining:
+    """The unfinished nodes of a run, as the simulation needs them."""
+
+    ids: list[str] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # plan position, ties broken by it
+    mu: list[float] = field(default_factory=list)  # log-duration, without the speed shift
+    sd: list[float] = field(default_factory=list)
+    shifted: list[bool] = field(default_factory=list)  # the run's speed factor applies
+    left: dict[int, list[float]] = field(default_factory=dict)  # running: time left per sample
+
+
+def _weighted_median(values: list[float], weights: list[float]) -> float:
+    """The value at half the total weight, interpolated between samples (no jumps)."""
+    pairs = sorted(zip(values, weights, strict=True))
+    total = sum(w for _, w in pairs)
+    below = 0.0
+    prev_at, prev_value = 0.0, pairs[0][0]
+    for value, w in pairs:
+        at = (below + w / 2.0) / total  # where this sample's mass is centred
+        if at >= 0.5:
+            if below == 0.0:
+                return value
+            return prev_value + (value - prev_value) * (0.5 - prev_at) / (at - prev_at)
+        below += w
+        prev_at, prev_value = at, value
+    return pairs[-1][0]
+
+
+def _simulate(
+    state: FoldState, rem: _Remaining, speed: list[float], slots: int | None
+) -> list[float]:
+    """The remaining sub-DAG's makespan in each sampled future, list-scheduled on `slots`.
+
+    Pending nodes draw lognormal durations (shifted by that future's speed factor when
+    calibrated against history), running ones their time left given the time already
+    run. Ready nodes start first-ready first, then in plan order, as engines commonly do.
     """
-    unfinished = running.keys() | pending.keys()
-    indegree: dict[str, int] = {}
-    children: dict[str, list[str]] = {}
-    for node_id in pending:
-        deps = [d for d in state.nodes[node_id].depends_on if d in unfinished]
-        indegree[node_id] = len(deps)
-        for dep in deps:
-            children.setdefault(dep, []).append(node_id)
-
-    def order(node_id: str) -> int:
-        index = state.nodes[node_id].index
-        return index if index >= 0 else len(state.plan)
-
-    zero: Moment = (0.0, 0.0)
-    ready_at: dict[str, Moment] = {}
-    busy = [(m, order(n), n, v) for n, (m, v) in running.items()]
-    heapq.heapify(busy)
-    # Ready nodes go first-ready first, then in plan order, as engines commonly do.
-    ready = [(0.0, order(n), n) for n, d in indegree.items() if d == 0]
-    heapq.heapify(ready)
-    freed: Moment = zero
-    end: Moment = zero
-    while True:
-        while ready and (slots is None or len(busy) < slots):
-            _, index, node_id = heapq.heappop(ready)
-            start = ready_at.get(node_id, zero)
-            if slots is not None:
-                start = _later(start, freed)
-            m, v = pending[node_id]
-            heapq.heappush(busy, (start[0] + m, index, node_id, start[1] + v))
-        if not busy:
-            return end
-        m, _, node_id, v = heapq.heappop(busy)
-        freed = (m, v)
-        end = _later(end, freed)
-        for child in children.get(node_id, ()):
-            ready_at[child] = _later(ready_at.get(child, zero), freed)
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                heapq.heappush(ready, (m, order(child), child))
+    k_samples = len(speed)
+    strata = _strata(k_samples)
+    n = len(rem.ids)
+    index = {node_id: i for i, node_id in enumerate(rem.ids)}
+    children: list[list[int]] = [[] for _ in range(n)]
+    indegree = [0] * n
+    for i, node_id in enumerate(rem.ids):
+        if i in rem.left:
+            continue
+        for dep in state.nodes[node_id].depends_on:
+            j = index.get(dep)
+            if j is not None and j != i:
+                indegree[i] += 1
+                children[j].append(i)
+    pending = [i for i in range(n) if i not in rem.left]
+    draws = {i: _draw_order(rem.ids[i], k_samples) for i in pending}
+    roots = [(0.0, rem.order[i], i) for i in pending if indegree[i] == 0]
+    heapq.heapify(roots)
+    unlimited = slots is None or slots >= n
+    topo: list[int] = []
+    if unlimited:
+        # Critical path: nodes in an order where parents come first.
+        need = indegree.copy()
+        stack = [i for i in range(n) if need[i] == 0]
+        while stack:
+            i = stack.pop()
+            topo.append(i)
+            for c in children[i]:
+                need[c] -= 1
+                if need[c] == 0:
+                    stack.append(c)
+    ends: list[float] = []
+    for k in range(k_samples):
+        dur = [0.0] * n
+        for i, order in draws.items():
+            shift = speed[k] if rem.shifted[i] else 0.0
+            dur[i] = math.exp(rem.mu[i] + shift + rem.sd[i] * strata[order[k]])
+        for i, left in rem.left.items():
+            dur[i] = left[k]
+        if unlimited:
+            finish = [0.0] * n
+            ready = [0.0] * n
+            for i in topo:
+                finish[i] = ready[i] + dur[i]
+                for c in children[i]:
+                    if finish[i] > ready[c]:
+                        ready[c] = finish[i]
+            ends.append(max(finish, default=0.0))
+            continue
+        need = indegree.copy()
+        busy = [(dur[i], rem.order[i], i) for i in rem.left]
+        heapq.heapify(busy)
+        ready_heap = roots.copy()
+        end = 0.0
+        while True:
+            while ready_heap and (slots is None or len(busy) < slots):
+                _, order_i, i = heapq.heappop(ready_heap)
+                heapq.heappush(busy, (end + dur[i], order_i, i))
+            if not busy:
+                break
+            end, _, i = heapq.heappop(busy)
+            for c in children[i]:
+                need[c] -= 1
+                if need[c] == 0:
+                    heapq.heappush(ready_heap, (end, rem.order[c], c))
+        ends.append(end)
+    return ends
 
 
 def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
-    """Seconds left, as likely to be beaten as missed: None without a basis, 0 when terminal.
+    """Seconds left: None without a basis, 0 when terminal, else at least 0.1.
 
-    While the run goes on the answer is at least 0.1 (an overdue node still has time left).
+    The median of simulated futures weighted by 1 / their total time (the least expected
+    error as a share of the total); an overdue node still has time left. Deterministic:
+    the same state, history and `now` give the same answer.
     """
     if state.terminal:
         return 0.0
@@ -756,26 +884,27 @@ def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
             continue
         if not node.planned and node.status != RUNNING:
             continue  # out of plan and not running: nothing is known to be left of it
-        priors[node_id] = _history_prior(
-                    state.definition_id, node_id, node, history, reference
-                )
+        priors[node_id] = _history_prior(state.definition_id, node_id, node, history, reference)
         if node.status == RUNNING and node.started_us is not None:
             ran[node_id] = max(now_us - node.started_us, 0) / _US
     with_history = [p for p in priors.values() if p is not None]
     if not done and not with_history:
         return None
 
-    # This run's log speed factor versus its history, from its finished nodes, shrunk
-    # toward 1x while few have finished. (Counting overdue running nodes as lower bounds
-    # measured slightly worse here: the history already predicts them well.)
+    # This run's log speed factor versus its history, from its finished nodes and, as
+    # lower bounds, its running ones (short nodes finish first: finished nodes alone make
+    # a run look fast early on), shrunk toward 1x while the evidence is thin.
     obs: list[tuple[float, float]] = []
     for node_id, node in state.nodes.items():
         prior = priors.get(node_id)
         if prior is not None and node.status == COMPLETED and node.duration_us is not None:
             obs.append((log_seconds(node.duration_us / _US) - prior.mu, prior.var))
-    cal_weight = 1.0 / CAL_TAU**2
-    precision = cal_weight + sum(1.0 / v for _, v in obs)
-    factor = sum(x / v for x, v in obs) / precision
+    cens: list[tuple[float, float]] = []
+    for node_id, t in ran.items():
+        prior = priors.get(node_id)
+        if prior is not None and t > 0.0:
+            cens.append((math.log(t) - prior.mu, prior.var))
+    factor, factor_var = _speed(obs, cens)
 
     run = _run_model(
         done,
@@ -794,36 +923,53 @@ def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
         mean_var = sum(p.var for p in with_history) / len(with_history)
         fallback = _Prior(mean_mu, mean_var + spread, True)
 
-    running: dict[str, Moment] = {}
-    pending: dict[str, Moment] = {}
+    # Each sampled future has its own speed factor, drawn from what this run's finished
+    # nodes say of it: futures where the run is slow are slow in every node at once.
+    k_samples = _samples(state)
+    strata = _strata(k_samples)
+    speed_sd = math.sqrt(factor_var)
+    speed = [factor + speed_sd * strata[j] for j in _draw_order(_SPEED_KEY, k_samples)]
+    rem = _Remaining()
     for node_id, node in state.nodes.items():
         if node.status in (COMPLETED, SKIPPED) or node_id not in priors:
             continue
         prior = priors[node_id]
         if prior is None:
             prior = run.prior(node.node_type) if run is not None else fallback
-        mu = prior.mu + (factor if prior.calibrated else 0.0)
+        i = len(rem.ids)
+        rem.ids.append(node_id)
+        rem.order.append(node.index if node.index >= 0 else len(state.plan))
+        rem.mu.append(prior.mu)
+        rem.sd.append(math.sqrt(prior.var))
+        rem.shifted.append(prior.calibrated)
         if node.status == RUNNING:
-            # An overdue node hints that this run is slow: its tail includes the doubt
-            # about the run's speed, or a long-overdue node would "finish any second".
-            doubt = 1.0 / precision if prior.calibrated else 0.0
-            if run is not None and not prior.calibrated:
-                doubt = run.var_all / run.count
-            mean = expected_remaining(mu, prior.var + doubt, ran.get(node_id, 0.0))
-            running[node_id] = (mean, mean * mean * math.expm1(prior.var))
-        else:
-            # Failed nodes are expected to be retried while the run goes on.
-            mean = math.exp(mu + prior.var / 2.0)
-            pending[node_id] = (mean, mean * mean * math.expm1(prior.var))
-    mean, var = _makespan(state, running, pending, _slots(state))
-    if mean <= 0.0:
+            t = ran.get(node_id, 0.0)
+            if prior.calibrated:
+                rem.left[i] = [
+                    _left_of_running(prior.mu + shift, prior.var, t, (j + 0.5) / k_samples)
+                    for shift, j in zip(speed, _draw_order(node_id, k_samples), strict=True)
+                ]
+            else:
+                # An overdue node hints that this run is slow: its tail includes the doubt
+                # about the run's own mean, or a long-overdue node would "finish any second".
+                var = prior.var + (run.var_all / run.count if run is not None else 0.0)
+                rem.left[i] = [
+                    _left_of_running(prior.mu, var, t, (j + 0.5) / k_samples)
+                    for j in _draw_order(node_id, k_samples)
+                ]
+        # Failed nodes are pending: they are expected to be retried while the run goes on.
+    if not rem.ids:
         return MIN_REMAINING
-    # A right-skewed total: take it as lognormal and answer its median, the estimate that
-    # is as likely to be early as late (the mean is pulled out by rare long nodes). The
-    # speed factor's own uncertainty scales the mean and the spread alike: the median
-    # does not move, so it needs no term here.
-    median = mean / math.sqrt(1.0 + var / (mean * mean))
-    return max(median, MIN_REMAINING)
+    # The error that matters is a share of the run's total time (a minute is a lot on a
+    # five-minute run, nothing on a two-hour one), so the answer is the weighted median
+    # of the simulated remaining times, each future weighted by 1 / its total time: the
+    # estimate with the least expected error relative to the total. The futures also
+    # show that the latest of several parallel branches ends later than their expected
+    # ends say (a max of random times), which a schedule of expected times misses.
+    ends = _simulate(state, rem, speed, _slots(state))
+    spent = max(now_us - state.started_us, 0) / _US if state.started_us is not None else 0.0
+    makespan = _weighted_median(ends, [1.0 / (spent + e + MIN_REMAINING) for e in ends])
+    return max(makespan, MIN_REMAINING)
 
 
 # ------------------------------------------------------------------------- snapshot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -321,11 +322,17 @@ def test_concurrency_limit_and_critical_path() -> None:
 
 def test_without_dependencies_the_observed_parallelism_is_used() -> None:
     nodes = [f"n{i}" for i in range(8)]
-    state = run(plan(*nodes), state_to(0, "RUNNING"), started(0, "n0"), started(0, "n1"),
-                completed(10, "n0"), completed(10, "n1"))  # fmt: skip
+    work = [state_to(0, "RUNNING"), started(0, "n0"), started(0, "n1"), completed(10, "n0"),
+            completed(10, "n1")]  # fmt: skip
+    state = run(plan(*nodes), *work)
     remaining = progress.eta(state, EMPTY, E0 + 10)
     assert remaining is not None
-    assert 25 < remaining < 35  # six 10 s nodes, two at a time
+    # Six nodes of about 10 s, two at a time (two finished nodes leave a wide spread).
+    assert 25 < remaining < 45
+    as_planned = {c: progress.eta(run(plan(*nodes, max_concurrency=c), *work), EMPTY, E0 + 10)
+                  for c in (1, 2, 6)}  # fmt: skip
+    assert remaining == as_planned[2]
+    assert (as_planned[6] or 0.0) < remaining < 0.7 * (as_planned[1] or 0.0)
 
 
 def test_a_slow_run_stays_slow() -> None:
@@ -345,6 +352,88 @@ def test_failed_node_is_expected_to_run_again() -> None:
                 started(0, "a"), ev(5, "node_failed", node_id="a", error="x"))  # fmt: skip
     remaining = progress.eta(state, history, E0 + 5)
     assert remaining is not None and 17 < remaining < 23
+
+
+def test_eta_is_deterministic_and_survives_serialisation() -> None:
+    history = view_with({n: [5.0, 10.0, 20.0] for n in "abcdef"})
+    state = run(plan("a", ("b", ["a"]), ("c", ["a"]), ("d", ["a"]), ("e", ["b", "c"]), "f",
+                     definition_id="def", max_concurrency=2),
+                state_to(0, "RUNNING"), started(0, "a"), started(0, "f"), completed(8, "a"),
+                started(8, "b"))  # fmt: skip
+    first = progress.eta(state, history, E0 + 12)
+    assert first is not None
+    assert progress.eta(state, history, E0 + 12) == first
+    copy = progress.loads_state(progress.dumps_state(state))
+    assert progress.eta(copy, history, E0 + 12) == first
+
+
+def test_estimate_moves_smoothly_between_events() -> None:
+    history = view_with({n: [5.0, 10.0, 20.0] for n in "abcd"})
+    state = run(plan(*"abcd", definition_id="def", max_concurrency=2), state_to(0, "RUNNING"),
+                started(0, "a"), started(0, "b"))  # fmt: skip
+    before = [progress.eta(state, history, E0 + t / 10) or 0.0 for t in range(10, 200)]
+    for x, y in itertools.pairwise(before):
+        assert abs(y - x) < 0.5  # 0.1 s apart: no jumps from resampling
+
+
+def test_parallel_branches_end_later_than_their_medians() -> None:
+    durations = [4.0, 6.0, 10.0, 16.0, 25.0]  # median 10 s, a log-sd of about 0.7
+    history = view_with({n: durations for n in "abcdefgh"})
+    one = run(plan("a", definition_id="def"), state_to(0, "RUNNING"))
+    eight = run(plan(*"abcdefgh", definition_id="def", max_concurrency=8), state_to(0, "RUNNING"))
+    single = progress.eta(one, history, E0) or 0.0
+    widest = progress.eta(eight, history, E0) or 0.0
+    # One node: under its 10 s median, since the answer minimises the error relative to
+    # the total and short totals weigh more; eight: the latest of eight, beyond 10 s.
+    assert 3 < single < 10
+    assert widest > 12 and widest > 2.5 * single
+
+
+def test_speed_factor_ignores_noise_and_follows_a_clear_departure() -> None:
+    noise = [(0.05 * (-1) ** i, 0.25) for i in range(9)] + [(0.1, 0.25)]
+    mean, var = progress._speed(noise, [])
+    assert abs(mean) < 0.01 and var < 0.01
+    slow = [(0.4 + 0.05 * (-1) ** i, 0.25) for i in range(20)]
+    mean, var = progress._speed(slow, [])
+    assert 0.3 < mean < 0.41 and var < 0.02
+    none_yet, doubt = progress._speed([], [])
+    assert none_yet == 0.0 and doubt > 0.0
+
+
+def test_running_nodes_count_as_lower_bounds_of_the_speed() -> None:
+    finished = [(0.0, 0.25)] * 4
+    base, _ = progress._speed(finished, [])
+    overdue, _ = progress._speed(finished, [(0.8, 0.25)] * 4)  # each ran 2.2x its median
+    assert overdue > base + 0.05
+    early, _ = progress._speed(finished, [(-3.0, 0.25)] * 4)  # each just started
+    assert early == pytest.approx(base, abs=0.01)
+
+
+@pytest.mark.parametrize(("mu", "var", "ran"), [(2.0, 0.25, 0.0), (2.0, 0.25, 5.0),
+                                                 (2.0, 0.25, 1e3), (0.0, 0.01, 1e9)])
+def test_time_left_of_a_running_node_grows_with_its_quantile(
+    mu: float, var: float, ran: float
+) -> None:
+    lefts = [progress._left_of_running(mu, var, ran, (k + 0.5) / 16) for k in range(16)]
+    assert all(math.isfinite(x) and x >= 0.0 for x in lefts)
+    assert lefts == sorted(lefts) and lefts[-1] > lefts[0]
+
+
+def test_weighted_median() -> None:
+    assert progress._weighted_median([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+    assert progress._weighted_median([1.0, 2.0, 3.0, 4.0], [1.0] * 4) == 2.5
+    assert 1.0 < progress._weighted_median([1.0, 2.0, 3.0], [10.0, 1.0, 1.0]) < 1.5
+    assert progress._weighted_median([1.0, 2.0, 3.0], [100.0, 1.0, 1.0]) < 1.05
+    assert progress._weighted_median([5.0], [2.0]) == 5.0
+
+
+def test_big_plans_simulate_fewer_futures() -> None:
+    small = run(plan(*[f"n{i}" for i in range(40)]))
+    big = run(plan(*[f"n{i}" for i in range(1000)]))
+    huge = run(plan(*[f"n{i}" for i in range(10_000)]))
+    assert progress._samples(small) == progress.MC_SAMPLES
+    assert progress._samples(big) * 1000 <= progress.MC_BUDGET
+    assert progress._samples(huge) == progress.MC_MIN_SAMPLES
 
 
 # ------------------------------------------------------------------ the snapshot
@@ -430,7 +519,11 @@ def test_shown_estimate_is_smoothed_toward_the_new_one() -> None:
     state = run(plan("a", "b", definition_id="def", max_concurrency=1), state_to(0, "RUNNING"),
                 started(0, "a"))  # fmt: skip
     first, shown = snap(state, 1, history)
-    assert first["estimated_remaining_seconds"] == pytest.approx(200, abs=10)
+    # Nothing to smooth yet: the raw estimate, a little under 2 x 100 s (see eta()).
+    assert first["estimated_remaining_seconds"] == pytest.approx(
+        progress.eta(state, history, E0 + 1) or 0.0, abs=0.1
+    )
+    assert 170 < first["estimated_remaining_seconds"] < 210
     # "a" finishes far earlier than expected: the raw estimate drops by ~95 s at once.
     progress.fold(state, completed(5, "a"))
     progress.fold(state, started(5, "b"))
