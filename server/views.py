@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,18 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import auth, keys
-from .hub import HubUnavailable
+from .hub import HubUnavailable, Subscription
 from .models import EventRejected, is_workflow_id, parse_event_id
 from .problems import Problem
-from .streams import SSE_HEADERS, EventStream, ProgressStream, SseSink, StreamsFull, is_final
+from .streams import (
+    SSE_HEADERS,
+    EventStream,
+    ProgressStream,
+    SseSink,
+    StreamHandle,
+    StreamsFull,
+    is_final,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,21 +110,13 @@ async def publish_events(request: web.Request) -> web.Response:
     return web.json_response({"ids": ids}, status=201)
 
 
-async def stream_events(request: web.Request) -> web.StreamResponse:
-    """GET /workflows/{id}/events: replay after the client's id, then live."""
-    workflow_id = workflow_id_of(request)
-    authorize_subscribe(request, workflow_id)
-    start = start_id_of(request)
+@asynccontextmanager
+async def stream_slot(
+    request: web.Request, workflow_id: str, kind: str
+) -> AsyncIterator[tuple[StreamHandle, Subscription]]:
+    """A slot under MAX_STREAMS and a confirmed hub subscription, for any kind of stream."""
     app = request.app
-    settings, store, hub = app[keys.settings_key], app[keys.store_key], app[keys.hub_key]
-    metrics = app[keys.metrics_key]
     registry = app[keys.streams_key]
-
-    last = await store.last_entry(workflow_id)
-    if last is not None and last.terminal and start is not None:
-        if parse_event_id(start) >= last.key:  # type: ignore[operator]
-            return web.Response(status=204)  # tells EventSource to stop reconnecting
-
     try:
         handle = registry.acquire()
     except StreamsFull as exc:
@@ -122,34 +124,57 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
         ) from None
     try:
-        async with hub.subscribe(workflow_id) as sub:
-            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            await response.prepare(request)
-            stream = EventStream(
-                SseSink(response),
-                store,
-                sub,
-                start=start,
-                heartbeat=settings.heartbeat_seconds,
-                handle=handle,
-                progress=app[keys.tracker_key].snapshot,
-                on_sent=metrics.events_delivered_total.inc,
-                on_live=metrics.observe_fanout,
-                on_gap=metrics.gaps_total.inc,
-            )
-            if start is not None:
-                metrics.replays_total.inc()
-            try:
-                await response.write(b"retry: %d\n\n" % settings.retry_ms)
-                with metrics.open_streams.labels("events").track_inprogress():
-                    await stream.run()
-            except (ConnectionResetError, RedisError):
-                pass
-            return response
+        async with app[keys.hub_key].subscribe(workflow_id) as sub:
+            with app[keys.metrics_key].open_streams.labels(kind).track_inprogress():
+                yield handle, sub
     except HubUnavailable as exc:
         raise Problem(503, str(exc), headers={"Retry-After": "1"}) from None
     finally:
         registry.release(handle)
+
+
+async def sse_response(request: web.Request) -> web.StreamResponse:
+    """Send the SSE headers and the opening `retry:`."""
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await response.prepare(request)
+    await response.write(b"retry: %d\n\n" % request.app[keys.settings_key].retry_ms)
+    return response
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """GET /workflows/{id}/events: replay after the client's id, then live."""
+    workflow_id = workflow_id_of(request)
+    authorize_subscribe(request, workflow_id)
+    start = start_id_of(request)
+    app = request.app
+    store, metrics = app[keys.store_key], app[keys.metrics_key]
+
+    last = await store.last_entry(workflow_id)
+    if last is not None and last.terminal and start is not None:
+        if parse_event_id(start) >= last.key:  # type: ignore[operator]
+            return web.Response(status=204)  # tells EventSource to stop reconnecting
+
+    async with stream_slot(request, workflow_id, "events") as (handle, sub):
+        response = await sse_response(request)
+        if start is not None:
+            metrics.replays_total.inc()
+        stream = EventStream(
+            SseSink(response),
+            store,
+            sub,
+            start=start,
+            heartbeat=app[keys.settings_key].heartbeat_seconds,
+            handle=handle,
+            progress=app[keys.tracker_key].snapshot,
+            on_sent=metrics.events_delivered_total.inc,
+            on_live=metrics.observe_fanout,
+            on_gap=metrics.gaps_total.inc,
+        )
+        try:
+            await stream.run()
+        except (ConnectionResetError, RedisError):
+            pass
+        return response
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -183,32 +208,20 @@ async def _progress_stream(
     request: web.Request, workflow_id: str, snap: dict[str, Any]
 ) -> web.StreamResponse:
     app = request.app
-    settings, hub, registry = app[keys.settings_key], app[keys.hub_key], app[keys.streams_key]
     start = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     if start and is_final(snap) and start.strip() == snap["last_event_id"]:
         return web.Response(status=204)  # the final object was seen: stop reconnecting
-    try:
-        handle = registry.acquire()
-    except StreamsFull as exc:
-        raise Problem(
-            503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
-        ) from None
-    try:
-        async with hub.subscribe(workflow_id) as sub:
-            response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            await response.prepare(request)
-            await response.write(b"retry: %d\n\n" % settings.retry_ms)
-            stream = ProgressStream(
-                response, sub, snapshot=app[keys.tracker_key].snapshot,
-                heartbeat=settings.heartbeat_seconds, handle=handle,
-            )  # fmt: skip
-            with app[keys.metrics_key].open_streams.labels("progress").track_inprogress():
-                await stream.run()
-            return response
-    except HubUnavailable as exc:
-        raise Problem(503, str(exc), headers={"Retry-After": "1"}) from None
-    finally:
-        registry.release(handle)
+    async with stream_slot(request, workflow_id, "progress") as (handle, sub):
+        response = await sse_response(request)
+        stream = ProgressStream(
+            response,
+            sub,
+            snapshot=app[keys.tracker_key].snapshot,
+            heartbeat=app[keys.settings_key].heartbeat_seconds,
+            handle=handle,
+        )
+        await stream.run()
+        return response
 
 
 async def index(request: web.Request) -> web.FileResponse:
