@@ -26,9 +26,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 WF = "{workflow_id:[^/]+}"
 
 
-def create_app(
-    settings: Settings, *, redis: AnyRedis | None = None, sharded: bool = False
-) -> web.Application:
+def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Application:
     """Build the app; no I/O here. Without `redis`, one is opened from settings on startup."""
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
     app[keys.settings_key] = settings
@@ -38,12 +36,12 @@ def create_app(
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         if redis is not None:
-            await _wire(app, settings, redis, sharded)
+            await _wire(app, settings, redis)
             yield
             await app[keys.hub_key].close()
             return
-        async with open_redis(settings.redis_url) as (client, is_sharded):
-            await _wire(app, settings, client, is_sharded)
+        async with open_redis(settings.redis_url) as client:
+            await _wire(app, settings, client)
             yield
             await app[keys.hub_key].close()
 
@@ -66,10 +64,10 @@ def create_app(
     return app
 
 
-async def _wire(app: web.Application, settings: Settings, redis: AnyRedis, sharded: bool) -> None:
+async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> None:
     metrics = app[keys.metrics_key]
     store, tracker, publisher = assemble(
-        settings, redis, sharded=sharded, on_published=metrics.events_published_total.inc
+        settings, redis, on_published=metrics.events_published_total.inc
     )
     hub = Hub(
         redis,

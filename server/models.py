@@ -26,6 +26,7 @@ WORKFLOW_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 EVENT_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
 MAX_NODES = 10_000
 MAX_BATCH = 1_000
+MAX_DURATION_MS = 10 * 365 * 86_400_000  # ten years: beyond that a duration is a bug
 
 State = Literal["CREATED", "PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED"]
 TERMINAL_STATES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
@@ -56,6 +57,11 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]
 
 def _rfc3339_only(value: Any) -> Any:
     """Accept an RFC 3339 string (or a datetime from Python), never a number or a date."""
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        try:
+            datetime.fromisoformat(value.replace("z", "Z")).astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise ValueError("timestamp is not a representable UTC time") from None
     if isinstance(value, datetime) or value is None:
         return value
     if isinstance(value, str) and _RFC3339.fullmatch(value):
@@ -107,7 +113,7 @@ class WorkflowPlanned(_Event):
     event_type: Literal["workflow_planned"]
     nodes: Annotated[list[PlannedNode], Field(min_length=1, max_length=MAX_NODES)]
     definition_id: Name | None = None
-    max_concurrency: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_concurrency: Annotated[StrictInt, Field(ge=1, le=MAX_NODES)] | None = None
 
     @model_validator(mode="after")
     def _check_dag(self) -> WorkflowPlanned:
@@ -175,7 +181,7 @@ class NodeCompleted(_Event):
     node_id: NodeId
     node_name: Name | None = None
     node_type: Name | None = None
-    duration_ms: Annotated[StrictInt, Field(ge=0)] | None = None
+    duration_ms: Annotated[StrictInt, Field(ge=0, le=MAX_DURATION_MS)] | None = None
     output: dict[str, Any] | None = None
 
 
@@ -185,7 +191,7 @@ class NodeFailed(_Event):
     node_name: Name | None = None
     node_type: Name | None = None
     error: Text
-    duration_ms: Annotated[StrictInt, Field(ge=0)] | None = None
+    duration_ms: Annotated[StrictInt, Field(ge=0, le=MAX_DURATION_MS)] | None = None
 
 
 class NodeSkipped(_Event):
@@ -217,8 +223,12 @@ class EventRejected(ValueError):
 
 
 def json_size(obj: Any) -> int:
-    """Bytes of `obj` as compact UTF-8 JSON: how an event's size is measured."""
-    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str).encode())
+    """Bytes of `obj` as compact UTF-8 JSON: how an event's size is measured.
+
+    Raises UnicodeEncodeError for a lone surrogate, which no UTF-8 output can carry.
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(text.encode())
 
 
 def to_json(event: _Event) -> str:
@@ -243,8 +253,15 @@ def validate_event(
         raise EventRejected(
             "an event must be a JSON object", [{"loc": prefix, "msg": "not an object"}]
         )
+    try:
+        measured = json_size(raw)  # also proves every string is storable as UTF-8
+    except UnicodeEncodeError:
+        raise EventRejected(
+            "event holds a lone surrogate, which is not Unicode text",
+            [{"loc": prefix, "msg": "lone surrogate in a string"}],
+        ) from None
     if raw.get("event_type") != "workflow_planned":
-        nbytes = size if size is not None else json_size(raw)
+        nbytes = size if size is not None else measured
         if nbytes > max_event_bytes:
             raise EventRejected(
                 f"event is {nbytes} bytes, over MAX_EVENT_BYTES ({max_event_bytes})",

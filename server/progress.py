@@ -1033,8 +1033,10 @@ def snapshot(
     total = state.total
     done = state.counts[COMPLETED] + state.counts[SKIPPED]
     counted = round(100.0 * done / total, 1) if total else 0.0
-    floor = prev.percentage if prev.plan_version == state.plan_version else 0.0
-    floor = max(floor, counted)
+    # "Never backwards" holds under one plan; without a plan the total grows as nodes
+    # appear, and "1 of 2" must not show as 100 because "1 of 1" once did.
+    same_plan = state.plan_known and prev.plan_version == state.plan_version
+    floor = max(prev.percentage if same_plan else 0.0, counted)
     percentage = 100.0 if state.state == "COMPLETED" else floor
 
     elapsed: float | None = None

@@ -98,12 +98,45 @@ class Publisher:
             workflow_id, self.validate(workflow_id, list(events), batch=True)
         )
 
+    async def emit_node_event(
+        self,
+        instance_id: str,
+        event_type: str,
+        node_id: str,
+        node_name: str | None = None,
+        node_type: str | None = None,
+        duration_ms: int | None = None,
+        error: str | None = None,
+        output: dict[str, Any] | None = None,
+    ) -> str:
+        """The original engine's call shape: one node event; returns its stream id."""
+        fields: dict[str, Any] = {
+            "node_name": node_name,
+            "node_type": node_type,
+            "duration_ms": duration_ms,
+            "error": error,
+            "output": output,
+        }
+        event: dict[str, Any] = {"event_type": event_type, "node_id": node_id}
+        event.update({k: v for k, v in fields.items() if v is not None})
+        return await self.publish(instance_id, event)
+
+    async def emit_state_change(
+        self, instance_id: str, from_state: str | None, to_state: str, reason: str | None = None
+    ) -> str:
+        """The original engine's call shape: a workflow state change; returns its stream id."""
+        event: dict[str, Any] = {"event_type": "workflow_state_changed", "to_state": to_state}
+        if from_state is not None:
+            event["from_state"] = from_state
+        if reason is not None:
+            event["reason"] = reason
+        return await self.publish(instance_id, event)
+
 
 def assemble(
     settings: Settings,
     redis: AnyRedis,
     *,
-    sharded: bool,
     on_published: Callable[[int], None] = lambda n: None,
 ) -> tuple[Store, ProgressService, Publisher]:
     """The write path as the server and an out-of-process engine both use it."""
@@ -111,7 +144,6 @@ def assemble(
         redis,
         maxlen=settings.history_maxlen,
         retention_seconds=settings.retention_seconds,
-        sharded=sharded,
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
     publisher = Publisher(
@@ -131,5 +163,5 @@ async def connect(redis_url: str | None = None, **options: Any) -> AsyncIterator
     and must match the server's.
     """
     settings = Settings(redis_url=redis_url, **options)
-    async with open_redis(settings.redis_url) as (redis, sharded):
-        yield assemble(settings, redis, sharded=sharded)[2]
+    async with open_redis(settings.redis_url) as redis:
+        yield assemble(settings, redis)[2]

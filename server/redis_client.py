@@ -18,8 +18,8 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 @asynccontextmanager
-async def open_redis(url: str | None) -> AsyncIterator[tuple[AnyRedis, bool]]:
-    """Yield (client, sharded): sharded is True on Redis Cluster (SPUBLISH/SSUBSCRIBE)."""
+async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
+    """Yield a client: fakeredis without a URL, a cluster client for `redis+cluster://`."""
     client: AnyRedis
     if not url:
         import fakeredis
@@ -29,19 +29,16 @@ async def open_redis(url: str | None) -> AsyncIterator[tuple[AnyRedis, bool]]:
             "events live only as long as this process"
         )
         client = fakeredis.FakeAsyncRedis()
-        sharded = False
     else:
         parts = urlsplit(url)
         if parts.scheme in CLUSTER_SCHEMES:
             plain = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
             client = RedisCluster.from_url(plain)
-            sharded = True
         else:
             client = Redis.from_url(url)
-            sharded = False
         logger.info("using Redis at %s", _redact(url))
     try:
-        yield client, sharded
+        yield client
     finally:
         await client.aclose()
 

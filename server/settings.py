@@ -33,12 +33,14 @@ class Settings:
     client_queue_frames: int = 1024
     history_ttl_seconds: int = 30 * 86_400
     demo: bool = False
+    # The demo engine's speed: 0.05 runs its 30 nodes in a few seconds.
+    demo_time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         positive = (
             "port", "heartbeat_seconds", "retry_ms", "history_maxlen", "retention_seconds",
             "max_body_bytes", "max_event_bytes", "max_streams", "client_queue_frames",
-            "history_ttl_seconds",
+            "history_ttl_seconds", "demo_time_scale",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

@@ -197,13 +197,12 @@ class Store:
         *,
         maxlen: int,
         retention_seconds: int,
-        sharded: bool = False,
     ) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self.retention_seconds = retention_seconds
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
-        self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
+        self.publish_command = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
 
     async def append(

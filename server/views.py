@@ -46,15 +46,17 @@ def workflow_id_of(request: web.Request) -> str:
 
 
 def start_id_of(request: web.Request) -> str | None:
-    """Where a stream starts: Last-Event-ID header, else lastEventId query; empty = absent."""
-    value = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or None
-    if value is None:
-        return None
-    value = value.strip()
-    if parse_event_id(value) is None:
-        raise Problem(400, "Last-Event-ID must look like <milliseconds>-<sequence>",
-                      slug="bad-last-event-id")  # fmt: skip
-    return value
+    """Where a stream starts: Last-Event-ID header, else lastEventId query; empty = absent.
+
+    Both are validated when given, so a malformed one is a 400 even where the other wins.
+    """
+    header = request.headers.get("Last-Event-ID", "").strip() or None
+    query = request.query.get("lastEventId", "").strip() or None
+    for name, value in (("Last-Event-ID", header), ("lastEventId", query)):
+        if value is not None and parse_event_id(value) is None:
+            raise Problem(400, f"{name} must look like <milliseconds>-<sequence>",
+                          slug="bad-last-event-id")  # fmt: skip
+    return header or query
 
 
 def _decode_json(body: bytes) -> Any:
@@ -62,9 +64,12 @@ def _decode_json(body: bytes) -> Any:
         raise ValueError(f"{name} is not JSON")
 
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:
+        value = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+        # `\ud800` escapes decode to lone surrogates: not Unicode, never storable as UTF-8.
+        json.dumps(value, ensure_ascii=False).encode()
+    except (UnicodeError, ValueError) as exc:
         raise Problem(400, f"malformed JSON: {exc}", slug="malformed-json") from None
+    return value
 
 
 def authorize_publish(request: web.Request) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import fakeredis
@@ -12,11 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from server import store
 from server.app import create_app
 from server.settings import Settings
+from tests.procs import RedisClusterProcesses
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("REQUIRE_REDIS") == "1"
@@ -35,12 +38,46 @@ async def real_redis_or_skip() -> Redis:
     return client
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): Redis backends for the `redis` fixture "
+        "(default fakeredis and redis; add cluster for the core stream and progress tests)",
+    )  # fmt: skip
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise `redis` over the backends the test's `backends` marker names."""
+    if "redis" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        names = marker.args if marker else ("fakeredis", "redis")
+        metafunc.parametrize("redis", names, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A private 3-master Redis Cluster for the session, stopped at the end."""
+    if shutil.which("redis-server") is None:
+        if REQUIRE_REDIS:
+            pytest.fail("REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    cluster = RedisClusterProcesses()
+    try:
+        cluster.start()
+        yield f"redis://127.0.0.1:{cluster.nodes[0].port}/0"
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """Each Redis-touching test runs on the embedded default and on the real server."""
+    """Each Redis-touching test runs on the embedded default and the real server (and a
+    Redis Cluster where its module asks for it)."""
     client: Any
     if request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis()
+    elif request.param == "cluster":
+        client = RedisCluster.from_url(request.getfixturevalue("cluster_url"))
+        await client.initialize()
     else:
         client = await real_redis_or_skip()
     client.test_workflows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ class RedisProcess:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="wfsse-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []
 
     @property
     def url(self) -> str:
@@ -50,6 +52,7 @@ class RedisProcess:
                 "no",
                 "--dir",
                 self.dir,
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -120,3 +123,66 @@ class ServerProcess:
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10,000) is free too, so at most 55,535."""
+    for _ in range(200):
+        port = random.randint(20_000, 55_000)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterProcesses:
+    """A private 3-master Redis Cluster on free ports (no replicas, nothing on disk)."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisProcess(free_cluster_port()) for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.extra = ["--cluster-enabled", "yes", "--cluster-config-file",
+                          f"{node.dir}/nodes.conf", "--cluster-node-timeout", "2000"]  # fmt: skip
+            node.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addrs,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        for node in self.nodes:
+            while True:
+                info = subprocess.run(
+                    ["redis-cli", "-p", str(node.port), "cluster", "info"],
+                    capture_output=True, text=True, timeout=5,
+                ).stdout  # fmt: skip
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster not ready: {info}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()

@@ -15,6 +15,8 @@ from server import history, keys
 from tests.conftest import Serve
 from tests.sse_client import iter_messages
 
+pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
+
 SPEC_KEYS = {
     "workflow_id", "state", "total_nodes", "completed_nodes", "failed_nodes", "skipped_nodes",
     "running_nodes", "percentage", "time_percentage", "current_node", "running", "started_at",

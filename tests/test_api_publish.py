@@ -12,6 +12,8 @@ import pytest
 from server import store
 from tests.conftest import Serve
 
+pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
+
 STARTED = {"event_type": "node_started", "node_id": "n1", "node_name": "품질 판정"}
 
 

@@ -15,6 +15,8 @@ from server import keys, store
 from tests.conftest import Serve
 from tests.sse_client import Message, collect, iter_messages
 
+pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
+
 JSON = {"Content-Type": "application/json"}
 
 

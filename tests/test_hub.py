@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import fakeredis
+import pytest
 
 from server import keys, store
 from tests.conftest import Serve
@@ -149,3 +150,24 @@ def _dechunk(body: bytes) -> bytes:
         out += rest[:size]
         body = rest[size + 2 :]
     return bytes(out)
+
+
+@pytest.mark.backends("cluster")
+async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_workflow(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    base = await serve()
+    app = serve.apps[0]
+    hub, publisher = app[keys.hub_key], app[keys.publisher_key]
+    workflows = [new_workflow() for _ in range(30)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        readers = [
+            asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events")) for wf in workflows
+        ]
+        await wait_until(lambda: _true(hub.channel_count == 30))
+        shards = {redis.get_node_from_key(store.channel(wf)).name for wf in workflows}
+        assert hub.connection_count == len(shards) == 3  # 30 workflows, 3 connections
+        for wf in workflows:
+            await publisher.publish(wf, DONE)
+        results = await asyncio.gather(*readers)
+    assert [[m.json()["workflow_id"] for m in msgs] for msgs in results] == [[wf] for wf in workflows]

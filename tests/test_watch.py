@@ -1,0 +1,331 @@
+"""`python -m server watch`: a real CLI process against a real server process, output read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from server import store
+from server.watch import SSEParser, format_duration
+from tests.conftest import REDIS_URL, real_redis_or_skip
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (bind 0, read it, release it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def server_env(redis_url: str | None = None) -> dict[str, str]:
+    """The environment of a child server: embedded Redis unless `redis_url` is given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DEMO", "PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+class ServerProcess:
+    """`python -m server` in a child process on a fixed port; its log goes to a temp file."""
+
+    def __init__(self, port: int, *args: str, redis_url: str | None = None) -> None:
+        self.port = port
+        self.args = args
+        self.redis_url = redis_url
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.TemporaryFile()
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "server", "--port", str(self.port), *self.args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=server_env(self.redis_url), stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        """Poll /readyz until it answers 200 (bounded)."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+                try:
+                    async with session.get(f"{self.base}/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"server not ready within {timeout} s:\n{self.output()}")
+
+    def signal(self, sig: int) -> None:
+        """Deliver `sig` and wait (bounded) for the process to end."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        self.log.close()
+
+
+async def publish(
+    base: str, wf: str, events: Sequence[dict[str, Any]] | dict[str, Any]
+) -> list[str]:
+    """POST events over HTTP; their ids."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/workflows/{wf}/events", json=events) as resp:
+            body = await resp.json()
+            assert resp.status == 201, body
+            ids: list[str] = body["ids"]
+            return ids
+
+
+def short_run(n: int = 4) -> list[dict[str, Any]]:
+    """A small plan with Korean names, a failure and its retry, a skip, then COMPLETED."""
+    names = ["데이터 조회", "품질 판정", "Build report", "알림"]
+    nodes = [
+        {"node_id": f"n{i}", "node_name": names[i % len(names)], "node_type": "task",
+         "depends_on": [f"n{i - 1}"] if i else []}
+        for i in range(n)
+    ]  # fmt: skip
+    events: list[dict[str, Any]] = [
+        {"event_type": "workflow_planned", "nodes": nodes, "definition_id": "watch-test"},
+        {"event_type": "workflow_state_changed", "from_state": "PENDING", "to_state": "RUNNING"},
+    ]
+    for i in range(n):
+        node = {"node_id": f"n{i}", "node_name": nodes[i]["node_name"]}
+        events.append({"event_type": "node_started", **node})
+        if i == 1:
+            events.append({"event_type": "node_failed", **node, "error": "연결 시간 초과"})
+            events.append({"event_type": "node_started", **node})
+        events.append({"event_type": "node_progress", "node_id": f"n{i}", "fraction": 0.5})
+        if i == n - 2:
+            events.append(
+                {"event_type": "node_skipped", "node_id": f"n{i}", "reason": "not needed"}
+            )
+        else:
+            events.append({"event_type": "node_completed", **node, "duration_ms": 1200 + i})
+    events.append({"event_type": "workflow_state_changed", "from_state": "RUNNING",
+                   "to_state": "COMPLETED"})  # fmt: skip
+    return events
+
+
+class Watch:
+    """A `python -m server watch` child process and everything it printed so far."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    @classmethod
+    async def start(cls, base: str, wf: str) -> Watch:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "watch", wf, "--url", base, cwd=ROOT,
+            env=server_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return cls(proc)
+
+    @property
+    def out(self) -> str:
+        return "".join(self.lines)
+
+    async def until(self, done: Callable[[Watch], bool], timeout: float = 15.0) -> None:
+        """Read lines until `done(self)` holds (bounded)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while not done(self):
+            left = deadline - time.monotonic()
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(left, 0.01))
+            except TimeoutError:
+                raise AssertionError(
+                    f"watch: condition not met in {timeout} s:\n{self.out}"
+                ) from None
+            if not line:
+                raise AssertionError(f"watch ended early:\n{self.out}")
+            self.lines.append(line.decode())
+
+    async def finish(self, timeout: float = 20.0) -> tuple[int, str]:
+        """Wait (bounded) for the exit; (exit code, stderr). stdout goes on in `out`."""
+        try:
+            rest, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            rest, err = await self.proc.communicate()
+            raise AssertionError(f"watch did not exit:\n{self.out}{rest.decode()}") from None
+        self.lines.extend(rest.decode().splitlines(keepends=True))
+        assert self.proc.returncode is not None
+        return self.proc.returncode, err.decode()
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ServerProcess]:
+    """A live server subprocess on the embedded Redis."""
+    srv = ServerProcess(free_port())
+    srv.start()
+    try:
+        await srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def event_lines(out: str) -> list[str]:
+    """The event lines of the output: `HH:MM:SS  <event_type>  ...`."""
+    return [line for line in out.splitlines() if line[10:].startswith(("workflow_", "node_"))]
+
+
+def event_types(out: str) -> list[str]:
+    return [line[10:].split()[0] for line in event_lines(out)]
+
+
+def has(text: str) -> Callable[[Watch], bool]:
+    return lambda w: text in w.out
+
+
+async def test_watch_prints_each_event_and_exits_0_after_the_terminal_state(
+    server: ServerProcess,
+) -> None:
+    wf = "watch-" + uuid.uuid4().hex[:12]
+    events = short_run()
+    watch = await Watch.start(server.base, wf)
+    try:
+        await watch.until(has("connected to"))  # the stream is open before anything exists
+        await publish(server.base, wf, events[:3])
+        for event in events[3:]:
+            await publish(server.base, wf, event)
+            await asyncio.sleep(0.02)
+        code, err = await watch.finish()
+    finally:
+        watch.kill()
+    out = watch.out
+    assert code == 0, err
+    assert event_types(out) == [e["event_type"] for e in events]
+    assert "\x1b" not in out  # not a terminal: plain lines, no cursor tricks
+    assert "데이터 조회 (n0)" in out and "품질 판정 (n1)" in out
+    assert "error: 연결 시간 초과" in out
+    assert "1.2 s" in out  # duration_ms rendered
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("[########################] 100.0%  4 of 4 nodes  COMPLETED"), last
+    assert " of 4 nodes  RUNNING" in out  # progress lines along the way
+
+
+async def test_watch_of_a_finished_workflow_replays_it_and_exits_0(server: ServerProcess) -> None:
+    wf = "watch-" + uuid.uuid4().hex[:12]
+    events = short_run(3)
+    await publish(server.base, wf, events)
+    watch = await Watch.start(server.base, wf)
+    try:
+        code, _ = await watch.finish()
+    finally:
+        watch.kill()
+    assert code == 0
+    assert event_types(watch.out) == [e["event_type"] for e in events]
+
+
+async def test_watch_rejects_a_bad_workflow_id() -> None:
+    watch = await Watch.start("http://127.0.0.1:9", "bad id")
+    try:
+        code, err = await watch.finish()
+    finally:
+        watch.kill()
+    assert code == 2 and "not a valid workflow id" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) -> None:
+    """The watched server dies mid-run and comes back on the same port; events published
+    meanwhile through a second server on the same Redis are printed once each."""
+    redis = await real_redis_or_skip()
+    wf = "watch-" + uuid.uuid4().hex[:12]
+    events = short_run(6)
+    port = free_port()
+    other = ServerProcess(free_port(), redis_url=REDIS_URL)
+    servers = [ServerProcess(port, "--retry-ms", "300", redis_url=REDIS_URL), other]
+    watch = None
+    try:
+        for srv in servers:
+            srv.start()
+        for srv in servers:
+            await srv.wait_ready()
+        watch = await Watch.start(servers[0].base, wf)
+        await watch.until(has("connected to"))
+        half = len(events) // 2
+        for event in events[:half]:
+            await publish(other.base, wf, event)
+        await watch.until(lambda w: len(event_lines(w.out)) == half)
+        servers[0].signal(sig)
+        await watch.until(has("reconnecting in"))
+        for event in events[half:-2]:
+            await publish(other.base, wf, event)  # while the watched server is down
+        servers.append(ServerProcess(port, "--retry-ms", "300", redis_url=REDIS_URL))
+        servers[-1].start()
+        await servers[-1].wait_ready()
+        for event in events[-2:]:
+            await publish(other.base, wf, event)
+        code, err = await watch.finish(timeout=30)
+    finally:
+        if watch is not None:
+            watch.kill()
+        for srv in servers:
+            srv.stop()
+        await redis.delete(*store.workflow_keys(wf))
+        await redis.aclose()
+    assert code == 0, err
+    assert event_types(watch.out) == [e["event_type"] for e in events]
+    assert "reconnected to" in watch.out and "after event" in watch.out
+
+
+def test_sse_parser_handles_split_chunks_crlf_and_comments() -> None:
+    raw = (
+        "retry: 500\r\n\r\n: keep-alive\n\n"
+        'id: 1-0\nevent: node_started\ndata: {"a":\r\ndata: "품"}\r\n\r\n'
+    ).encode()
+    for size in (1, 2, 3, 7, len(raw)):
+        parser = SSEParser()
+        msgs = [m for i in range(0, len(raw), size) for m in parser.feed(raw[i : i + size])]
+        got = [(m.event, m.id, m.retry) for m in msgs]
+        assert got == [("message", None, 500), ("node_started", "1-0", None)]
+        assert msgs[1].data == '{"a":\n"품"}'
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.84, "0.8 s"), (12.4, "12 s"), (150, "2 min 30 s"), (120, "2 min"), (3720, "1 h 2 min")],
+)
+def test_durations_read_like_a_person_would_say_them(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
