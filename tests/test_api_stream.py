@@ -230,3 +230,23 @@ async def test_handover_stress_every_client_gets_exactly_the_stored_ids_after_it
         expected = stored if start is None else stored[stored.index(start) + 1 :]
         assert got == expected, (start, len(got), len(expected))
     assert sum(1 for start, _ in results if start is not None) >= 5
+
+
+async def test_max_streams_refuses_past_the_limit_with_503(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    base, wf = await serve(max_streams=2), new_workflow()
+    url = f"{base}/workflows/{wf}/events"
+    async with aiohttp.ClientSession() as s:
+        first, second = await s.get(url), await s.get(f"{base}/workflows/{wf}/progress",
+                                                       headers={"Accept": "text/event-stream"})  # fmt: skip
+        assert first.status == 200 and second.status == 404  # unknown: no slot taken
+        held = await s.get(url)
+        assert held.status == 200
+        async with s.get(url) as third:
+            assert third.status == 503 and third.headers["Retry-After"]
+            body = await third.json(content_type=None)
+            assert body["status"] == 503 and "MAX_STREAMS" in body["detail"]
+        first.release()
+        held.release()
+        second.release()
