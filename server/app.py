@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import auth, keys, openapi, views
+from . import auth, keys, legacy, openapi, views, websocket
 from .hub import Hub
 from .metrics import Metrics
 from .problems import problem_middleware
@@ -46,6 +46,8 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
             await app[keys.hub_key].close()
 
     app.cleanup_ctx.append(redis_ctx)
+    if settings.legacy_ingest:
+        app.cleanup_ctx.append(legacy.legacy_ctx)  # after redis_ctx: it uses the publisher
     if settings.demo:
         from . import demo
 
@@ -54,6 +56,8 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
 
     app.router.add_post(f"/workflows/{WF}/events", views.publish_events)
     app.router.add_get(f"/workflows/{WF}/events", views.stream_events)
+    app.router.add_get(f"/workflows/{WF}/ws", websocket.websocket_events)
+    app.router.add_get("/api/v1/workflows/ws/{instance_id:[^/]+}", websocket.websocket_events)
     app.router.add_get(f"/workflows/{WF}/progress", views.get_progress)
     app.router.add_get("/", views.index)
     app.router.add_static("/static/", STATIC_DIR, append_version=True)
