@@ -6,7 +6,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import fakeredis
 import pytest
@@ -23,6 +23,35 @@ from tests.procs import RedisClusterProcesses
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("REQUIRE_REDIS") == "1"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip locally; under REQUIRE_REDIS=1 (CI) a missing dependency fails the test."""
+    if REQUIRE_REDIS:
+        pytest.fail(f"REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Debian's headless Chromium under Playwright."""
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        missing("playwright is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        missing(f"{CHROMIUM} is missing (apt-get install chromium fonts-noto-cjk)")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 async def real_redis_or_skip() -> Redis:

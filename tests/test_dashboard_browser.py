@@ -13,52 +13,23 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 import pytest
 
 from server import store
-from tests.conftest import REDIS_URL, REQUIRE_REDIS, real_redis_or_skip
+from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.sse_client import collect
 from tests.test_watch import ServerProcess, free_port, publish, short_run
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 SCREENSHOTS = os.environ.get("DASHBOARD_SCREENSHOTS")
 WAIT_MS = 60_000  # the bound of every wait in the page
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def missing(reason: str) -> NoReturn:
-    if REQUIRE_REDIS:
-        pytest.fail(f"REQUIRE_REDIS=1 but {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    """Debian's headless Chromium under Playwright."""
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        missing("playwright is not installed (pip install playwright)")
-    if not os.access(CHROMIUM, os.X_OK):
-        missing(f"{CHROMIUM} is missing (apt-get install chromium fonts-noto-cjk)")
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def open_page(

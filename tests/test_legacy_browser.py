@@ -10,23 +10,17 @@ install`); skipped when missing, except under REQUIRE_REDIS=1, where that fails.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from server import keys
-from tests.conftest import REQUIRE_REDIS, Serve
+from tests.conftest import Serve
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 WAIT_MS = 30_000
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,29 +88,6 @@ window.hook = useWorkflowWebSocket(INSTANCE, {
 });
 </script>
 """
-
-
-def missing(reason: str) -> NoReturn:
-    if REQUIRE_REDIS:
-        pytest.fail(f"REQUIRE_REDIS=1 but {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    """Debian's headless Chromium under Playwright."""
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        missing("playwright is not installed (pip install playwright)")
-    if not os.access(CHROMIUM, os.X_OK):
-        missing(f"{CHROMIUM} is missing (apt-get install chromium fonts-noto-cjk)")
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 @pytest.fixture
