@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 from .store import AnyRedis
 
 logger = logging.getLogger(__name__)
 
+POOL_SIZE = 64  # Redis connections per process for commands (pub/sub has its own)
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
@@ -35,7 +36,10 @@ async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
             plain = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
             client = RedisCluster.from_url(plain)
         else:
-            client = Redis.from_url(url)
+            # Block for a free connection instead of failing: a burst of streams opening at
+            # once must queue for the pool, not answer 503 ("Too many connections").
+            pool = BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=10)
+            client = Redis(connection_pool=pool)
         logger.info("using Redis at %s", _redact(url))
     try:
         yield client

@@ -173,3 +173,23 @@ async def test_client_reconnects_to_second_server_after_sigkill_and_gets_every_e
         second.stop()
         await real.delete(*store.workflow_keys(wf))
         await real.aclose()
+
+
+async def test_a_burst_of_300_streams_opening_at_once_all_get_200() -> None:
+    """More streams than the Redis pool has connections queue for it instead of failing."""
+    real = await real_redis_or_skip()
+    await real.aclose()
+    server = ServerProcess(env={"REDIS_URL": REDIS_URL})
+    await server.start()
+    wf = "burst-" + uuid.uuid4().hex[:8]
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            url = f"{server.url}/workflows/{wf}/events"
+            responses = await asyncio.wait_for(
+                asyncio.gather(*(s.get(url) for _ in range(300))), 30
+            )
+            assert [r.status for r in responses] == [200] * 300
+            for r in responses:
+                r.release()
+    finally:
+        server.stop()

@@ -1,0 +1,1 @@
+"""Systems the fan-out benchmark compares our server with (see bench/fanout.py)."""

@@ -1,0 +1,48 @@
+"""What both Python baselines share: the CLI, SSE headers, and a POST that plain-PUBLISHes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+REDIS_KEY = web.AppKey("redis", Redis)
+
+
+def publish_handler(
+    channel: Callable[[str], str],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """POST /workflows/{wf}/events: one event or a JSON array; each element is PUBLISHed
+    as compact JSON (one pipelined round trip per POST). No validation, no storage."""
+
+    async def publish(request: web.Request) -> web.Response:
+        raw = json.loads(await request.read())
+        items = raw if isinstance(raw, list) else [raw]
+        name = channel(request.match_info["wf"])
+        async with request.app[REDIS_KEY].pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.publish(name, json.dumps(item, separators=(",", ":"), ensure_ascii=False))
+            await pipe.execute()
+        return web.json_response({"published": len(items)}, status=201)
+
+    return publish
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    return parser.parse_args()

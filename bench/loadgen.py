@@ -1,0 +1,526 @@
+"""SSE load generator: thousands of streams from one process on bare asyncio Protocols.
+
+Each stream is one `loop.create_connection` with a small Protocol that sends the GET and
+parses the (possibly chunked) event-stream bytes incrementally. Publishers put
+`"message":"B<lane>:<seq>:<time.time()>"` in every event; a receiver finds that marker in
+each data line (a regex over the received block, no JSON decoding of the rest), checks the
+sequence per publisher lane (every event, once, in order) and records the delay from the
+publisher's clock to receipt in a histogram (0.1 ms bins).
+
+Also here: the server-side measurements (RSS and CPU of a process tree from /proc, the
+Redis clients of that tree from `CLIENT LIST`) and an HTTP publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+
+MARK = re.compile(rb'"message":"B(\d+):(\d+):(\d+\.\d+)"')
+BIN_S = 1e-4  # histogram resolution: 0.1 ms
+MAX_BIN = 1_200_000  # 120 s; later delays land in the last bin
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to the hard limit; returns the new soft limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# ---------------------------------------------------------------------------------------
+# Receiving side
+
+
+@dataclass
+class Recorder:
+    """Shared by every stream of one scenario: delay histogram, counters, error tallies."""
+
+    lanes: int = 1
+    hist: list[int] = field(default_factory=lambda: [0] * (MAX_BIN + 1))
+    received: int = 0
+    dups: int = 0  # an event at or below the last seq of its lane (duplicate or reordered)
+    skips: int = 0  # events jumped over (a later seq arrived first)
+    gaps: int = 0  # `event: gap` frames (our server: trimmed history announced)
+    dropped: int = 0  # streams the server closed while we still wanted them
+    bad_status: int = 0
+
+    def reset_delays(self) -> None:
+        self.hist = [0] * (MAX_BIN + 1)
+
+    def percentile(self, q: float) -> float | None:
+        """Delay in seconds at quantile q (0..1) of every recorded event."""
+        total = sum(self.hist)
+        if total == 0:
+            return None
+        rank = q * (total - 1)
+        seen = 0
+        for i, n in enumerate(self.hist):
+            seen += n
+            if seen > rank:
+                return (i + 0.5) * BIN_S
+        return MAX_BIN * BIN_S
+
+    def max_delay(self) -> float | None:
+        for i in range(MAX_BIN, -1, -1):
+            if self.hist[i]:
+                return (i + 1) * BIN_S
+        return None
+
+
+class SseStream(asyncio.Protocol):
+    """One SSE connection: sends the GET, de-chunks, counts and times marked events."""
+
+    def __init__(self, request: bytes, rec: Recorder, key: int) -> None:
+        self.request = request
+        self.rec = rec
+        self.key = key  # which workflow (index into the ledger) this stream follows
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.head = b""
+        self.in_body = False
+        self.chunked = False
+        self.raw = b""  # undecoded chunked bytes
+        self.chunk_left = 0
+        self.need_crlf = False
+        self.body = b""  # decoded, not yet a complete frame
+        self.expect = [0] * rec.lanes
+        self.count = 0
+        self.closing = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed before the response: {exc}"))
+        elif not self.closing:
+            self.rec.dropped += 1
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_body:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[:end], self.head[end + 4 :]
+            self.head = b""
+            self.in_body = True
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            self.chunked = any(
+                ln.lower().startswith(b"transfer-encoding:") and b"chunked" in ln.lower()
+                for ln in lines[1:]
+            )
+            if not self.ready.done():
+                self.ready.set_result(status)
+            if status != 200:
+                self.rec.bad_status += 1
+                self.close()
+                return
+            if not data:
+                return
+        if self.chunked:
+            data = self._dechunk(data)
+        body = self.body + data if self.body else data
+        end = body.rfind(b"\n\n")
+        if end < 0:
+            self.body = body
+            return
+        self.body = body[end + 2 :]
+        self._frames(body[: end + 2])
+
+    def _dechunk(self, data: bytes) -> bytes:
+        buf = self.raw + data if self.raw else data
+        out: list[bytes] = []
+        pos, size = 0, len(buf)
+        while pos < size:
+            if self.chunk_left:
+                take = min(self.chunk_left, size - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self.chunk_left -= take
+                if self.chunk_left:
+                    break
+                self.need_crlf = True
+            if self.need_crlf:
+                if size - pos < 2:
+                    break
+                pos += 2
+                self.need_crlf = False
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                break
+            n = int(buf[pos:nl].split(b";", 1)[0], 16)
+            pos = nl + 2
+            if n == 0:  # the server ended the body
+                break
+            self.chunk_left = n
+        self.raw = buf[pos:]
+        return b"".join(out)
+
+    def _frames(self, block: bytes) -> None:
+        now = time.time()
+        rec = self.rec
+        hist = rec.hist
+        expect = self.expect
+        n = 0
+        for lane_b, seq_b, ts in MARK.findall(block):
+            lane, seq = int(lane_b), int(seq_b)
+            want = expect[lane]
+            if seq != want:
+                if seq < want:
+                    rec.dups += 1
+                    continue
+                rec.skips += seq - want
+            expect[lane] = seq + 1
+            n += 1
+            b = int((now - float(ts)) / BIN_S)
+            hist[b if 0 <= b < MAX_BIN else (0 if b < 0 else MAX_BIN)] += 1
+        self.count += n
+        rec.received += n
+        if b"event: gap" in block:
+            rec.gaps += block.count(b"event: gap")
+
+
+class StreamGroup:
+    """Opens, holds and closes many SseStreams against one server."""
+
+    def __init__(self, host: str, port: int, rec: Recorder) -> None:
+        self.host = host
+        self.port = port
+        self.rec = rec
+        self.streams: list[SseStream] = []
+        self.failed: list[str] = []
+
+    def request(self, path: str) -> bytes:
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+        ).encode()
+
+    async def open(
+        self,
+        paths: Sequence[tuple[int, str]],
+        *,
+        concurrency: int = 50,
+        timeout: float = 120.0,
+    ) -> float:
+        """Open one stream per (key, path); returns seconds taken. Failures go to `failed`."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = started + timeout
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(key: int, path: str) -> None:
+            async with sem:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.failed.append("timeout before connecting")
+                    return
+                proto: SseStream | None = None
+                try:
+                    async with asyncio.timeout(min(left, 30.0)):
+                        _t, proto = await loop.create_connection(
+                            lambda: SseStream(self.request(path), self.rec, key),
+                            self.host,
+                            self.port,
+                        )
+                        self.streams.append(proto)
+                        status = await proto.ready
+                    if status != 200:
+                        self.failed.append(f"HTTP {status}")
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    self.failed.append(f"{type(exc).__name__}: {exc}"[:120])
+                    if proto is not None:
+                        proto.close()
+
+        await asyncio.gather(*(one(k, p) for k, p in paths))
+        return time.monotonic() - started
+
+    @property
+    def established(self) -> int:
+        return sum(
+            1 for s in self.streams if s.ready.done() and not s.closed and not s.ready.exception()
+        )
+
+    def total_received(self) -> int:
+        return sum(s.count for s in self.streams)
+
+    async def wait_for(
+        self, done: Callable[[], bool], timeout: float, *, stall: float | None = None
+    ) -> bool:
+        """Poll `done` every 50 ms until true, `timeout` passed, or nothing arrived for `stall`."""
+        end = time.monotonic() + timeout
+        last_count, last_change = self.rec.received, time.monotonic()
+        while time.monotonic() < end:
+            if done():
+                return True
+            await asyncio.sleep(0.05)
+            if self.rec.received != last_count:
+                last_count, last_change = self.rec.received, time.monotonic()
+            elif stall is not None and time.monotonic() - last_change > stall:
+                return done()
+        return done()
+
+    async def close(self) -> None:
+        for s in self.streams:
+            s.close()
+        self.streams.clear()
+        await asyncio.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------
+# Publishing side
+
+
+def timestamp_now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def event_json(workflow_id: str, lane: int, seq: int, now: float, stamp: str) -> str:
+    """A valid `node_progress` event carrying the publisher's lane, sequence and clock."""
+    return (
+        f'{{"event_type":"node_progress","workflow_id":"{workflow_id}","node_id":"n1",'
+        f'"fraction":0.5,"message":"B{lane}:{seq}:{now:.6f}","timestamp":"{stamp}"}}'
+    )
+
+
+@dataclass
+class Ledger:
+    """What was published successfully: per workflow key, per lane, the next sequence."""
+
+    workflows: int
+    lanes: int
+    next_seq: list[list[int]] = field(init=False)
+    ok: int = 0
+    errors: int = 0
+    posts: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    _locks: dict[tuple[int, int], asyncio.Lock] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.next_seq = [[0] * self.lanes for _ in range(self.workflows)]
+
+    def lock(self, key: int, lane: int) -> asyncio.Lock:
+        """One POST in flight per (workflow, lane): the sequence stays in order."""
+        found = self._locks.get((key, lane))
+        if found is None:
+            found = self._locks[(key, lane)] = asyncio.Lock()
+        return found
+
+    def published(self, key: int) -> int:
+        return sum(self.next_seq[key])
+
+
+class HttpPublisher:
+    """POSTs events over keep-alive HTTP; one JSON array per POST when `batch` is allowed."""
+
+    def __init__(self, base: str, path: Callable[[str], str], *, batch: bool, pool: int = 32):
+        self.base = base
+        self.path = path
+        self.batch = batch
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+    async def _post(self, ledger: Ledger, workflow_id: str, body: str) -> bool:
+        ledger.posts += 1
+        try:
+            async with self.session.post(
+                self.base + self.path(workflow_id),
+                data=body.encode(),
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return True
+                sample = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            sample = f"{type(exc).__name__}: {exc}"
+        ledger.errors += 1
+        if len(ledger.error_samples) < 5:
+            ledger.error_samples.append(sample[:160])
+        return False
+
+    async def send(self, ledger: Ledger, key: int, workflow_id: str, lane: int, count: int) -> int:
+        """Publish `count` events on `lane` in order; returns how many were accepted."""
+        async with ledger.lock(key, lane):
+            return await self._send(ledger, key, workflow_id, lane, count)
+
+    async def _send(self, ledger: Ledger, key: int, workflow_id: str, lane: int, count: int) -> int:
+        now, stamp = time.time(), timestamp_now()
+        seqs = ledger.next_seq[key]
+        if self.batch:
+            first = seqs[lane]
+            body = (
+                "["
+                + ",".join(
+                    event_json(workflow_id, lane, first + i, now, stamp) for i in range(count)
+                )
+                + "]"
+            )
+            if await self._post(ledger, workflow_id, body):
+                seqs[lane] = first + count
+                ledger.ok += count
+                return count
+            return 0
+        sent = 0
+        for _ in range(count):  # one message per POST, in order
+            seq = seqs[lane]
+            body = event_json(workflow_id, lane, seq, time.time(), stamp)
+            if not await self._post(ledger, workflow_id, body):
+                break
+            seqs[lane] = seq + 1
+            ledger.ok += 1
+            sent += 1
+        return sent
+
+
+# ---------------------------------------------------------------------------------------
+# Server-side measurements
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    """Sum of VmRSS over `pids`, in KiB."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime over `pids`, in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _local_ports_to(pids: Sequence[int], remote_port: int) -> set[int]:
+    """Local TCP ports of `pids`' sockets whose peer port is `remote_port`."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 9 and parts[9] in inodes:
+                if int(parts[2].rsplit(":", 1)[1], 16) == remote_port:
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def redis_clients(redis: Redis, pids: Sequence[int], redis_port: int) -> dict[str, int]:
+    """The Redis clients that belong to `pids`, by type: pub/sub or normal."""
+    ports = _local_ports_to(pids, redis_port)
+    counts = {"pubsub": 0, "normal": 0}
+    if not ports:
+        return counts
+    for client in await redis.client_list():
+        try:
+            port = int(str(client["addr"]).rsplit(":", 1)[1])
+        except (KeyError, ValueError):
+            continue
+        if port not in ports:
+            continue
+        subs = sum(int(client.get(k, 0) or 0) for k in ("sub", "psub", "ssub"))
+        if "P" in str(client.get("flags", "")) or subs > 0:
+            counts["pubsub"] += 1
+        else:
+            counts["normal"] += 1
+    return counts
+
+
+async def redis_free_slots(redis: Redis) -> int:
+    """How many more clients this Redis accepts (maxclients - connected_clients)."""
+    info: dict[str, Any] = await redis.info("clients")
+    config = await redis.config_get("maxclients")
+    maxclients = int(str(config["maxclients"]))
+    return maxclients - int(info["connected_clients"])
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)
