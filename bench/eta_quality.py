@@ -141,8 +141,11 @@ def simulate_run(
     events: list[Event] = [
         plan,
         WorkflowStateChanged(
-            event_type="workflow_state_changed", workflow_id=WF, timestamp=at(0.0),
-            to_state="RUNNING", from_state="PENDING",
+            event_type="workflow_state_changed",
+            workflow_id=WF,
+            timestamp=at(0.0),
+            to_state="RUNNING",
+            from_state="PENDING",
         ),
     ]
     shift = math.log(slowdown)
@@ -170,15 +173,26 @@ def simulate_run(
             started[node] = now
             heapq.heappush(busy, (now + duration, seq, node, not fails))
             events.append(
-                NodeStarted(event_type="node_started", workflow_id=WF, timestamp=at(now),
-                            node_id=node, node_type=d.types[node])
+                NodeStarted(
+                    event_type="node_started",
+                    workflow_id=WF,
+                    timestamp=at(now),
+                    node_id=node,
+                    node_type=d.types[node],
+                )
             )
         now, _, node, ok = heapq.heappop(busy)
         duration_ms = round((now - started[node]) * 1000)
         if ok:
             events.append(
-                NodeCompleted(event_type="node_completed", workflow_id=WF, timestamp=at(now),
-                              node_id=node, node_type=d.types[node], duration_ms=duration_ms)
+                NodeCompleted(
+                    event_type="node_completed",
+                    workflow_id=WF,
+                    timestamp=at(now),
+                    node_id=node,
+                    node_type=d.types[node],
+                    duration_ms=duration_ms,
+                )
             )
             for child in children[node]:
                 waiting[child] -= 1
@@ -186,13 +200,24 @@ def simulate_run(
                     ready.append(child)
         else:
             events.append(
-                NodeFailed(event_type="node_failed", workflow_id=WF, timestamp=at(now),
-                           node_id=node, error="simulated failure", duration_ms=duration_ms)
+                NodeFailed(
+                    event_type="node_failed",
+                    workflow_id=WF,
+                    timestamp=at(now),
+                    node_id=node,
+                    error="simulated failure",
+                    duration_ms=duration_ms,
+                )
             )
             ready.append(node)
     events.append(
-        WorkflowStateChanged(event_type="workflow_state_changed", workflow_id=WF,
-                             timestamp=at(now), to_state="COMPLETED", from_state="RUNNING")
+        WorkflowStateChanged(
+            event_type="workflow_state_changed",
+            workflow_id=WF,
+            timestamp=at(now),
+            to_state="COMPLETED",
+            from_state="RUNNING",
+        )
     )
     medians = {n: math.exp(d.log_median[n] + shift) for n in d.node_ids}
     return Trace(events, now, medians)
@@ -230,9 +255,9 @@ class Estimator:
         raise NotImplementedError
 
 
-def _plain(state: progress.FoldState, remaining: float | None, elapsed: float) -> tuple[
-    float | None, float | None, float
-]:
+def _plain(
+    state: progress.FoldState, remaining: float | None, elapsed: float
+) -> tuple[float | None, float | None, float]:
     done = state.counts[progress.COMPLETED] + state.counts[progress.SKIPPED]
     pct = 100.0 * done / state.total if state.total else 0.0
     if remaining is None:
@@ -254,7 +279,11 @@ class Ours(Estimator):
         self, state: progress.FoldState, now: float, elapsed: float
     ) -> tuple[float | None, float | None, float]:
         obj, self.shown = progress.snapshot(
-            state, workflow_id=WF, last_event_id=None, history=self.view(state), now=now,
+            state,
+            workflow_id=WF,
+            last_event_id=None,
+            history=self.view(state),
+            now=now,
             shown=self.shown,
         )
         return obj["estimated_remaining_seconds"], obj["time_percentage"], obj["percentage"]
@@ -417,8 +446,11 @@ class Ideal(Estimator):
                 for n, node in state.nodes.items()
                 if node.status == progress.RUNNING and node.started_us is not None
             ]
-            left = [n for n in self.d.node_ids
-                    if state.nodes[n].status in (progress.PENDING, progress.FAILED)]
+            left = [
+                n
+                for n in self.d.node_ids
+                if state.nodes[n].status in (progress.PENDING, progress.FAILED)
+            ]
             unfinished = set(left) | {n for _, n in busy}
             waiting = {n: sum(1 for p in self.d.deps[n] if p in unfinished) for n in left}
             children: dict[str, list[str]] = {}
@@ -541,15 +573,22 @@ def run_scenario(sc: Scenario, traces: int, seed: int, ideal: bool) -> dict[str,
         trace = simulate_run(rng, d, sc, sc.slowdown, EPOCH)
         cache: dict[int, HistoryView] = {}
 
-        def view(state: progress.FoldState, cache: dict[int, HistoryView] = cache,
-                 memory: MemoryHistory = memory) -> HistoryView:
+        def view(
+            state: progress.FoldState,
+            cache: dict[int, HistoryView] = cache,
+            memory: MemoryHistory = memory,
+        ) -> HistoryView:
             # The server loads history per poll; it only changes at a run's end.
             if state.plan_version not in cache:
                 cache[state.plan_version] = memory.view(*progress.history_keys(state))
             return cache[state.plan_version]
 
         estimators: list[Estimator] = [
-            Ours(view), Naive(), Tqdm(), Jenkins(totals), Oracle(d, trace.medians, sc.concurrency)
+            Ours(view),
+            Naive(),
+            Tqdm(),
+            Jenkins(totals),
+            Oracle(d, trace.medians, sc.concurrency),
         ]
         if ideal:
             estimators.append(Ideal(d, trace.medians, sc, f"{seed}/{sc.name}/{k}/ideal"))
@@ -562,12 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", type=int, default=40, help="traces per scenario")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--ideal", action="store_true",
-                        help="also score the Monte Carlo ideal (the noise floor; slower)")
+    parser.add_argument(
+        "--ideal",
+        action="store_true",
+        help="also score the Monte Carlo ideal (the noise floor; slower)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    header = (f"| {'scenario':<32} | {'estimator':<15} | mean err | p90 err | answered "
-              f"| reversals | zeros | jitter |")
+    header = (
+        f"| {'scenario':<32} | {'estimator':<15} | mean err | p90 err | answered "
+        f"| reversals | zeros | jitter |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     failures: list[str] = []
@@ -575,8 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = run_scenario(sc, args.traces, args.seed, args.ideal)
         for name, score in scores.items():
             mean, p90, answered, rev, zeros, jitter = score.row()
-            print(f"| {sc.name:<32} | {name:<15} | {mean:8.3f} | {p90:7.3f} | {answered:8.0%} "
-                  f"| {rev:9d} | {zeros:5d} | {jitter:6.3f} |")
+            print(
+                f"| {sc.name:<32} | {name:<15} | {mean:8.3f} | {p90:7.3f} | {answered:8.0%} "
+                f"| {rev:9d} | {zeros:5d} | {jitter:6.3f} |"
+            )
         ours = scores[Ours.name].row()
         oracle = scores[Oracle.name].row()
         naive = scores[Naive.name].row()
@@ -591,8 +637,10 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"default: mean error {ours[0]:.3f} > 0.13")
             if ours[0] > 0.5 * naive[0]:
                 failures.append(f"default: mean error {ours[0]:.3f} > half of naive {naive[0]:.3f}")
-    print(f"\n{args.traces} traces per scenario, seed {args.seed}, "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"\n{args.traces} traces per scenario, seed {args.seed}, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
     for failure in failures:
         print("MISSED", failure)
     if not failures:
