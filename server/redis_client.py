@@ -39,7 +39,7 @@ async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
             # Block for a free connection instead of failing: a burst of streams opening at
             # once must queue for the pool, not answer 503 ("Too many connections").
             pool = BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=10)
-            client = Redis(connection_pool=pool)
+            client = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         logger.info("using Redis at %s", _redact(url))
     try:
         yield client
