@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -14,7 +15,8 @@ from types import FrameType
 logger = logging.getLogger(__name__)
 
 CHILD_FLAG = "--worker-child"  # internal: marks a process started by the supervisor
-GRACE_SECONDS = 5.0  # the SPEC's "exit 0 within 5 s" after SIGTERM
+GRACE_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h  # the SPEC's "exit 0 within 5 s" after SIGTERM
 
 
 def worker_count(workers: str) -> int:
@@ -26,6 +28,15 @@ def worker_count(workers: str) -> int:
             else os.cpu_count() or 1
         )
     return int(workers)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: a killed supervisor leaves its workers to the service manager
 
 
 def supervise(argv: Sequence[str], count: int) -> int:
@@ -40,7 +51,7 @@ def supervise(argv: Sequence[str], count: int) -> int:
     stopping = False
 
     def spawn(slot: int) -> None:
-        children[slot] = subprocess.Popen(cmd)
+        children[slot] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         logger.info("worker %d started (pid %d)", slot, children[slot].pid)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -79,3 +79,23 @@ async def test_two_workers_share_the_port_restart_on_crash_and_stop_on_sigterm()
         real = await real_redis_or_skip()
         await real.delete(*store.workflow_keys(wf))
         await real.aclose()
+
+
+async def test_workers_exit_when_the_supervisor_is_killed() -> None:
+    real = await real_redis_or_skip()
+    await real.aclose()
+    server = ServerProcess("--workers", "2", env={"REDIS_URL": REDIS_URL})
+    await server.start()
+    try:
+        deadline = time.monotonic() + 15
+        pids: set[int] = set()
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= await pids_seen(server.url, tries=10)
+        assert len(pids) == 2
+        server.signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+            assert time.monotonic() < deadline, "orphaned workers outlived their supervisor"
+            await asyncio.sleep(0.05)
+    finally:
+        server.stop()
