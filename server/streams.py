@@ -207,8 +207,10 @@ class EventStream:
                 except RedisError as exc:
                     # Redis is down: keep the client, retry the read; the hub resyncs us too.
                     logger.info("catch-up for %s failed (%s); retrying", self.workflow_id, exc)
+                    # A plain sleep: waiting on the wake-up would return at once (a resync is
+                    # pending, live frames keep coming) and spin on a failing Redis.
+                    await asyncio.sleep(backoff)
                     self.sub.resync = True
-                    await self._idle(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
             if await self._drain_live():
