@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,9 @@ import pytest
 from server import store
 from server.watch import SSEParser, format_duration
 from tests.conftest import REDIS_URL, real_redis_or_skip
+from tests.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (bind 0, read it, release it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def server_env(redis_url: str | None = None) -> dict[str, str]:
