@@ -19,10 +19,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A free port for a server a test starts (and may restart on the same port)."""
+    return free_fixed_port()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_fixed_port(offsets: tuple[int, ...] = (0,)) -> int:
+    """A free port (and port+offset for each offset) outside the kernel's ephemeral range.
+
+    A server that must bind a port later, or again after a restart, cannot use an ephemeral
+    port: any outgoing connection made meanwhile (the suite opens thousands) may take it, and
+    the server then fails to bind ("did not start" on CI)."""
+    lo, hi = _ephemeral_range()
+    top = 65535 - max(offsets)
+    candidates = [p for p in range(10_000, top) if all(not lo <= p + o <= hi for o in offsets)]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        try:
+            for o in offsets:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + o))
+        except OSError:
+            continue
         return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 class RedisProcess:
@@ -52,13 +78,15 @@ class RedisProcess:
                 "no",
                 "--dir",
                 self.dir,
+                "--logfile",
+                self.logfile,
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
@@ -66,7 +94,14 @@ class RedisProcess:
                         return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"redis-server on {self.port} did not start")
+        self.kill()
+        log = Path(self.logfile)
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"redis-server on {self.port} did not start:\n{tail}")
+
+    @property
+    def logfile(self) -> str:
+        return f"{self.dir}/redis.log"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -126,17 +161,8 @@ class ServerProcess:
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10,000) is free too, so at most 55,535."""
-    for _ in range(200):
-        port = random.randint(20_000, 55_000)
-        try:
-            for p in (port, port + 10_000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+    """A free port whose cluster bus port (+10,000) is free too, both outside the ephemeral range."""
+    return free_fixed_port((0, 10_000))
 
 
 class RedisClusterProcesses:
@@ -153,7 +179,14 @@ class RedisClusterProcesses:
         for node in self.nodes:
             node.extra = ["--cluster-enabled", "yes", "--cluster-config-file",
                           f"{node.dir}/nodes.conf", "--cluster-node-timeout", "2000"]  # fmt: skip
-            node.start()
+            for attempt in range(3):  # a port taken between the check and the bind: pick again
+                try:
+                    node.start()
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    node.port = free_cluster_port()
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
             [
