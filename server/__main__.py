@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         shutdown_timeout=4.0,
         reuse_port=child,  # workers share the port; a lone server refuses a second one
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         print=lambda msg: logging.getLogger("server").info("%s", msg),
     )
     return 0
