@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from redis.asyncio import Redis
@@ -40,44 +41,180 @@ def ws_text(event_id: str, data: str) -> str:
     return '{"id":"' + event_id + '",' + data[1:] if data != "{}" else '{"id":"' + event_id + '"}'
 
 
-@dataclass(eq=False)
+class Wakeup:
+    """Wakes one waiting task. Cheaper than asyncio.Event (no deque of waiters per stream):
+    a stream has exactly one waiter, and the hub sets it once per message per stream."""
+
+    __slots__ = ("_fut", "flag")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._fut: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        if not self.flag:
+            self.flag = True
+            fut = self._fut
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    async def wait(self) -> None:
+        if self.flag:
+            return
+        fut = self._fut = asyncio.get_running_loop().create_future()
+        try:
+            await fut
+        finally:
+            self._fut = None
+
+
+@dataclass(eq=False, slots=True)
+class Live:
+    """Live frames taken in one go; shared by every reader at the same position, so the
+    frames are joined into one SSE write once per position, not once per stream."""
+
+    start: int  # channel sequence of frames[0]
+    end: int  # the channel sequence when this was built: valid while nothing newer came
+    frames: list[Frame]
+    terminal: bool  # frames end with a terminal event (the stream ends after it)
+    _sse: bytes | None = None
+
+    @property
+    def stop(self) -> int:
+        """The position after the last frame."""
+        return self.start + len(self.frames)
+
+    @property
+    def sse(self) -> bytes:
+        if self._sse is None:
+            self._sse = b"".join(f.data for f in self.frames)
+        return self._sse
+
+
+@dataclass(eq=False, slots=True)
 class Subscription:
-    """One open stream's live feed: a bounded queue plus a flag that asks for a catch-up."""
+    """One open stream's place in its channel's live ring, plus a flag asking for catch-up."""
 
     workflow_id: str
-    limit: int
-    queue: deque[Frame] = field(default_factory=deque)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set when live frames were dropped (overflow) or may have been missed (Redis reconnect):
-    # the reader must re-read the stream after its last sent id. Cleared by the reader.
+    channel: _Channel
+    cursor: int  # channel sequence of the next live frame this reader takes
+    wakeup: Wakeup = field(default_factory=Wakeup)
+    # Set when live frames were lost to this reader (it fell out of the ring, or Redis
+    # reconnected): it must re-read the stream after its last sent id. Cleared by restart().
     resync: bool = False
 
-    def offer(self, frame: Frame) -> bool:
-        """Queue a live frame; on overflow drop the queue and ask for a catch-up instead."""
-        if self.resync:
-            return True  # the catch-up read will cover it
-        if len(self.queue) >= self.limit:
-            self.queue.clear()  # free it now: the stream holds every one of these
-            self.resync = True
-            self.wakeup.set()
-            return False
-        self.queue.append(frame)
-        self.wakeup.set()
-        return True
+    @property
+    def pending(self) -> bool:
+        return self.cursor < self.channel.seq
+
+    def restart(self) -> None:
+        """Start a catch-up read: live frames from now on are kept for this reader."""
+        self.resync = False
+        self.cursor = self.channel.seq
+
+    def take(self) -> Live | None:
+        """Live frames after this reader's position (through the first terminal one); None
+        when there are none, or when it fell behind the ring (then `resync` is set)."""
+        chan = self.channel
+        if self.resync or self.cursor >= chan.seq:
+            return None
+        live = chan.since(self.cursor)
+        if live is None:  # what it missed left the ring: the stream in Redis still has it
+            chan.hub._overflowed()
+            self.request_resync()
+            return None
+        self.cursor = live.stop
+        return live
+
+    def skip_through(self, key: tuple[int, int]) -> None:
+        """After a catch-up: step over live frames the history read already sent."""
+        ring, base = self.channel.ring, self.channel.base
+        if self.cursor < base:
+            return  # take() asks for a resync
+        i, n = self.cursor - base, len(ring)
+        while i < n and ring[i].key <= key:
+            i += 1
+        self.cursor = base + i
+
+    def first_writes(self, live: Live) -> list[Frame]:
+        """Frames of `live` no stream of this process has written yet (for the delay metric)."""
+        chan = self.channel
+        if live.stop <= chan.written:
+            return []
+        start, chan.written = max(live.start, chan.written), live.stop
+        return live.frames[start - live.start :]
 
     def request_resync(self) -> None:
-        self.queue.clear()
         self.resync = True
         self.wakeup.set()
 
 
 @dataclass(eq=False)
 class _Channel:
+    """One subscribed workflow: its readers and a ring of the live frames some still need."""
+
     workflow_id: str
     upstream: _Upstream
+    hub: Hub
+    limit: int  # frames a reader may fall behind before it is sent to catch up
     subs: set[Subscription] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     outstanding: int = 0  # SUBSCRIBEs sent and not yet confirmed
+    ring: deque[Frame] = field(default_factory=deque)
+    seq: int = 0  # sequence of the next frame; the ring holds base .. seq - 1
+    terminal_seq: int = -1  # sequence of the newest terminal frame
+    written: int = 0  # frames before this were written to some client already
+    cached: Live | None = None
+
+    @property
+    def base(self) -> int:
+        return self.seq - len(self.ring)
+
+    def push(self, frame: Frame) -> None:
+        """Add a live frame and wake every reader; forget frames every reader has taken."""
+        ring, seq = self.ring, self.seq
+        base = seq - len(ring)
+        low = seq
+        for sub in self.subs:
+            cursor = sub.cursor
+            if base <= cursor < low and not sub.resync:
+                low = cursor
+            sub.wakeup.set()
+        for _ in range(low - base):
+            ring.popleft()
+        if len(ring) >= self.limit:
+            # The slowest readers are a whole ring behind: they catch up from Redis instead.
+            ring.popleft()
+            kept_from = seq - len(ring)
+            for sub in self.subs:
+                if sub.cursor < kept_from and not sub.resync:
+                    self.hub._overflowed()
+                    sub.request_resync()
+        ring.append(frame)
+        if frame.terminal:
+            self.terminal_seq = seq
+        self.seq = seq + 1
+
+    def since(self, cursor: int) -> Live | None:
+        """Frames from `cursor` on (None if they left the ring), cut after a terminal one."""
+        base = self.seq - len(self.ring)
+        if cursor < base:
+            return None
+        cached = self.cached
+        if cached is not None and cached.start == cursor and cached.end == self.seq:
+            return cached
+        frames = list(islice(self.ring, cursor - base, None))
+        terminal = False
+        if self.terminal_seq >= cursor:
+            for i, frame in enumerate(frames):
+                if frame.terminal:
+                    frames, terminal = frames[: i + 1], True
+                    break
+        live = self.cached = Live(cursor, self.seq, frames, terminal)
+        return live
 
 
 def parse_message(payload: bytes) -> Frame:
@@ -239,12 +376,16 @@ class Hub:
         return len(self._upstreams)
 
     def queued_frames(self) -> int:
-        """Live frames held for local subscribers right now (bounded by design)."""
-        return sum(len(sub.queue) for chan in self._channels.values() for sub in chan.subs)
+        """Live frames held for local readers right now (bounded by design)."""
+        return sum(len(chan.ring) for chan in self._channels.values())
 
     def max_queue(self) -> int:
-        """The longest subscriber queue right now."""
-        return max((len(s.queue) for c in self._channels.values() for s in c.subs), default=0)
+        """The most live frames held for one channel right now (at most the queue limit)."""
+        return max((len(chan.ring) for chan in self._channels.values()), default=0)
+
+    def _overflowed(self) -> None:
+        self.overflows += 1
+        self._on_overflow()
 
     async def start(self) -> None:
         if not self._cluster:
@@ -278,11 +419,12 @@ class Hub:
     async def subscribe(self, workflow_id: str) -> AsyncIterator[Subscription]:
         """Register a subscriber; returns once Redis confirmed the channel is subscribed."""
         name = store.channel(workflow_id)
-        sub = Subscription(workflow_id, self._queue_limit)
         chan = self._channels.get(name)
         if chan is None:
-            chan = self._channels[name] = _Channel(workflow_id, self._upstream_for(name))
-            await chan.upstream.subscribe(name, chan)
+            upstream = self._upstream_for(name)
+            chan = self._channels[name] = _Channel(workflow_id, upstream, self, self._queue_limit)
+            await upstream.subscribe(name, chan)
+        sub = Subscription(workflow_id, chan, chan.seq)
         chan.subs.add(sub)
         try:
             try:
@@ -304,11 +446,7 @@ class Hub:
         if chan is None:
             return
         if kind in ("message", "smessage"):
-            frame = parse_message(message["data"])
-            for sub in chan.subs:
-                if not sub.offer(frame):
-                    self.overflows += 1
-                    self._on_overflow()
+            chan.push(parse_message(message["data"]))
         elif kind in ("subscribe", "ssubscribe"):
             if chan.outstanding > 0:
                 chan.outstanding -= 1

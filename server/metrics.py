@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from aiohttp import web
 from prometheus_client import (
@@ -15,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .models import parse_event_id
+from .hub import Frame
 
 NAMESPACE = "wfsse"
 STREAM_KINDS = ("events", "progress", "websocket")
@@ -47,7 +48,8 @@ class Metrics:
             namespace=ns, registry=r,
         )  # fmt: skip
         self.fanout_delay_seconds = Histogram(
-            "fanout_delay_seconds", "Time from an event's storage to its write to a client.",
+            "fanout_delay_seconds",
+            "Time from an event's storage to its first write to a client of this process.",
             buckets=FANOUT_BUCKETS, namespace=ns, registry=r,
         )  # fmt: skip
         self.replays_total = Counter(
@@ -78,14 +80,11 @@ class Metrics:
             namespace=ns, registry=r,
         )  # fmt: skip
 
-    def observe_fanout(self, event_id: str, *, now: float | None = None) -> None:
-        """Record the delay of one event whose id (`<ms>-<seq>`) Redis stamped at storage."""
-        key = parse_event_id(event_id)
-        if key is None:
-            return
+    def observe_frames(self, frames: Sequence[Frame], *, now: float | None = None) -> None:
+        """Record the delay of live frames at their first write to a client of this process."""
         current = time.time() if now is None else now
-        # Redis's clock against ours: a skew below zero is clamped, not recorded as negative.
-        self.fanout_delay_seconds.observe(max(current - key[0] / 1000.0, 0.0))
+        for frame in frames:
+            self.fanout_delay_seconds.observe(max(current - frame.key[0] / 1000.0, 0.0))
 
     def auth_failed(self, kind: str, reason: str) -> None:
         self.auth_failures_total.labels(kind, reason).inc()

@@ -14,14 +14,13 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import sse
-from .hub import Frame, Subscription
+from .hub import Frame, Live, Subscription, Wakeup
 from .models import TERMINAL_STATES
 from .store import Entry, Page, Store, id_key
 
 logger = logging.getLogger(__name__)
 
 PAGE = 500  # events per history read: bounds memory of a catch-up
-MAX_WRITE_FRAMES = 256  # live frames joined into one write
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -69,7 +68,7 @@ class StreamHandle:
 
     stopping: bool = False
     retry_ms: int | None = None
-    wakeup: asyncio.Event | None = None  # the stream's own wake-up, so one wait covers both
+    wakeup: Wakeup | None = None  # the stream's own wake-up, so one wait covers both
 
     def stop(self, retry_ms: int) -> None:
         self.retry_ms = retry_ms
@@ -78,17 +77,44 @@ class StreamHandle:
             self.wakeup.set()
 
 
-async def wait_for_wakeup(sub: Subscription, handle: StreamHandle, timeout: float) -> bool:
-    """Wait until the hub (or shutdown) wakes `sub`; False when `timeout` passed first."""
+class Heartbeat:
+    """Wakes a stream once nothing was written to it for `interval` seconds.
+
+    One timer per stream, re-armed at most once per interval: arming and cancelling a
+    timeout around every wait would cost a timer per event per stream.
+    """
+
+    def __init__(self, wakeup: Wakeup, interval: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.wakeup = wakeup
+        self.interval = interval
+        self.last_write = self.loop.time()
+        self.due = False
+        self._timer = self.loop.call_at(self.last_write + interval, self._fire)
+
+    def wrote(self) -> None:
+        self.last_write = self.loop.time()
+        self.due = False
+
+    def _fire(self) -> None:
+        now = self.loop.time()
+        deadline = self.last_write + self.interval
+        if now + 0.001 >= deadline:  # the loop may run a timer a hair early
+            self.due = True
+            self.wakeup.set()
+            deadline = now + self.interval
+        self._timer = self.loop.call_at(deadline, self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+async def wait_for_wakeup(sub: Subscription, handle: StreamHandle, beat: Heartbeat) -> bool:
+    """Wait until the hub (or shutdown) wakes `sub`; False when the heartbeat fell due."""
     sub.wakeup.clear()
-    if sub.queue or sub.resync or handle.stopping:  # a wake-up that came before the clear
-        return True
-    try:
-        async with asyncio.timeout(timeout):
-            await sub.wakeup.wait()
-    except TimeoutError:
-        return False
-    return True
+    if not (sub.pending or sub.resync or handle.stopping or beat.due):
+        await sub.wakeup.wait()  # the wake-up came after the check: nothing is lost
+    return not beat.due
 
 
 class ClientGone(Exception):
@@ -101,11 +127,11 @@ class Sink(Protocol):
     def entry(self, entry: Entry) -> Any:
         """Encode a history entry (per client: replay is per client anyway)."""
 
-    def frame(self, frame: Frame) -> Any:
-        """A live frame's shared encoding (made once per process by the hub)."""
-
     async def send(self, chunk: list[Any]) -> None:
-        """Write encoded events; raises ClientGone when the client left."""
+        """Write encoded history events; raises ClientGone when the client left."""
+
+    async def send_live(self, live: Live) -> None:
+        """Write live frames in their shared encoding (made once per process by the hub)."""
 
     async def gap(self, payload: dict[str, Any]) -> None:
         """Announce trimmed history."""
@@ -126,9 +152,6 @@ class SseSink:
     def entry(self, entry: Entry) -> bytes:
         return sse.encode(entry.data, id=entry.id, event=entry.event_type)
 
-    def frame(self, frame: Frame) -> bytes:
-        return frame.data
-
     async def write(self, data: bytes) -> None:
         try:
             await self.response.write(data)
@@ -137,6 +160,9 @@ class SseSink:
 
     async def send(self, chunk: list[bytes]) -> None:
         await self.write(b"".join(chunk))  # several frames, one write
+
+    async def send_live(self, live: Live) -> None:
+        await self.write(live.sse)  # joined once for every stream at this position
 
     async def gap(self, payload: dict[str, Any]) -> None:
         await self.write(sse.encode(json.dumps(payload, ensure_ascii=False), event="gap"))
@@ -163,7 +189,7 @@ class EventStream:
         progress: ProgressFn,
         on_sent: Callable[[int], None] = lambda n: None,
         on_gap: Callable[[], None] = lambda: None,
-        on_live: Callable[[str], None] = lambda event_id: None,
+        on_live: Callable[[list[Frame]], None] = lambda frames: None,
     ) -> None:
         self.sink = sink
         self.store = store
@@ -182,10 +208,13 @@ class EventStream:
 
     async def run(self) -> None:
         """Stream until the terminal event, the client leaving, or shutdown."""
+        beat = Heartbeat(self.sub.wakeup, self.heartbeat)
         try:
-            await self._run()
+            await self._run(beat)
         except ClientGone:
             return
+        finally:
+            beat.cancel()
         if self.handle.retry_ms is not None:
             # Shutdown: a fresh retry tells EventSource when to come back (elsewhere).
             try:
@@ -193,13 +222,13 @@ class EventStream:
             except ClientGone:
                 return
 
-    async def _run(self) -> None:
-        self.sub.resync = True
+    async def _run(self, beat: Heartbeat) -> None:
+        sub = self.sub
+        sub.resync = True
         backoff = 0.1
         while not self.handle.stopping:
-            if self.sub.resync:
-                self.sub.resync = False
-                self.sub.queue.clear()
+            if sub.resync:
+                sub.restart()
                 try:
                     if await self._catch_up():
                         return
@@ -210,42 +239,25 @@ class EventStream:
                     # A plain sleep: waiting on the wake-up would return at once (a resync is
                     # pending, live frames keep coming) and spin on a failing Redis.
                     await asyncio.sleep(backoff)
-                    self.sub.resync = True
+                    sub.resync = True
                     backoff = min(backoff * 2, 2.0)
                     continue
-            if await self._drain_live():
-                return
-            if self.sub.resync or self.sub.queue:
+                sub.skip_through(self.last_key)
+                beat.wrote()
+            live = sub.take()
+            if live is not None:
+                await self.sink.send_live(live)
+                beat.wrote()
+                self.last_id, self.last_key = live.frames[-1].id, live.frames[-1].key
+                self.on_sent(len(live.frames))
+                if first := sub.first_writes(live):
+                    self.on_live(first)
+                if live.terminal:
+                    return
                 continue
-            await self._idle(self.heartbeat, keep_alive=True)
-
-    async def _idle(self, timeout: float, *, keep_alive: bool = False) -> None:
-        """Wait for a live frame, a resync, shutdown, or the heartbeat interval."""
-        if not await wait_for_wakeup(self.sub, self.handle, timeout) and keep_alive:
-            await self.sink.keep_alive()
-
-    async def _drain_live(self) -> bool:
-        """Send queued live frames newer than the last sent id; True after the terminal."""
-        queue = self.sub.queue
-        while queue and not self.sub.resync:
-            chunk: list[Any] = []
-            terminal = False
-            while queue and len(chunk) < MAX_WRITE_FRAMES:
-                frame = queue.popleft()
-                if frame.key <= self.last_key:
-                    continue  # already sent from history
-                chunk.append(self.sink.frame(frame))
-                self.last_id, self.last_key = frame.id, frame.key
-                if frame.terminal:
-                    terminal = True
-                    break
-            if chunk:
-                await self.sink.send(chunk)
-                self.on_sent(len(chunk))
-                self.on_live(self.last_id or "")  # publish-to-write delay of the newest
-            if terminal:
-                return True
-        return False
+            if not await wait_for_wakeup(sub, self.handle, beat):
+                await self.sink.keep_alive()
+                beat.wrote()
 
     async def _catch_up(self) -> bool:
         """Send every retained event after the last sent id; True if the terminal was sent."""
@@ -330,10 +342,10 @@ class ProgressStream:
         loop = asyncio.get_running_loop()
         last_sent: str | None = None
         sent_at = -1e9
+        beat = Heartbeat(self.sub.wakeup, self.heartbeat)
         try:
             while not self.handle.stopping:
-                self.sub.queue.clear()  # only "something changed" matters here
-                self.sub.resync = False
+                self.sub.restart()  # only "something changed" matters here
                 wait = sent_at + self.min_interval - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)  # the rate limit of the SPEC: 4 per second
@@ -343,12 +355,16 @@ class ProgressStream:
                     snap = None  # Redis is down: keep the client, try again on the next wake
                 if snap is not None and snap["last_event_id"] != last_sent:
                     await self.response.write(progress_frame(snap))
+                    beat.wrote()
                     last_sent, sent_at = snap["last_event_id"], loop.time()
                     if is_final(snap):
                         break
-                if not await wait_for_wakeup(self.sub, self.handle, self.heartbeat):
+                if not await wait_for_wakeup(self.sub, self.handle, beat):
                     await self.response.write(sse.KEEP_ALIVE)
+                    beat.wrote()
             if self.handle.retry_ms is not None:
                 await self.response.write(sse.encode(retry=self.handle.retry_ms))
         except (ConnectionResetError, ConnectionError, RuntimeError):
             return
+        finally:
+            beat.cancel()

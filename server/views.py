@@ -172,7 +172,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             handle=handle,
             progress=app[keys.tracker_key].snapshot,
             on_sent=metrics.events_delivered_total.inc,
-            on_live=metrics.observe_fanout,
+            on_live=metrics.observe_frames,
             on_gap=metrics.gaps_total.inc,
         )
         try:

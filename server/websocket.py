@@ -13,9 +13,9 @@ HEARTBEAT_SECONDS (aiohttp's `heartbeat=`): a peer that does not answer within h
 is dropped, and reconnects with its id.
 
 Memory per socket is bounded the way it is for SSE: live frames wait in the hub's bounded
-queue (an overflow turns into a catch-up read from Redis), and `send_str` waits for the
-socket to drain once aiohttp's writer holds more than its limit, so a stalled reader stalls
-only its own stream.
+per-workflow ring (a socket that falls out of it catches up from Redis), and `send_str`
+waits for the socket to drain once aiohttp's writer holds more than its limit, so a stalled
+reader stalls only its own stream.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError
 
 from . import auth, keys, views
-from .hub import Frame, ws_text
+from .hub import Live, ws_text
 from .models import is_workflow_id
 from .problems import Problem
 from .store import Entry, id_key
@@ -51,9 +51,6 @@ class WsSink:
     def entry(self, entry: Entry) -> str:
         return ws_text(entry.id, entry.data)
 
-    def frame(self, frame: Frame) -> str:
-        return frame.ws  # encoded once per process by the hub, shared by every socket
-
     async def _send(self, text: str) -> None:
         try:
             # Waits for the socket to drain once aiohttp's writer passed its limit: the
@@ -65,6 +62,10 @@ class WsSink:
     async def send(self, chunk: list[str]) -> None:
         for text in chunk:
             await self._send(text)
+
+    async def send_live(self, live: Live) -> None:
+        for frame in live.frames:
+            await self._send(frame.ws)  # encoded once per process by the hub, shared
 
     async def gap(self, payload: dict[str, Any]) -> None:
         message = {"event_type": "gap", **payload}
@@ -171,7 +172,7 @@ async def websocket_events(request: web.Request) -> web.StreamResponse:
             handle=handle,
             progress=app[keys.tracker_key].snapshot,
             on_sent=metrics.events_delivered_total.inc,
-            on_live=metrics.observe_fanout,
+            on_live=metrics.observe_frames,
             on_gap=metrics.gaps_total.inc,
         )
         await serve(ws, stream)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -13,6 +13,7 @@ import fakeredis
 import pytest
 
 from server import keys, store
+from server.hub import Frame, Hub, Subscription, _Channel, parse_message
 from tests.conftest import Serve
 from tests.sse_client import Parser, collect, iter_messages
 
@@ -170,4 +171,66 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
         for wf in workflows:
             await publisher.publish(wf, DONE)
         results = await asyncio.gather(*readers)
-    assert [[m.json()["workflow_id"] for m in msgs] for msgs in results] == [[wf] for wf in workflows]
+    assert [[m.json()["workflow_id"] for m in msgs] for msgs in results] == [
+        [wf] for wf in workflows
+    ]
+
+
+# The live ring of one channel, without Redis: what readers take, share and lose.
+
+
+def _ring(limit: int) -> tuple[Hub, _Channel]:
+    hub = Hub(fakeredis.FakeAsyncRedis(), queue_limit=limit)
+    return hub, _Channel("wf", cast(Any, None), hub, limit)
+
+
+def _reader(chan: _Channel) -> Subscription:
+    sub = Subscription("wf", chan, chan.seq)
+    chan.subs.add(sub)
+    return sub
+
+
+def _frame(seq: int, terminal: bool = False) -> Frame:
+    kind = "workflow_state_changed" if terminal else "node_started"
+    return parse_message(f"1769077817000-{seq} {kind} {int(terminal)} {{}}".encode())
+
+
+def test_readers_at_one_position_share_one_joined_write() -> None:
+    _, chan = _ring(8)
+    first, second = _reader(chan), _reader(chan)
+    for i in range(3):
+        chan.push(_frame(i))
+    a, b = first.take(), second.take()
+    assert a is not None and a is b  # built once, joined once
+    assert [f.id for f in a.frames] == [f"1769077817000-{i}" for i in range(3)]
+    assert a.sse == b"".join(_frame(i).data for i in range(3))
+    assert first.take() is None and not first.pending
+    chan.push(_frame(3))  # everyone took 0..2: the ring forgets them
+    assert len(chan.ring) == 1
+
+
+def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not() -> None:
+    hub, chan = _ring(4)
+    slow, fast = _reader(chan), _reader(chan)
+    for i in range(10):
+        chan.push(_frame(i))
+        live = fast.take()
+        assert live is not None and [f.id for f in live.frames] == [f"1769077817000-{i}"]
+    assert len(chan.ring) <= 4  # the bound holds with a stalled reader
+    assert slow.resync and hub.overflows == 1 and not fast.resync
+    assert slow.take() is None  # it reads Redis instead
+    slow.restart()
+    chan.push(_frame(10))
+    live = slow.take()
+    assert live is not None and [f.id for f in live.frames] == ["1769077817000-10"]
+
+
+def test_take_stops_after_the_terminal_frame_and_skip_through_steps_over_history() -> None:
+    _, chan = _ring(8)
+    sub = _reader(chan)
+    for i, terminal in enumerate([False, False, True, False]):
+        chan.push(_frame(i, terminal))
+    sub.skip_through(_frame(0).key)  # 0 was sent from history already
+    live = sub.take()
+    assert live is not None and live.terminal
+    assert [f.id for f in live.frames] == ["1769077817000-1", "1769077817000-2"]

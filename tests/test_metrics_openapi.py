@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import models
 from server.app import create_app
+from server.hub import parse_message
 from server.metrics import FANOUT_BUCKETS, NAMESPACE, Metrics
 from server.openapi import Accepted, ProgressModel, openapi_document, openapi_handler
 from server.settings import Settings
@@ -79,9 +80,9 @@ def test_metrics_count_what_they_are_told() -> None:
 
 def test_fanout_delay_is_measured_from_the_event_id() -> None:
     metrics = Metrics(process=False)
-    metrics.observe_fanout("1769077817000-3", now=1769077817.004)  # 4 ms
-    metrics.observe_fanout("1769077817000-4", now=1769077816.0)  # clock skew: clamped to 0
-    metrics.observe_fanout("not-an-id", now=1769077817.0)  # ignored
+    frames = [parse_message(f"1769077817000-{i} node_started 0 {{}}".encode()) for i in (3, 4)]
+    metrics.observe_frames(frames[:1], now=1769077817.004)  # 4 ms
+    metrics.observe_frames(frames[1:], now=1769077816.0)  # clock skew: clamped to 0
     got = samples(metrics.render().decode())
     name = f"{NAMESPACE}_fanout_delay_seconds"
     assert got[(f"{name}_count", ())] == 2
