@@ -14,6 +14,22 @@ Scenarios:
   S4  --s4-streams streams on one workflow, publishing as fast as the lanes go for
       --s4-duration s; delivered events/s in that window, and its ratio to bare and seed.
 
+Scenarios of our server only (they ignore --systems):
+  S5  reconnect storm: --s5-streams streams over --s5-workflows workflows, --s5-rate
+      events/s in all published over HTTP throughout; the server is stopped (SIGTERM, and
+      separately SIGKILL: --s5-signals) and a new one started on the same port. Streams
+      reconnect like EventSource (the server's `retry:`, `Last-Event-ID`); a failed POST is
+      sent again with the same idempotency keys. Measured from the new server's readiness:
+      when every stream was back (200) and when every stream had every event published up
+      to then (the restart's backlog, the retried POSTs included); then, after a terminal
+      event, that every stream is told 204. The baselines keep no history (seed, bare)
+      or only in the memory of the process that is restarted (Nchan): no replay to test.
+  W2  S2 at --w2-rate events/s (--s2-streams streams) and S4, our server with
+      `--workers 1` and `--workers 2` in the same run; ratios of the two.
+  RC  S2 at --rc-rate events/s (--s2-streams streams), our server on single Redis
+      (--redis-url) and on a private local 3-master Redis Cluster (tests/procs.py), in the
+      same run; p99 ratio.
+
 Publishing is over HTTP for every system, from this process, on keep-alive connections.
 Systems that take a JSON array per POST (ours, seed, bare) get one batch per POST: in
 S2 the events due in each --tick-ms tick; in S4 --s4-batch events per POST on --s4-lanes
@@ -23,6 +39,7 @@ sequence, so order is checked per lane. Every event carries the publisher's time
 
     python -m bench.fanout --quick
     python -m bench.fanout --runs 3
+    python -m bench.fanout --scenarios S5,W2,RC --runs 3
 """
 
 from __future__ import annotations
@@ -55,6 +72,7 @@ from .loadgen import (
     Ledger,
     Recorder,
     StreamGroup,
+    connections_per_process,
     cpu_seconds,
     dumps,
     process_tree,
@@ -83,6 +101,12 @@ class System:
     batch: bool  # accepts a JSON array per POST
     sub_path: Callable[[str], str]
     pub_path: Callable[[str], str]
+    server_args: tuple[str, ...] = ()  # ours: more flags
+    cluster: bool = False  # ours: on the private Redis Cluster (args.cluster_url)
+
+    @property
+    def ours(self) -> bool:
+        return self.name.startswith("ours")
 
 
 def _events_path(wf: str) -> str:
@@ -94,6 +118,12 @@ SYSTEMS: dict[str, System] = {
     "seed": System("seed", True, _events_path, _events_path),
     "bare": System("bare", True, _events_path, _events_path),
     "nchan": System("nchan", False, lambda wf: f"/sub/{wf}", lambda wf: f"/pub/{wf}"),
+}
+# Our server in other set-ups (W2, RC).
+VARIANTS: dict[str, System] = {
+    "ours-w1": System("ours-w1", True, _events_path, _events_path, ("--workers", "1")),
+    "ours-w2": System("ours-w2", True, _events_path, _events_path, ("--workers", "2")),
+    "ours-cluster": System("ours-cluster", True, _events_path, _events_path, cluster=True),
 }
 
 
@@ -126,9 +156,10 @@ class StartFailed(Exception):
 
 def _argv(system: System, port: int, tmp: Path, args: argparse.Namespace) -> list[str]:
     py = sys.executable
-    if system.name == "ours":
-        return [py, "-m", "server", "--redis-url", args.redis_url, "--port", str(port),
-                *args.server_arg]  # fmt: skip
+    if system.ours:
+        url = args.cluster_url if system.cluster else args.redis_url
+        return [py, "-m", "server", "--redis-url", url, "--port", str(port),
+                *args.server_arg, *system.server_args]  # fmt: skip
     if system.name in ("seed", "bare"):
         module = "seed_style" if system.name == "seed" else "bare_hub"
         return [py, "-m", f"bench.baselines.{module}", "--port", str(port),
@@ -141,38 +172,57 @@ def _argv(system: System, port: int, tmp: Path, args: argparse.Namespace) -> lis
     return [nginx, "-c", str(conf), "-p", f"{tmp}/", "-e", str(tmp / "error.log")]
 
 
+def spawn(
+    system: System, port: int, tmp: Path, args: argparse.Namespace
+) -> subprocess.Popen[bytes]:
+    """Start `system` on `port`, its output appended to `tmp`/server.log."""
+    with (tmp / "server.log").open("ab") as log:
+        return subprocess.Popen(
+            _argv(system, port, tmp, args),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=raise_nofile,  # the server holds as many sockets as we do
+        )
+
+
+async def wait_answering(running: Running, path: str, timeout: float = 30.0,
+                         poll: float = 0.1) -> None:  # fmt: skip
+    """Poll `path` until it answers 200; StartFailed when the process exits or time is up."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while True:
+            if running.proc.poll() is not None:
+                raise StartFailed(f"{running.system.name} exited: {running.log_tail()}")
+            try:
+                async with session.get(running.base + path) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise StartFailed(f"{running.system.name} did not answer in {timeout:g} s")
+            await asyncio.sleep(poll)
+
+
 @contextlib.asynccontextmanager
-async def launched(system: System, args: argparse.Namespace) -> AsyncIterator[Running]:
-    """Start `system` on a free port, wait for it to answer, and always stop it."""
+async def launched(
+    system: System, args: argparse.Namespace, port: int | None = None
+) -> AsyncIterator[Running]:
+    """Start `system` on a free port, wait for it to answer, and always stop it.
+
+    Whoever replaces `running.proc` (S5 restarts the server) leaves the stopping to this."""
     tmp = Path(tempfile.mkdtemp(prefix=f"fanout-{system.name}-"))
-    port = free_port()
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        _argv(system, port, tmp, args),
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=raise_nofile,  # the server holds as many sockets as we do
-    )
-    running = Running(system, port, proc, tmp)
+    port = port or free_port()
+    running = Running(system, port, spawn(system, port, tmp, args), tmp)
     try:
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if proc.poll() is not None:
-                    raise StartFailed(f"{system.name} exited: {running.log_tail()}")
-                try:
-                    async with session.get(running.base + "/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise StartFailed(f"{system.name} did not answer in 30 s")
-                await asyncio.sleep(0.1)
+        # Ours: /readyz, so the Redis client is set up before the first burst of streams (on
+        # a Redis Cluster, concurrent first requests can fail with 500: see RESULTS.md).
+        await wait_answering(running, "/readyz" if system.ours else "/healthz")
         yield running
     finally:
+        proc = running.proc
         tree = running.pids()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -183,7 +233,6 @@ async def launched(system: System, args: argparse.Namespace) -> AsyncIterator[Ru
         for pid in tree[1:]:  # nginx's worker if the master did not take it down
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -234,6 +283,14 @@ def latency(rec: Recorder) -> Result:
 
 def all_caught_up(group: StreamGroup, ledger: Ledger) -> Callable[[], bool]:
     return lambda: all(s.count >= ledger.published(s.key) for s in group.streams)
+
+
+def per_worker(srv: Running) -> str | None:
+    """Open streams per process of our server with --workers, e.g. "480+520"; else None."""
+    if not srv.system.ours or "--workers" not in srv.system.server_args:
+        return None
+    counts = connections_per_process(srv.pids(), srv.port)
+    return "+".join(str(n) for n in counts if n) or "0"
 
 
 # ---------------------------------------------------------------------------------------
@@ -382,6 +439,7 @@ async def live(
             if group.failed:
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
             pids = srv.pids()
+            spread = per_worker(srv)
             cpu0, me0, t0 = cpu_seconds(pids), self_cpu_seconds(), time.monotonic()
             wall = await paced(pub, ledger, ids, rate, duration, args.tick_ms / 1000,
                                system.batch)  # fmt: skip
@@ -399,11 +457,12 @@ async def live(
                 "server_cpu_pct": round(100 * cpu / wall_all, 1),
                 "loadgen_cpu_pct": round(100 * (self_cpu_seconds() - me0) / wall_all, 1),
                 "rss_mib": round(rss_kib(srv.pids()) / 1024, 1),
+                "per_worker": spread,
             }
         finally:
             await pub.aclose()
             await group.close()
-            if system.name == "ours":
+            if system.ours and not system.cluster:  # the cluster is thrown away
                 await cleanup_keys(args, ids)
 
 
@@ -426,6 +485,7 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
             if profile:
                 spy = start_profiler(srv.proc.pid, args.s4_duration, profile)
             pids = srv.pids()
+            spread = per_worker(srv)
             cpu0, me0 = cpu_seconds(pids), self_cpu_seconds()
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -459,14 +519,182 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
                 **latency(rec),
                 "server_cpu_pct": round(100 * cpu / window, 1),
                 "loadgen_cpu_pct": round(100 * me / window, 1),
+                "rss_mib": round(rss_kib(srv.pids()) / 1024, 1),
+                "per_worker": spread,
             }
         finally:
             await pub.aclose()
             await group.close()
             if spy is not None:
                 finish_profiler(spy, profile or "")
-            if system.name == "ours":
+            if system.ours and not system.cluster:
                 await cleanup_keys(args, [wf])
+
+
+def test_procs() -> Any:
+    """tests/procs.py (private redis-server processes, ports outside the ephemeral range)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import tests.procs
+
+    return tests.procs
+
+
+async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
+    """Reconnect storm: stop our server under load, start a new one, measure the catch-up."""
+    free_fixed_port = test_procs().free_fixed_port  # outside the ephemeral range: see there
+
+    system = SYSTEMS["ours"]
+    n, w, rate = args.s5_streams, args.s5_workflows, args.s5_rate
+    port = free_fixed_port()  # the new server binds it again: no client socket may take it
+    loop = asyncio.get_running_loop()
+    hard_end = loop.time() + args.s5_timeout  # no load loop, reconnection or wait past this
+    async with launched(system, args, port) as srv:
+        rec = Recorder()
+        ids = [new_id("s5") for _ in range(w)]
+        ledger = Ledger(w, 1)
+        group = StreamGroup(HOST, srv.port, rec)
+        pub = HttpPublisher(srv.base, system.pub_path, batch=True, pool=64,
+                            retry_for=args.s5_retry_for, timeout=5.0)  # fmt: skip
+        sends: list[asyncio.Task[int]] = []
+        stop_publishing = False
+
+        async def publish() -> None:
+            """`rate` events/s round-robin over the workflows, one POST each, in order per
+            workflow (its lock), retried through the restart."""
+            start, due_sent = loop.time(), 0
+            while not stop_publishing and loop.time() < hard_end:
+                due = int((loop.time() - start) * rate) + 1
+                for j in range(due_sent, due):
+                    sends.append(asyncio.create_task(pub.send(ledger, j % w, ids[j % w], 0, 1)))
+                due_sent = max(due_sent, due)
+                await asyncio.sleep(args.tick_ms / 1000)
+
+        publisher: asyncio.Task[None] | None = None
+        try:
+            paths = [(i % w, system.sub_path(ids[i % w])) for i in range(n)]
+            took = await group.open(paths, concurrency=args.connect_concurrency,
+                                    timeout=args.connect_timeout,
+                                    reconnect_until=hard_end)  # fmt: skip
+            if group.failed:
+                return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
+            publisher = asyncio.create_task(publish())
+            await asyncio.sleep(args.s5_before)
+            live_before = await group.wait_for(all_caught_up(group, ledger), 10)
+            # Stop the server, start a new one on the same port.
+            t_kill = loop.time()
+            retries_before = len(rec.retry_used)
+            old = srv.proc
+            old.send_signal(sig)
+            try:
+                code = await asyncio.wait_for(asyncio.to_thread(old.wait), 10)
+            except TimeoutError:
+                old.kill()
+                code = await asyncio.to_thread(old.wait)
+            t_exit = loop.time()
+            for pid in process_tree(old.pid)[1:]:  # workers that outlived it, if any
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            srv.proc = spawn(system, srv.port, srv.tmp, args)
+            await wait_answering(srv, "/readyz", 30, poll=0.02)
+            t_ready = loop.time()
+            # Everything due before readiness, retried until stored: the restart's backlog.
+            backlog = list(sends)
+            if backlog:
+                await asyncio.wait(backlog, timeout=max(1.0, hard_end - loop.time()))
+            t_flush = loop.time()
+            for st in group.streams:
+                st.target = ledger.published(st.key)
+                if st.count >= st.target and st.caught_at is None:
+                    st.caught_at = t_flush  # already there (at most t_flush - t_ready early)
+            window_end = t_ready + args.s5_after
+            await group.wait_for(
+                lambda: all(st.caught_at is not None for st in group.streams),
+                max(0.0, min(window_end, hard_end) - loop.time()),
+            )
+            # Publish on until the window ends, then stop and drain.
+            await asyncio.sleep(max(0.0, min(window_end, hard_end) - loop.time()))
+            stop_publishing = True
+            await publisher
+            if sends:
+                await asyncio.wait(sends, timeout=max(1.0, hard_end - loop.time()))
+            await group.wait_for(all_caught_up(group, ledger), args.drain, stall=args.stall)
+            result_delivery = delivery(group, ledger, rec)
+            # A terminal event per workflow: each stream ends, reconnects, and gets 204.
+            async with aiohttp.ClientSession() as session:
+                for wf in ids:
+                    body = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
+                    async with session.post(srv.base + system.pub_path(wf), json=body) as resp:
+                        await resp.read()
+            await group.wait_for(lambda: rec.ended_204 >= n,
+                                 min(15.0, max(0.0, hard_end - loop.time())))  # fmt: skip
+
+            def since_ready(ts: list[float]) -> tuple[float | None, float | None]:
+                if not ts:
+                    return None, None
+                return (round(statistics.median(ts) - t_ready, 2), round(max(ts) - t_ready, 2))
+
+            back = [st.reconnected_at for st in group.streams if st.reconnected_at is not None
+                    and st.reconnected_at >= t_kill]  # fmt: skip
+            caught = [st.caught_at for st in group.streams if st.caught_at is not None]
+            back_p50, back_max = since_ready(back)
+            caught_p50, caught_max = since_ready(caught)
+            # The delay each stream waited after the stop (the server's last `retry:`).
+            first_retry = rec.retry_used[retries_before : retries_before + n]
+            return {
+                "streams": n,
+                "workflows": w,
+                "signal": sig.name,
+                "connect_s": round(took, 2),
+                "live_before": live_before,
+                "exit_code": code,
+                "exit_s": round(t_exit - t_kill, 2),
+                "down_s": round(t_ready - t_kill, 2),
+                "retry_min_ms": min(first_retry) if first_retry else None,
+                "retry_max_ms": max(first_retry) if first_retry else None,
+                "reconnected": len(back),
+                "reconnect_p50_s": back_p50,
+                "reconnect_max_s": back_max,
+                "connect_errors": rec.connect_errors,
+                "bad_status": rec.bad_status,
+                "statuses": {str(k): v for k, v in sorted(rec.statuses.items())},
+                "backlog_flush_s": round(t_flush - t_ready, 2),
+                "caught_up": len(caught),
+                "caught_up_p50_s": caught_p50,
+                "caught_up_max_s": caught_max,
+                "within_10s": len(caught) == n and (caught_max or 0) <= 10.0,
+                "published": ledger.ok,
+                "posts": ledger.posts,
+                "publish_retries": ledger.retries,
+                "gave_up": ledger.gave_up,
+                "error_sample": ledger.error_samples[:3],
+                **result_delivery,
+                "ended_204": rec.ended_204,
+                "rss_mib": round(rss_kib(srv.pids()) / 1024, 1),
+            }
+        finally:
+            stop_publishing = True
+            if publisher is not None:
+                publisher.cancel()
+            for t in sends:
+                t.cancel()
+            await pub.aclose()
+            await group.close()
+            await cleanup_keys(args, ids)
+
+
+@contextlib.asynccontextmanager
+async def redis_cluster(args: argparse.Namespace) -> AsyncIterator[str]:
+    """A private 3-master Redis Cluster (tests/procs.py), always stopped; yields its URL."""
+    cluster = test_procs().RedisClusterProcesses()
+    try:
+        await asyncio.to_thread(cluster.start)
+        args.cluster_url = cluster.url
+        yield cluster.url
+    finally:
+        await asyncio.to_thread(cluster.stop)
+        for node in cluster.nodes:
+            shutil.rmtree(node.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -555,7 +783,24 @@ COLUMNS: dict[str, list[str]] = {
            "max_ms", "server_cpu_pct", "loadgen_cpu_pct"],
     "S4": ["published_per_s", "delivered_per_s", "x_bare", "x_seed", "all_delivered",
            "missing", "drain_s", "p50_ms", "p99_ms", "server_cpu_pct", "loadgen_cpu_pct"],
+    "S5": ["exit_code", "exit_s", "down_s", "retry_min_ms", "retry_max_ms", "reconnected",
+           "reconnect_p50_s", "reconnect_max_s", "connect_errors", "bad_status",
+           "backlog_flush_s", "caught_up", "caught_up_p50_s", "caught_up_max_s", "within_10s",
+           "published", "publish_retries", "gave_up", "all_delivered", "missing", "dups",
+           "skips", "gaps", "ended_204"],
+    "W2S2": ["rate", "published", "all_delivered", "missing", "p50_ms", "p99_ms",
+             "p99_x_w1", "max_ms", "server_cpu_pct", "cpu_x_w1", "rss_mib", "per_worker",
+             "loadgen_cpu_pct"],
+    "W2S4": ["published_per_s", "delivered_per_s", "x_w1", "all_delivered", "missing",
+             "drain_s", "p50_ms", "p99_ms", "server_cpu_pct", "rss_mib", "per_worker",
+             "loadgen_cpu_pct"],
+    "RC": ["rate", "published", "all_delivered", "missing", "dups", "p50_ms", "p99_ms",
+           "p99_x_single", "max_ms", "server_cpu_pct", "loadgen_cpu_pct"],
 }  # fmt: skip
+NOTES: dict[str, str] = {
+    "S5": "Only our server: seed and bare keep no history, Nchan keeps it only in the "
+    "memory of the process that is restarted, so none of them can replay after a restart.",
+}
 
 
 def cell(values: list[Any]) -> str:
@@ -590,6 +835,8 @@ def table(title: str, kind: str, rows: dict[str, list[Result]]) -> str:
         cells = [cell([r.get(c) for r in ok]) for c in cols]
         note = f" (skipped {len(skipped)}x)" if skipped else ""
         out.append(f"| {system}{note} | " + " | ".join(cells) + " |")
+    if kind in NOTES:
+        out += ["", NOTES[kind]]
     return "\n".join(out)
 
 
@@ -604,6 +851,28 @@ def add_ratios(per_run: dict[str, Result]) -> None:
             result["x_seed"] = round(got / seed, 2) if seed else None
 
 
+def ratio(value: Any, base: Any, digits: int = 2) -> float | None:
+    if not isinstance(value, int | float) or not isinstance(base, int | float) or not base:
+        return None
+    return round(value / base, digits)
+
+
+def add_variant_ratios(kind: str, per_run: dict[str, Result]) -> None:
+    """W2 and RC: each set-up against the plain one of the same run."""
+    if kind in ("W2S2", "W2S4"):
+        base = per_run.get("ours-w1", {})
+        for r in per_run.values():
+            if kind == "W2S4":
+                r["x_w1"] = ratio(r.get("delivered_per_s"), base.get("delivered_per_s"), 3)
+            else:
+                r["p99_x_w1"] = ratio(r.get("p99_ms"), base.get("p99_ms"))
+                r["cpu_x_w1"] = ratio(r.get("server_cpu_pct"), base.get("server_cpu_pct"))
+    if kind == "RC":
+        base = per_run.get("ours", {})
+        for r in per_run.values():
+            r["p99_x_single"] = ratio(r.get("p99_ms"), base.get("p99_ms"))
+
+
 # ---------------------------------------------------------------------------------------
 # Main
 
@@ -615,7 +884,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="10%% sizes, 5 s phases: about 2 minutes")  # fmt: skip
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--systems", default="ours,seed,bare,nchan")
-    p.add_argument("--scenarios", default="S1,S2,S3,S4")
+    p.add_argument("--scenarios", default=None,
+                   help="of S1,S2,S3,S4,S5,W2,RC; default S1-S4 (--quick: all)")  # fmt: skip
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for our server, e.g. --server-arg=--workers=2")  # fmt: skip
@@ -640,6 +910,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="concurrent POST loops for one-message-per-POST systems (Nchan)",
     )
+    p.add_argument("--s5-streams", type=int, default=None, help="default 5000")
+    p.add_argument("--s5-workflows", type=int, default=None, help="default 100")
+    p.add_argument("--s5-rate", type=float, default=50.0, help="events/s over all workflows")
+    p.add_argument("--s5-signals", default="TERM,KILL", help="how the server is stopped")
+    p.add_argument("--s5-before", type=float, default=3.0, help="s of publishing before")
+    p.add_argument("--s5-after", type=float, default=10.0,
+                   help="s of publishing after the new server is ready")  # fmt: skip
+    p.add_argument("--s5-retry-for", type=float, default=30.0,
+                   help="s a failed POST is retried (same idempotency key)")  # fmt: skip
+    p.add_argument("--s5-timeout", type=float, default=180.0,
+                   help="bound of one S5 case (connecting included)")  # fmt: skip
+    p.add_argument("--w2-rate", type=int, default=500, help="W2: S2 events/s")
+    p.add_argument("--rc-rate", type=int, default=100, help="RC: S2 events/s")
     p.add_argument("--tick-ms", type=float, default=10.0)
     p.add_argument("--drain", type=float, default=None, help="max wait after publishing")
     p.add_argument("--stall", type=float, default=5.0, help="stop draining after s of nothing")
@@ -673,6 +956,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (5.0 if args.quick else 20.0)
     args.s4_duration = args.s4_duration or (5.0 if args.quick else 10.0)
     args.drain = args.drain or (10.0 if args.quick else 30.0)
+    args.s5_streams = args.s5_streams or (500 if args.quick else 5000)
+    args.s5_workflows = args.s5_workflows or (10 if args.quick else 100)
+    if args.scenarios is None:
+        args.scenarios = "S1,S2,S3,S4,S5,W2,RC" if args.quick else "S1,S2,S3,S4"
+    args.cluster_url = None
     args.redis_port = urlsplit(args.redis_url).port or 6379
     return args
 
@@ -688,6 +976,25 @@ async def run_one(kind: str, param: int, system: System, args: argparse.Namespac
         if kind == "S3":
             return await live(system, args, tag="s3", workflows=args.s3_workflows,
                               per_workflow=2, rate=1.0, duration=args.duration)  # fmt: skip
+        if kind == "S5":
+            return await s5(args, signal.Signals(param))
+        if kind == "W2S2":
+            return await live(system, args, tag="w2", workflows=1, per_workflow=args.s2_streams,
+                              rate=param, duration=args.duration)  # fmt: skip
+        if kind == "W2S4":
+            return await s4(system, args, None)
+        if kind == "RC":
+            if not system.cluster:
+                return await live(system, args, tag="rc", workflows=1,
+                                  per_workflow=args.s2_streams, rate=param,
+                                  duration=args.duration)  # fmt: skip
+            try:
+                async with redis_cluster(args):
+                    return await live(system, args, tag="rc", workflows=1,
+                                      per_workflow=args.s2_streams, rate=param,
+                                      duration=args.duration)  # fmt: skip
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                return {"skipped": f"no Redis Cluster: {exc}"[:300]}
         profile = args.profile if first_run and system.name == "ours" else None
         return await s4(system, args, profile)
     except StartFailed as exc:
@@ -699,27 +1006,44 @@ async def main_async(args: argparse.Namespace) -> int:
     task = asyncio.current_task()
     if task is not None:  # SIGTERM cancels the run, so every started system is stopped
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    systems = [SYSTEMS[s] for s in args.systems.split(",")]
-    cases: list[tuple[str, str, int]] = []  # (title, kind, parameter)
+    chosen = [SYSTEMS[s] for s in args.systems.split(",")]
+    cases: list[tuple[str, str, int, list[System]]] = []  # (title, kind, parameter, systems)
     wanted = args.scenarios.split(",")
     if "S1" in wanted:
         for n in (int(x) for x in args.s1_sizes.split(",")):
-            cases.append((f"S1 idle, {n:,} streams on one workflow", "S1", n))
+            cases.append((f"S1 idle, {n:,} streams on one workflow", "S1", n, chosen))
     if "S2" in wanted:
         for rate in (int(x) for x in args.s2_rates.split(",")):
             cases.append((f"S2 broadcast, {args.s2_streams:,} streams, {rate} events/s for "
-                          f"{args.duration:g} s", "S2", rate))  # fmt: skip
+                          f"{args.duration:g} s", "S2", rate, chosen))  # fmt: skip
     if "S3" in wanted:
         cases.append((f"S3 {args.s3_workflows:,} workflows x 2 streams, 1 event/s each for "
-                      f"{args.duration:g} s", "S3", 0))  # fmt: skip
+                      f"{args.duration:g} s", "S3", 0, chosen))  # fmt: skip
     if "S4" in wanted:
         cases.append((f"S4 saturation, {args.s4_streams} streams, {args.s4_duration:g} s",
-                      "S4", 0))  # fmt: skip
+                      "S4", 0, chosen))  # fmt: skip
+    if "S5" in wanted:
+        for name in args.s5_signals.split(","):
+            sig = signal.Signals["SIG" + name.strip().upper().removeprefix("SIG")]
+            cases.append((f"S5 reconnect storm ({sig.name}), {args.s5_streams:,} streams on "
+                          f"{args.s5_workflows} workflows, {args.s5_rate:g} events/s",
+                          "S5", int(sig), [SYSTEMS["ours"]]))  # fmt: skip
+    if "W2" in wanted:
+        workers = [VARIANTS["ours-w1"], VARIANTS["ours-w2"]]
+        cases.append((f"W2S2 --workers 1 vs 2: S2, {args.s2_streams:,} streams, "
+                      f"{args.w2_rate} events/s for {args.duration:g} s", "W2S2",
+                      args.w2_rate, workers))  # fmt: skip
+        cases.append((f"W2S4 --workers 1 vs 2: S4, {args.s4_streams} streams, "
+                      f"{args.s4_duration:g} s", "W2S4", 0, workers))  # fmt: skip
+    if "RC" in wanted:
+        cases.append((f"RC single Redis vs 3-master Redis Cluster: S2, {args.s2_streams:,} "
+                      f"streams, {args.rc_rate} events/s for {args.duration:g} s", "RC",
+                      args.rc_rate, [SYSTEMS["ours"], VARIANTS["ours-cluster"]]))  # fmt: skip
     results: dict[str, dict[str, list[Result]]] = {t: {s.name: [] for s in systems}
-                                                   for t, _, _ in cases}  # fmt: skip
+                                                   for t, _, _, systems in cases}  # fmt: skip
     started = time.monotonic()
     for run in range(args.runs):
-        for title, kind, param in cases:
+        for title, kind, param, systems in cases:
             per_run: dict[str, Result] = {}
             for system in systems:
                 t0 = time.monotonic()
@@ -731,6 +1055,7 @@ async def main_async(args: argparse.Namespace) -> int:
                       f"{system.name}: {dumps(result)}", flush=True)  # fmt: skip
             if kind == "S4":
                 add_ratios(per_run)
+            add_variant_ratios(kind, per_run)
             for name, result in per_run.items():
                 results[title][name].append(result)
         if args.json:
@@ -738,7 +1063,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     print(f"runs: {args.runs}; cells are median (min-max) over runs; "
           f"{time.monotonic() - started:.0f} s total")  # fmt: skip
-    for title, kind, _ in cases:
+    for title, kind, _, _ in cases:
         print()
         print(table(title, kind, results[title]))
     return 0
@@ -748,7 +1073,7 @@ def print_tables(path: str) -> int:
     """Tables from a --json file (also a partial one, written after every run)."""
     results: dict[str, dict[str, list[Result]]] = json.loads(Path(path).read_text())
     for title, rows in results.items():
-        if kind := title[:2] if title[:2] in COLUMNS else None:
+        if kind := title.split(" ", 1)[0] if title.split(" ", 1)[0] in COLUMNS else None:
             print()
             print(table(title, kind, {name: rs for name, rs in rows.items() if rs}))
     return 0

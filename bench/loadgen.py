@@ -7,6 +7,12 @@ each data line (a regex over the received block, no JSON decoding of the rest), 
 sequence per publisher lane (every event, once, in order) and records the delay from the
 publisher's clock to receipt in a histogram (0.1 ms bins).
 
+With `reconnect`, a stream behaves like EventSource when its connection ends: it waits the
+last `retry:` the server sent (ms), then reconnects with `Last-Event-ID` set to the last
+`id:` it received; a `204` stops it for good, any other status fails it (no retry), and a
+refused or failed connection attempt is retried after the same delay. Its lane sequences
+carry over, so loss and duplicates across reconnections are counted like any others.
+
 Also here: the server-side measurements (RSS and CPU of a process tree from /proc, the
 Redis clients of that tree from `CLIENT LIST`) and an HTTP publisher.
 """
@@ -56,6 +62,12 @@ class Recorder:
     gaps: int = 0  # `event: gap` frames (our server: trimmed history announced)
     dropped: int = 0  # streams the server closed while we still wanted them
     bad_status: int = 0
+    # Only with reconnecting streams:
+    reconnects: int = 0  # reconnections answered 200
+    connect_errors: int = 0  # reconnection attempts refused, reset or timed out
+    ended_204: int = 0  # streams that a 204 told to stop
+    statuses: dict[int, int] = field(default_factory=dict)  # non-200 answers to reconnections
+    retry_used: list[int] = field(default_factory=list)  # ms waited before each reconnection
 
     def reset_delays(self) -> None:
         self.hist = [0] * (MAX_BIN + 1)
@@ -80,15 +92,54 @@ class Recorder:
         return None
 
 
-class SseStream(asyncio.Protocol):
-    """One SSE connection: sends the GET, de-chunks, counts and times marked events."""
+@dataclass
+class Reconnect:
+    """Where a reconnecting SseStream goes back to, and until when it tries."""
 
-    def __init__(self, request: bytes, rec: Recorder, key: int) -> None:
+    host: str
+    port: int
+    path: str
+    until: float  # loop.time() after which no reconnection starts
+    retry_ms: int = 3000  # EventSource's default, until the server sends `retry:`
+    connect_timeout: float = 10.0
+
+
+RETRY = re.compile(rb"(?:^|\n)retry: (\d+)\n")
+
+
+class SseStream(asyncio.Protocol):
+    """One SSE connection: sends the GET, de-chunks, counts and times marked events.
+
+    With `reconnect` the same object serves every connection of one EventSource-like
+    client: per-connection parsing state is reset, the lanes' sequences are kept."""
+
+    def __init__(
+        self, request: bytes, rec: Recorder, key: int, reconnect: Reconnect | None = None
+    ) -> None:
         self.request = request
         self.rec = rec
         self.key = key  # which workflow (index into the ledger) this stream follows
         self.transport: asyncio.Transport | None = None
-        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[int] = self.loop.create_future()
+        self.reconnect = reconnect
+        self.retry_ms = reconnect.retry_ms if reconnect else 0
+        self.last_id: bytes | None = None
+        self.connections = 0  # answered with a status (200 or not)
+        self.reconnected_at: float | None = None  # loop.time() of the last 200 on a reconnection
+        self.finished = False  # a 204 said stop
+        self.target: int | None = None  # caught up once `count` reaches it
+        self.caught_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reset()
+        self.expect = [0] * rec.lanes
+        self.count = 0
+        self.closing = False
+        self.closed = False
+
+    def _reset(self) -> None:
+        """Parsing state of one connection."""
         self.head = b""
         self.in_body = False
         self.chunked = False
@@ -96,14 +147,15 @@ class SseStream(asyncio.Protocol):
         self.chunk_left = 0
         self.need_crlf = False
         self.body = b""  # decoded, not yet a complete frame
-        self.expect = [0] * rec.lanes
-        self.count = 0
-        self.closing = False
-        self.closed = False
+        self.body_ended = False  # the last chunk came: the server ended the response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.closed = False
+        if self.closing:
+            transport.abort()
+            return
         transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -112,11 +164,67 @@ class SseStream(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"closed before the response: {exc}"))
         elif not self.closing:
             self.rec.dropped += 1
+            if self.reconnect is not None and not self.finished:
+                self._schedule()
 
     def close(self) -> None:
         self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None and not self.closed:
             self.transport.abort()
+
+    # EventSource's reconnection ------------------------------------------------------
+
+    def _schedule(self) -> None:
+        assert self.reconnect is not None
+        if self.loop.time() + self.retry_ms / 1000 > self.reconnect.until:
+            return  # bounded: no attempt past the deadline
+        self.rec.retry_used.append(self.retry_ms)
+        self._timer = self.loop.call_later(self.retry_ms / 1000, self._start_reconnect)
+
+    def _start_reconnect(self) -> None:
+        self._timer = None
+        if not self.closing:
+            self._task = self.loop.create_task(self._reconnect())
+
+    def _reconnect_request(self) -> bytes:
+        r = self.reconnect
+        assert r is not None
+        last = b"Last-Event-ID: " + self.last_id + b"\r\n" if self.last_id else b""
+        return (
+            (
+                f"GET {r.path} HTTP/1.1\r\nHost: {r.host}:{r.port}\r\n"
+                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
+            ).encode()
+            + last
+            + b"\r\n"
+        )
+
+    async def _reconnect(self) -> None:
+        r = self.reconnect
+        assert r is not None
+        self._reset()
+        self.request = self._reconnect_request()
+        try:
+            async with asyncio.timeout(r.connect_timeout):
+                await self.loop.create_connection(lambda: self, r.host, r.port)
+        except (OSError, TimeoutError):
+            self.rec.connect_errors += 1
+            if not self.closing:
+                self._schedule()
+
+    def _fields(self, block: bytes) -> None:
+        """EventSource's state from complete frames: the last `id:` and `retry:`."""
+        i = block.rfind(b"\nid: ")
+        start = i + 5 if i >= 0 else (4 if block.startswith(b"id: ") else -1)
+        if start >= 0:
+            self.last_id = block[start : block.index(b"\n", start)]
+        if b"retry: " in block:
+            found = RETRY.findall(block)
+            if found:
+                self.retry_ms = int(found[-1])
 
     def data_received(self, data: bytes) -> None:
         if not self.in_body:
@@ -135,6 +243,18 @@ class SseStream(asyncio.Protocol):
             )
             if not self.ready.done():
                 self.ready.set_result(status)
+            self.connections += 1
+            if self.reconnect is not None and self.connections > 1:
+                if status == 200:
+                    self.rec.reconnects += 1
+                    self.reconnected_at = self.loop.time()
+                else:
+                    self.rec.statuses[status] = self.rec.statuses.get(status, 0) + 1
+            if status == 204 and self.reconnect is not None:
+                self.rec.ended_204 += 1
+                self.finished = True
+                self.close()
+                return
             if status != 200:
                 self.rec.bad_status += 1
                 self.close()
@@ -147,9 +267,11 @@ class SseStream(asyncio.Protocol):
         end = body.rfind(b"\n\n")
         if end < 0:
             self.body = body
-            return
-        self.body = body[end + 2 :]
-        self._frames(body[: end + 2])
+        else:
+            self.body = body[end + 2 :]
+            self._frames(body[: end + 2])
+        if self.body_ended and self.reconnect is not None and self.transport is not None:
+            self.transport.close()  # EventSource: the response ended, so reconnect
 
     def _dechunk(self, data: bytes) -> bytes:
         buf = self.raw + data if self.raw else data
@@ -175,6 +297,7 @@ class SseStream(asyncio.Protocol):
             n = int(buf[pos:nl].split(b";", 1)[0], 16)
             pos = nl + 2
             if n == 0:  # the server ended the body
+                self.body_ended = True
                 break
             self.chunk_left = n
         self.raw = buf[pos:]
@@ -202,6 +325,10 @@ class SseStream(asyncio.Protocol):
         rec.received += n
         if b"event: gap" in block:
             rec.gaps += block.count(b"event: gap")
+        if self.reconnect is not None:
+            self._fields(block)
+            if self.target is not None and self.caught_at is None and self.count >= self.target:
+                self.caught_at = self.loop.time()
 
 
 class StreamGroup:
@@ -226,8 +353,11 @@ class StreamGroup:
         *,
         concurrency: int = 50,
         timeout: float = 120.0,
+        reconnect_until: float | None = None,
     ) -> float:
-        """Open one stream per (key, path); returns seconds taken. Failures go to `failed`."""
+        """Open one stream per (key, path); returns seconds taken. Failures go to `failed`.
+
+        With `reconnect_until` (a loop.time()), streams reconnect like EventSource until then."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = started + timeout
@@ -243,7 +373,14 @@ class StreamGroup:
                 try:
                     async with asyncio.timeout(min(left, 30.0)):
                         _t, proto = await loop.create_connection(
-                            lambda: SseStream(self.request(path), self.rec, key),
+                            lambda: SseStream(
+                                self.request(path),
+                                self.rec,
+                                key,
+                                None
+                                if reconnect_until is None
+                                else Reconnect(self.host, self.port, path, reconnect_until),
+                            ),
                             self.host,
                             self.port,
                         )
@@ -299,11 +436,17 @@ def timestamp_now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def event_json(workflow_id: str, lane: int, seq: int, now: float, stamp: str) -> str:
-    """A valid `node_progress` event carrying the publisher's lane, sequence and clock."""
+def event_json(
+    workflow_id: str, lane: int, seq: int, now: float, stamp: str, idem: bool = False
+) -> str:
+    """A valid `node_progress` event carrying the publisher's lane, sequence and clock.
+
+    With `idem`, also an `idempotency_key` naming the lane and sequence, so a retried POST
+    of the same body stores nothing twice."""
+    key = f',"idempotency_key":"L{lane}S{seq}"' if idem else ""
     return (
         f'{{"event_type":"node_progress","workflow_id":"{workflow_id}","node_id":"n1",'
-        f'"fraction":0.5,"message":"B{lane}:{seq}:{now:.6f}","timestamp":"{stamp}"}}'
+        f'"fraction":0.5,"message":"B{lane}:{seq}:{now:.6f}","timestamp":"{stamp}"{key}}}'
     )
 
 
@@ -315,8 +458,10 @@ class Ledger:
     lanes: int
     next_seq: list[list[int]] = field(init=False)
     ok: int = 0
-    errors: int = 0
+    errors: int = 0  # failed POSTs (each attempt)
     posts: int = 0
+    retries: int = 0  # failed POSTs sent again (same body, same idempotency keys)
+    gave_up: int = 0  # sends that failed for good
     error_samples: list[str] = field(default_factory=list)
     _locks: dict[tuple[int, int], asyncio.Lock] = field(default_factory=dict)
 
@@ -335,15 +480,29 @@ class Ledger:
 
 
 class HttpPublisher:
-    """POSTs events over keep-alive HTTP; one JSON array per POST when `batch` is allowed."""
+    """POSTs events over keep-alive HTTP; one JSON array per POST when `batch` is allowed.
 
-    def __init__(self, base: str, path: Callable[[str], str], *, batch: bool, pool: int = 32):
+    With `retry_for` > 0 every event carries an idempotency key and a failed POST (refused,
+    reset, timed out, 5xx) is sent again, the same body, with backoff, for up to that many
+    seconds: our server then stores each event once however often it was sent."""
+
+    def __init__(
+        self,
+        base: str,
+        path: Callable[[str], str],
+        *,
+        batch: bool,
+        pool: int = 32,
+        retry_for: float = 0.0,
+        timeout: float = 30.0,
+    ):
         self.base = base
         self.path = path
         self.batch = batch
+        self.retry_for = retry_for
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=pool, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=30),
+            timeout=aiohttp.ClientTimeout(total=timeout),
         )
 
     async def aclose(self) -> None:
@@ -368,6 +527,22 @@ class HttpPublisher:
             ledger.error_samples.append(sample[:160])
         return False
 
+    async def _post_retrying(self, ledger: Ledger, workflow_id: str, body: str) -> bool:
+        if await self._post(ledger, workflow_id, body):
+            return True
+        if self.retry_for <= 0:
+            return False
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.25)
+            ledger.retries += 1
+            if await self._post(ledger, workflow_id, body):
+                return True
+        ledger.gave_up += 1
+        return False
+
     async def send(self, ledger: Ledger, key: int, workflow_id: str, lane: int, count: int) -> int:
         """Publish `count` events on `lane` in order; returns how many were accepted."""
         async with ledger.lock(key, lane):
@@ -376,16 +551,17 @@ class HttpPublisher:
     async def _send(self, ledger: Ledger, key: int, workflow_id: str, lane: int, count: int) -> int:
         now, stamp = time.time(), timestamp_now()
         seqs = ledger.next_seq[key]
+        idem = self.retry_for > 0
         if self.batch:
             first = seqs[lane]
             body = (
                 "["
                 + ",".join(
-                    event_json(workflow_id, lane, first + i, now, stamp) for i in range(count)
+                    event_json(workflow_id, lane, first + i, now, stamp, idem) for i in range(count)
                 )
                 + "]"
             )
-            if await self._post(ledger, workflow_id, body):
+            if await self._post_retrying(ledger, workflow_id, body):
                 seqs[lane] = first + count
                 ledger.ok += count
                 return count
@@ -393,8 +569,8 @@ class HttpPublisher:
         sent = 0
         for _ in range(count):  # one message per POST, in order
             seq = seqs[lane]
-            body = event_json(workflow_id, lane, seq, time.time(), stamp)
-            if not await self._post(ledger, workflow_id, body):
+            body = event_json(workflow_id, lane, seq, time.time(), stamp, idem)
+            if not await self._post_retrying(ledger, workflow_id, body):
                 break
             seqs[lane] = seq + 1
             ledger.ok += 1
@@ -458,6 +634,38 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         fields = stat[stat.rindex(")") + 2 :].split()
         total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+def connections_per_process(pids: Sequence[int], local_port: int) -> list[int]:
+    """Per pid: its established TCP connections whose local port is `local_port`.
+
+    For `--workers`: how the kernel spread the accepted streams over the workers."""
+    established: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 9 and parts[3] == "01":
+                if int(parts[1].rsplit(":", 1)[1], 16) == local_port:
+                    established.add(parts[9])
+    out = []
+    for pid in pids:
+        n = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in established:
+                    n += 1
+        except OSError:
+            continue
+        out.append(n)
+    return out
 
 
 def self_cpu_seconds() -> float:
