@@ -658,6 +658,7 @@ async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
                 "connect_errors": rec.connect_errors,
                 "bad_status": rec.bad_status,
                 "statuses": {str(k): v for k, v in sorted(rec.statuses.items())},
+                "status_samples": rec.status_samples,
                 "backlog_flush_s": round(t_flush - t_ready, 2),
                 "caught_up": len(caught),
                 "caught_up_p50_s": caught_p50,

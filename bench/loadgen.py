@@ -68,6 +68,7 @@ class Recorder:
     ended_204: int = 0  # streams that a 204 told to stop
     statuses: dict[int, int] = field(default_factory=dict)  # non-200 answers to reconnections
     retry_used: list[int] = field(default_factory=list)  # ms waited before each reconnection
+    status_samples: list[str] = field(default_factory=list)  # head and body start of some
 
     def reset_delays(self) -> None:
         self.hist = [0] * (MAX_BIN + 1)
@@ -250,6 +251,9 @@ class SseStream(asyncio.Protocol):
                     self.reconnected_at = self.loop.time()
                 else:
                     self.rec.statuses[status] = self.rec.statuses.get(status, 0) + 1
+                    if status != 204 and len(self.rec.status_samples) < 5:
+                        sample = head[:300] + b" | " + data[:300]
+                        self.rec.status_samples.append(sample.decode(errors="replace"))
             if status == 204 and self.reconnect is not None:
                 self.rec.ended_204 += 1
                 self.finished = True
