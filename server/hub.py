@@ -54,21 +54,22 @@ class Wakeup:
     def set(self) -> None:
         if not self.flag:
             self.flag = True
-            fut = self._fut
+            fut, self._fut = self._fut, None
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
     def clear(self) -> None:
         self.flag = False
 
-    async def wait(self) -> None:
-        if self.flag:
-            return
+    def waiter(self) -> asyncio.Future[None]:
+        """A future the next set() resolves: awaited directly, it costs no coroutine frame
+        per waiting stream. Check for work (and the flag) before awaiting it."""
         fut = self._fut = asyncio.get_running_loop().create_future()
-        try:
-            await fut
-        finally:
-            self._fut = None
+        return fut
+
+    async def wait(self) -> None:
+        if not self.flag:
+            await self.waiter()
 
 
 @dataclass(eq=False, slots=True)
@@ -86,6 +87,17 @@ class Live:
     def stop(self) -> int:
         """The position after the last frame."""
         return self.start + len(self.frames)
+
+    def after(self, key: tuple[int, int]) -> Live | None:
+        """These frames without those at or below `key` (sent from history already)."""
+        n, frames = 0, self.frames
+        while n < len(frames) and frames[n].key <= key:
+            n += 1
+        if n == 0:
+            return self
+        if n == len(frames):
+            return None
+        return Live(self.start + n, self.end, frames[n:], self.terminal)
 
     @property
     def sse(self) -> bytes:
@@ -128,16 +140,6 @@ class Subscription:
             return None
         self.cursor = live.stop
         return live
-
-    def skip_through(self, key: tuple[int, int]) -> None:
-        """After a catch-up: step over live frames the history read already sent."""
-        ring, base = self.channel.ring, self.channel.base
-        if self.cursor < base:
-            return  # take() asks for a resync
-        i, n = self.cursor - base, len(ring)
-        while i < n and ring[i].key <= key:
-            i += 1
-        self.cursor = base + i
 
     def first_writes(self, live: Live) -> list[Frame]:
         """Frames of `live` no stream of this process has written yet (for the delay metric)."""
@@ -415,9 +417,8 @@ class Hub:
             upstream.start()
         return upstream
 
-    @asynccontextmanager
-    async def subscribe(self, workflow_id: str) -> AsyncIterator[Subscription]:
-        """Register a subscriber; returns once Redis confirmed the channel is subscribed."""
+    async def attach(self, workflow_id: str) -> Subscription:
+        """Register a reader; returns once Redis confirmed the channel is subscribed."""
         name = store.channel(workflow_id)
         chan = self._channels.get(name)
         if chan is None:
@@ -426,17 +427,33 @@ class Hub:
             await upstream.subscribe(name, chan)
         sub = Subscription(workflow_id, chan, chan.seq)
         chan.subs.add(sub)
-        try:
+        if not chan.ready.is_set():
             try:
                 await asyncio.wait_for(chan.ready.wait(), self._confirm_timeout)
-            except TimeoutError:
-                raise HubUnavailable("Redis did not confirm the subscription") from None
+            except BaseException as exc:
+                await self.detach(sub)
+                if isinstance(exc, TimeoutError):
+                    raise HubUnavailable("Redis did not confirm the subscription") from None
+                raise
+        return sub
+
+    async def detach(self, sub: Subscription) -> None:
+        """Forget a reader; unsubscribe its channel after the last one."""
+        chan = sub.channel
+        chan.subs.discard(sub)
+        name = store.channel(sub.workflow_id)
+        if not chan.subs and self._channels.get(name) is chan:
+            del self._channels[name]
+            await chan.upstream.unsubscribe(name)
+
+    @asynccontextmanager
+    async def subscribe(self, workflow_id: str) -> AsyncIterator[Subscription]:
+        """attach() and detach() as a context manager."""
+        sub = await self.attach(workflow_id)
+        try:
             yield sub
         finally:
-            chan.subs.discard(sub)
-            if not chan.subs and self._channels.get(name) is chan:
-                del self._channels[name]
-                await chan.upstream.unsubscribe(name)
+            await self.detach(sub)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -62,7 +62,7 @@ class StreamRegistry:
             handle.stop(self.retry_ms + random.randint(0, max(self.retry_ms, 1000)))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StreamHandle:
     """Lets the registry stop one stream from outside its task."""
 
@@ -83,6 +83,8 @@ class Heartbeat:
     One timer per stream, re-armed at most once per interval: arming and cancelling a
     timeout around every wait would cost a timer per event per stream.
     """
+
+    __slots__ = ("_timer", "due", "interval", "last_write", "loop", "wakeup")
 
     def __init__(self, wakeup: Wakeup, interval: float) -> None:
         self.loop = asyncio.get_running_loop()
@@ -146,6 +148,8 @@ class Sink(Protocol):
 class SseSink:
     """SSE frames on a prepared StreamResponse."""
 
+    __slots__ = ("response",)
+
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
 
@@ -176,6 +180,22 @@ class SseSink:
 
 class EventStream:
     """Sends one workflow's events to one client: history first, then live, no gap."""
+
+    __slots__ = (
+        "handle",
+        "heartbeat",
+        "last_id",
+        "last_key",
+        "on_gap",
+        "on_live",
+        "on_sent",
+        "progress",
+        "read_once",
+        "sink",
+        "store",
+        "sub",
+        "workflow_id",
+    )
 
     def __init__(
         self,
@@ -208,56 +228,62 @@ class EventStream:
 
     async def run(self) -> None:
         """Stream until the terminal event, the client leaving, or shutdown."""
-        beat = Heartbeat(self.sub.wakeup, self.heartbeat)
+        # One flat loop, no helper coroutines: each nested frame is memory per open stream.
+        sub, handle = self.sub, self.handle
+        beat = Heartbeat(sub.wakeup, self.heartbeat)
+        sub.resync = True
+        backoff = 0.1
+        fresh = True  # live frames need no comparison with what was sent
         try:
-            await self._run(beat)
+            while not handle.stopping:
+                if sub.resync:
+                    sub.restart()
+                    try:
+                        if await self._catch_up():
+                            return
+                        backoff = 0.1
+                    except RedisError as exc:
+                        # Redis is down: keep the client, retry the read; the hub resyncs us.
+                        logger.info("catch-up of %s failed (%s); retrying", self.workflow_id, exc)
+                        # A plain sleep: waiting on the wake-up would return at once (a resync
+                        # is pending, live frames keep coming) and spin on a failing Redis.
+                        await asyncio.sleep(backoff)
+                        sub.resync = True
+                        backoff = min(backoff * 2, 2.0)
+                        continue
+                    # Notifications of events the read returned may still be on their way:
+                    # drop live frames up to the last sent id until a newer one shows.
+                    fresh = False
+                    beat.wrote()
+                live = sub.take()
+                if live is not None and not fresh:
+                    live = live.after(self.last_key)
+                    if live is None:
+                        continue
+                    fresh = True
+                if live is not None:
+                    await self.sink.send_live(live)
+                    beat.wrote()
+                    self.last_id, self.last_key = live.frames[-1].id, live.frames[-1].key
+                    self.on_sent(len(live.frames))
+                    if first := sub.first_writes(live):
+                        self.on_live(first)
+                    if live.terminal:
+                        return
+                    continue
+                sub.wakeup.clear()
+                if not (sub.pending or sub.resync or handle.stopping or beat.due):
+                    await sub.wakeup.waiter()  # a wake-up after the check is not lost
+                if beat.due:
+                    await self.sink.keep_alive()
+                    beat.wrote()
+            if handle.retry_ms is not None:
+                # Shutdown: a fresh retry tells EventSource when to come back (elsewhere).
+                await self.sink.goodbye(handle.retry_ms)
         except ClientGone:
             return
         finally:
             beat.cancel()
-        if self.handle.retry_ms is not None:
-            # Shutdown: a fresh retry tells EventSource when to come back (elsewhere).
-            try:
-                await self.sink.goodbye(self.handle.retry_ms)
-            except ClientGone:
-                return
-
-    async def _run(self, beat: Heartbeat) -> None:
-        sub = self.sub
-        sub.resync = True
-        backoff = 0.1
-        while not self.handle.stopping:
-            if sub.resync:
-                sub.restart()
-                try:
-                    if await self._catch_up():
-                        return
-                    backoff = 0.1
-                except RedisError as exc:
-                    # Redis is down: keep the client, retry the read; the hub resyncs us too.
-                    logger.info("catch-up for %s failed (%s); retrying", self.workflow_id, exc)
-                    # A plain sleep: waiting on the wake-up would return at once (a resync is
-                    # pending, live frames keep coming) and spin on a failing Redis.
-                    await asyncio.sleep(backoff)
-                    sub.resync = True
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                sub.skip_through(self.last_key)
-                beat.wrote()
-            live = sub.take()
-            if live is not None:
-                await self.sink.send_live(live)
-                beat.wrote()
-                self.last_id, self.last_key = live.frames[-1].id, live.frames[-1].key
-                self.on_sent(len(live.frames))
-                if first := sub.first_writes(live):
-                    self.on_live(first)
-                if live.terminal:
-                    return
-                continue
-            if not await wait_for_wakeup(sub, self.handle, beat):
-                await self.sink.keep_alive()
-                beat.wrote()
 
     async def _catch_up(self) -> bool:
         """Send every retained event after the last sent id; True if the terminal was sent."""
@@ -319,6 +345,8 @@ def is_final(snap: dict[str, Any]) -> bool:
 
 class ProgressStream:
     """Progress objects as they change, at most `rate` per second, ending after terminal."""
+
+    __slots__ = ("handle", "heartbeat", "min_interval", "response", "snapshot", "sub")
 
     def __init__(
         self,

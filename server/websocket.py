@@ -33,7 +33,7 @@ from . import auth, keys, views
 from .hub import Live, ws_text
 from .models import is_workflow_id
 from .problems import Problem
-from .store import Entry, id_key
+from .store import Entry
 from .streams import ClientGone, EventStream
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ MAX_CLIENT_MESSAGE = 64 * 1024  # clients have nothing to say; what they send is
 
 class WsSink:
     """Stream events as WebSocket text messages (the Sink protocol of streams.py)."""
+
+    __slots__ = ("ws",)
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
@@ -153,13 +155,12 @@ async def websocket_events(request: web.Request) -> web.StreamResponse:
             slug="websocket-upgrade-required",
         )
 
-    last = await store.last_entry(workflow_id)
-    if last is not None and last.terminal and start is not None and id_key(start) >= last.key:
+    if start is not None and await views.finished_before(store, workflow_id, start):
         await ws.prepare(request)  # nothing left to send: the twin of SSE's 204
         await close(ws, WSCloseCode.OK, "finished")
         return ws
 
-    async with views.stream_slot(request, workflow_id, "websocket") as (handle, sub):
+    async with views.StreamSlot(request, workflow_id, "websocket") as (handle, sub):
         await ws.prepare(request)
         if start is not None:
             metrics.replays_total.inc()

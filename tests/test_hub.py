@@ -225,12 +225,17 @@ def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not() -> No
     assert live is not None and [f.id for f in live.frames] == ["1769077817000-10"]
 
 
-def test_take_stops_after_the_terminal_frame_and_skip_through_steps_over_history() -> None:
+def test_take_stops_after_the_terminal_frame_and_after_drops_what_history_sent() -> None:
     _, chan = _ring(8)
     sub = _reader(chan)
     for i, terminal in enumerate([False, False, True, False]):
         chan.push(_frame(i, terminal))
-    sub.skip_through(_frame(0).key)  # 0 was sent from history already
     live = sub.take()
     assert live is not None and live.terminal
-    assert [f.id for f in live.frames] == ["1769077817000-1", "1769077817000-2"]
+    assert [f.id for f in live.frames] == [f"1769077817000-{i}" for i in range(3)]
+    rest = live.after(_frame(0).key)  # 0 was sent from history already
+    assert rest is not None and [f.id for f in rest.frames] == [
+        f"1769077817000-{i}" for i in (1, 2)
+    ]
+    assert rest.sse == _frame(1).data + _frame(2, True).data and rest.stop == live.stop
+    assert live.after(_frame(2).key) is None and live.after((0, 0)) is live
