@@ -231,6 +231,27 @@ def json_size(obj: Any) -> int:
     return len(text.encode())
 
 
+# A lone surrogate can only come from a `\uD800`-`\uDFFF` escape: the body itself is strict
+# UTF-8. Bodies without one (almost all) skip the re-encoding that proves it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def decode_body(body: bytes) -> Any:
+    """Parse a request body as JSON text that UTF-8 output can carry.
+
+    Raises ValueError (or UnicodeError) for malformed UTF-8 or JSON, NaN and Infinity, and
+    lone surrogates (`\ud800` escapes, which are not Unicode text).
+    """
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    value = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    if _SURROGATE_ESCAPE.search(body):
+        json.dumps(value, ensure_ascii=False).encode()
+    return value
+
+
 def to_json(event: _Event) -> str:
     """The stored, normalised form: one line of JSON, raw UTF-8, no null fields."""
     return event.model_dump_json(exclude_none=True)
@@ -244,8 +265,14 @@ def validate_event(
     now: datetime,
     size: int | None = None,
     loc_prefix: Sequence[int | str] = (),
+    text_checked: bool = False,
 ) -> Event:
-    """Validate one raw event for `workflow_id`; fill workflow_id and timestamp."""
+    """Validate one raw event for `workflow_id`; fill workflow_id and timestamp.
+
+    `size` is the event's size as received, when known; `text_checked` says that every
+    string in `raw` is known to be storable as UTF-8 (decode_body() proved it). With both,
+    the event is not re-encoded to measure it.
+    """
     prefix = list(loc_prefix)
     if isinstance(raw, BaseModel):
         raw = raw.model_dump(exclude_none=True)
@@ -253,20 +280,30 @@ def validate_event(
         raise EventRejected(
             "an event must be a JSON object", [{"loc": prefix, "msg": "not an object"}]
         )
-    try:
-        measured = json_size(raw)  # also proves every string is storable as UTF-8
-    except UnicodeEncodeError:
-        raise EventRejected(
-            "event holds a lone surrogate, which is not Unicode text",
-            [{"loc": prefix, "msg": "lone surrogate in a string"}],
-        ) from None
+    if size is None or not text_checked:
+        try:
+            measured = json_size(raw)  # also proves every string is storable as UTF-8
+        except UnicodeEncodeError:
+            raise EventRejected(
+                "event holds a lone surrogate, which is not Unicode text",
+                [{"loc": prefix, "msg": "lone surrogate in a string"}],
+            ) from None
+        if size is None:
+            size = measured
     if raw.get("event_type") != "workflow_planned":
-        nbytes = size if size is not None else measured
+        nbytes = size
         if nbytes > max_event_bytes:
             raise EventRejected(
                 f"event is {nbytes} bytes, over MAX_EVENT_BYTES ({max_event_bytes})",
                 [{"loc": prefix, "msg": f"event larger than {max_event_bytes} bytes"}],
             )
+    # Filled in before validation, so the model is built once (no model_copy afterwards).
+    if raw.get("workflow_id") is None or raw.get("timestamp") is None:
+        raw = dict(raw)
+        if raw.get("workflow_id") is None:
+            raw["workflow_id"] = workflow_id
+        if raw.get("timestamp") is None:
+            raw["timestamp"] = now
     try:
         event = event_adapter.validate_python(raw)
     except ValidationError as exc:
@@ -274,12 +311,9 @@ def validate_event(
             "invalid event",
             [{"loc": prefix + list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
         ) from None
-    if event.workflow_id is not None and event.workflow_id != workflow_id:
+    if event.workflow_id != workflow_id:
         raise EventRejected(
             "workflow_id in the event does not match the URL",
             [{"loc": [*prefix, "workflow_id"], "msg": f"must be {workflow_id!r} or absent"}],
         )
-    update: dict[str, Any] = {"workflow_id": workflow_id}
-    if event.timestamp is None:
-        update["timestamp"] = now
-    return event.model_copy(update=update)
+    return event

@@ -41,11 +41,19 @@ class Publisher:
         self._clock = clock
 
     def validate(
-        self, workflow_id: str, raw: Sequence[Any], *, batch: bool, size: int | None = None
+        self,
+        workflow_id: str,
+        raw: Sequence[Any],
+        *,
+        batch: bool,
+        size: int | None = None,
+        text_checked: bool = False,
     ) -> list[Event]:
         """Validate events all-or-nothing; raises EventRejected listing every error.
 
-        `size` is the received byte size of a single (non-batch) event, when known.
+        `size` is the received byte size of a single (non-batch) event, or of the whole
+        batch, when known. `text_checked`: the events come from models.decode_body(), so
+        their strings are known to be storable as UTF-8.
         """
         if not is_workflow_id(workflow_id):
             raise ValueError(f"invalid workflow_id {workflow_id!r}")
@@ -55,6 +63,11 @@ class Publisher:
                 [{"loc": [], "msg": f"expected 1 to {MAX_BATCH} events"}],
             )
         now = self._clock()
+        # In a batch each event is measured on its own, unless the whole body is within the
+        # limit: then every event in it was too, as received.
+        item_size = size
+        if batch and not (text_checked and size is not None and size <= self.max_event_bytes):
+            item_size = None
         events: list[Event] = []
         errors: list[dict[str, Any]] = []
         for i, item in enumerate(raw):
@@ -65,8 +78,9 @@ class Publisher:
                         workflow_id,
                         max_event_bytes=self.max_event_bytes,
                         now=now,
-                        size=None if batch else size,
+                        size=item_size,
                         loc_prefix=(i,) if batch else (),
+                        text_checked=text_checked,
                     )
                 )
             except EventRejected as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,21 +59,51 @@ def workflow_keys(workflow_id: str) -> list[str]:
 
 # KEYS: stream, trimmed, idem, progress.
 # ARGV: channel, maxlen, ttl, publish command, expected ver, event count E, state fields to
-#       set S, state fields to delete D; then 4 per event (idempotency key or '', event_type,
-#       terminal 0|1, json); then S field/value pairs; then D field names.
-# Returns {ids, added}: `ids` in input order (a known idempotency key returns its first id);
-# added = -1 when `ver` moved since the caller read it (another writer won: retry).
+#       set S, state fields to delete D, expected last id ('' = not checked), strict (1: any
+#       idempotency key already known counts as a conflict), fields to read back R (-1: all);
+#       then 4 per event (idempotency key or '', event_type, terminal 0|1, json); then S
+#       field/value pairs; then D field names; then R field names.
+# Returns {ids, added, last}: `ids` in input order (a known idempotency key returns its first
+# id), `last` the newest id added. When the caller's view is stale (`ver` or `last` moved
+# since, or, if strict, a key is known) nothing is written and it returns {{}, -1, parts,
+# known}: the R fields of the progress hash (all of it, flat, when R = -1) and per event the
+# id its idempotency key was stored under (false if none), so the caller can fold again
+# without another round trip.
 APPEND_LUA = """
-local ver = tonumber(redis.call('HGET', KEYS[4], 'ver') or '0')
-if ver ~= tonumber(ARGV[5]) then
-  return {{}, -1}
-end
+local cur = redis.call('HMGET', KEYS[4], 'ver', 'last')
+local ver = tonumber(cur[1] or '0')
 local n, nset, ndel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local stale = ver ~= tonumber(ARGV[5]) or (ARGV[9] ~= '' and cur[2] ~= ARGV[9])
+if not stale and ARGV[10] == '1' then
+  for i = 0, n - 1 do
+    local ik = ARGV[12 + i * 4]
+    if ik ~= '' and redis.call('HEXISTS', KEYS[3], ik) == 1 then
+      stale = true
+      break
+    end
+  end
+end
+if stale then
+  local nread = tonumber(ARGV[11])
+  local parts
+  if nread < 0 then
+    parts = redis.call('HGETALL', KEYS[4])
+  else
+    local r = 12 + n * 4 + 2 * nset + ndel
+    parts = redis.call('HMGET', KEYS[4], unpack(ARGV, r, r + nread - 1))
+  end
+  local known = {}
+  for i = 0, n - 1 do
+    local ik = ARGV[12 + i * 4]
+    if ik ~= '' then known[i + 1] = redis.call('HGET', KEYS[3], ik) else known[i + 1] = false end
+  end
+  return {{}, -1, parts, known}
+end
 local ids = {}
 local added = 0
 local last = false
 for i = 0, n - 1 do
-  local b = 9 + i * 4
+  local b = 12 + i * 4
   local ik = ARGV[b]
   local known = false
   if ik ~= '' then known = redis.call('HGET', KEYS[3], ik) end
@@ -97,7 +128,7 @@ if added > 0 then
     redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
   end
   redis.call('HSET', KEYS[4], 'ver', ver + added, 'last', last)
-  local s = 9 + n * 4
+  local s = 12 + n * 4
   for k = 0, nset - 1 do
     redis.call('HSET', KEYS[4], ARGV[s + 2 * k], ARGV[s + 2 * k + 1])
   end
@@ -110,11 +141,15 @@ if added > 0 then
     if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ttl) end
   end
 end
-return {ids, added}
+return {ids, added, last}
 """
 
 # Fields of the progress hash besides `ver`, `last` and `shown`: the fold state in parts.
 META, PLAN, NODE = "meta", "plan", "n:"
+
+# How much fold state a process keeps between appends, in nodes (a workflow counts as its
+# nodes + 4): about 25 MB at most; beyond it the least recently written workflows go.
+CACHE_NODES = 50_000
 
 
 @dataclass(frozen=True)
@@ -145,7 +180,9 @@ class Appended:
 
     ids: list[str]
     new_events: list[Event]
-    state: progress.FoldState  # the progress fold after these events
+    # The progress fold after these events; the store may keep folding into the same object
+    # in later appends, so read it right away and do not keep it.
+    state: progress.FoldState
     # Durations these events finished, for the history: (definition, node, type, seconds).
     history: list[tuple[str | None, str, str | None, float]]
 
@@ -188,6 +225,52 @@ def _entry(raw_id: Any, fields: Any) -> Entry:
     return Entry(event_id, get("t"), get("x") == "1", get("d"))
 
 
+@dataclass(slots=True)
+class _View:
+    """A workflow's fold state as of progress-hash version `ver` (last id `last`).
+
+    `state` holds exactly the stored parts: meta, and the nodes in `nodes` (None: every
+    node, and the plan; a node named there but absent from `state` is absent in Redis).
+    """
+
+    ver: int
+    last: str
+    state: progress.FoldState
+    nodes: set[str] | None
+    weight: int = 0  # its share of the cache budget, set when it is cached
+
+
+def _touched(events: Sequence[Event]) -> set[str] | None:
+    """The nodes these events' fold reads or changes; None when it needs the whole state."""
+    wanted: set[str] = set()
+    for event in events:
+        nodes = progress.touched_nodes(event)
+        if nodes is None:
+            return None
+        wanted.update(nodes)
+    return wanted
+
+
+def _read_fields(touched: set[str] | None) -> list[str] | None:
+    """Progress-hash fields to read for these nodes; None: all of them."""
+    if touched is None:
+        return None
+    return ["ver", "last", META, *(NODE + n for n in sorted(touched))]
+
+
+def _view(fields: dict[str, Any], touched: set[str] | None) -> _View:
+    """The view from progress-hash fields read for `touched` (all fields when None)."""
+    meta = fields.get(META)
+    ver = int(fields.get("ver") or 0)
+    last = _text(fields["last"]) if fields.get("last") else ""
+    if not meta:  # a new (or expired) workflow: nothing stored, so every part is known
+        return _View(ver, last, progress.new_state(), None)
+    nodes = {f[len(NODE) :]: _bytes(v) for f, v in fields.items() if f.startswith(NODE) and v}
+    plan = fields.get(PLAN)
+    state = progress.loads_parts(_bytes(meta), _bytes(plan) if plan else None, nodes)
+    return _View(ver, last, state, None if touched is None else set(touched))
+
+
 class Store:
     """All Redis reads and writes of workflow events."""
 
@@ -197,10 +280,15 @@ class Store:
         *,
         maxlen: int,
         retention_seconds: int,
+        cache_nodes: int = CACHE_NODES,
     ) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self.retention_seconds = retention_seconds
+        # Fold state of the workflows this process wrote last, by workflow id (see append).
+        self.cache_nodes = cache_nodes
+        self._views: OrderedDict[str, _View] = OrderedDict()
+        self._weight = 0
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
         self.publish_command = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
@@ -208,44 +296,123 @@ class Store:
     async def append(
         self, workflow_id: str, events: Sequence[Event], *, attempts: int = 20
     ) -> Appended:
-        """Store `events` atomically (all or none), publish them, advance the progress fold."""
+        """Store `events` atomically (all or none), publish them, advance the progress fold.
+
+        One round trip when this process holds the workflow's current fold state (it wrote
+        the last append): the script's compare-and-set on `ver` and `last` proves it is
+        current. Otherwise, or when another writer got in between, the parts are read first
+        (or come back in the script's conflict answer) and the fold is done again.
+        """
+        touched = _touched(events)
+        view, usable = self._take(workflow_id, touched)
+        strict = True  # a cached view knows nothing of idempotency keys: the script checks
+        known: dict[str, str] = {}  # idempotency key -> the id it was stored under
+        if view is None or not usable:
+            view, known = await self._read(workflow_id, events, touched, view)
+            strict = False
         for _ in range(attempts):
-            try:
-                return await self._append_once(workflow_id, events)
-            except AppendConflict:
-                continue
+            if known and all(e.idempotency_key in known for e in events):
+                # Every event is stored already (a retry, or legacy ingest by several
+                # processes): nothing to write, so nothing to compare-and-set.
+                self._keep(workflow_id, view)
+                ids = [known[e.idempotency_key] for e in events if e.idempotency_key]
+                return Appended(ids, [], view.state, [])
+            done = await self._try(workflow_id, events, touched, view, known, strict=strict)
+            if isinstance(done, Appended):
+                return done
+            view, known = done
+            strict = False
         raise AppendConflict(f"workflow {workflow_id}: too many concurrent writers")
 
-    async def _append_once(self, workflow_id: str, events: Sequence[Event]) -> Appended:
-        # Read only the parts of the fold state these events touch (all of it for a plan or
-        # a terminal state), so an append costs O(its events), not O(nodes).
-        wanted: set[str] = set()
-        touched: set[str] | None = wanted
-        for event in events:
-            nodes = progress.touched_nodes(event)
-            if nodes is None:
-                touched = None
-                break
-            wanted.update(nodes)
-        node_fields = [NODE + n for n in touched or ()]
+    def _take(self, workflow_id: str, touched: set[str] | None) -> tuple[_View | None, bool]:
+        """The cached view of a workflow, and whether it holds every part these events need.
+
+        It leaves the cache either way: an append in flight owns it (and folds into it), so
+        a concurrent append of the same workflow in this process reads from Redis instead.
+        """
+        view = self._views.pop(workflow_id, None)
+        if view is None:
+            return None, False
+        self._weight -= view.weight
+        return view, view.nodes is None or (touched is not None and touched <= view.nodes)
+
+    def _keep(self, workflow_id: str, view: _View) -> None:
+        """Cache the view written by an append; the least recently written go first."""
+        view.weight = 4 + len(view.state.nodes)  # about a node's worth per part
+        if view.weight > self.cache_nodes:
+            return
+        old = self._views.get(workflow_id)
+        if old is not None:
+            if old.ver >= view.ver:
+                return  # a concurrent append of ours already left a newer one
+            self._weight -= old.weight
+        self._views[workflow_id] = view
+        self._views.move_to_end(workflow_id)
+        self._weight += view.weight
+        while self._weight > self.cache_nodes:
+            _, gone = self._views.popitem(last=False)
+            self._weight -= gone.weight
+
+    async def _read(
+        self,
+        workflow_id: str,
+        events: Sequence[Event],
+        touched: set[str] | None,
+        prior: _View | None,
+    ) -> tuple[_View, dict[str, str]]:
+        """Read the parts of the fold state these events touch, and their known keys.
+
+        A `prior` view that is still current gains the nodes read, so the parts this
+        process knows of a workflow grow instead of being read again.
+        """
+        # Only the parts the events touch (all of it for a plan or a terminal state), so an
+        # append costs O(its events), not O(nodes).
+        names = _read_fields(touched)
         keys_wanted = [e.idempotency_key for e in events if e.idempotency_key]
         pkey = progress_key(workflow_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            if touched is None:
+            if names is None:
                 pipe.hgetall(pkey)
             else:
-                pipe.hmget(pkey, ["ver", META, *node_fields])
+                pipe.hmget(pkey, names)
             if keys_wanted:
                 pipe.hmget(idempotency_key(workflow_id), keys_wanted)
             replies = await pipe.execute()
-        if touched is None:
+        if names is None:
             fields = {_text(k): v for k, v in replies[0].items()}
         else:
-            fields = dict(zip(["ver", META, *node_fields], replies[0], strict=True))
+            fields = dict(zip(names, replies[0], strict=True))
         known = {
-            k for k, v in zip(keys_wanted, replies[1] if keys_wanted else [], strict=True) if v
+            k: _text(v)
+            for k, v in zip(keys_wanted, replies[1] if keys_wanted else [], strict=True)
+            if v
         }
+        view = _view(fields, touched)
+        if (
+            prior is not None
+            and prior.nodes is not None
+            and view.nodes is not None
+            and (prior.ver, prior.last) == (view.ver, view.last)
+        ):
+            for node_id in view.nodes - prior.nodes:
+                node = view.state.nodes.get(node_id)
+                if node is not None:
+                    prior.state.nodes[node_id] = node
+            prior.nodes |= view.nodes
+            view = prior
+        return view, known
 
+    async def _try(
+        self,
+        workflow_id: str,
+        events: Sequence[Event],
+        touched: set[str] | None,
+        view: _View,
+        known: dict[str, str],
+        *,
+        strict: bool,
+    ) -> Appended | tuple[_View, dict[str, str]]:
+        """Fold into `view` and run the script: the result, or the fresh view on a conflict."""
         # Only events the script will really store are folded; a key repeated in the batch
         # stores once.
         new_events: list[Event] = []
@@ -258,15 +425,8 @@ class Store:
                 seen.add(key)
             new_events.append(event)
 
-        before_nodes = {f[len(NODE) :] for f, v in fields.items() if f.startswith(NODE) and v}
-        meta = fields.get(META)
-        state = (
-            progress.loads_parts(
-                meta, fields.get(PLAN), {n: fields[NODE + n] for n in before_nodes}
-            )
-            if meta
-            else progress.new_state()
-        )
+        state = view.state  # folded in place: the view is ours alone until it is cached
+        before_nodes = set(state.nodes) if touched is None else set()
         history: list[tuple[str | None, str, str | None, float]] = []
         for event in new_events:
             history += progress.history_items(state, event)  # before fold updates it
@@ -279,16 +439,20 @@ class Store:
             deletes = [NODE + n for n in before_nodes - state.nodes.keys()]
         for node_id in state.nodes if touched is None else touched & state.nodes.keys():
             updates += [NODE + node_id, progress.dumps_node(state.nodes[node_id])]
+        names = _read_fields(touched)
 
         args: list[Any] = [
             channel(workflow_id),
             self.maxlen,
             self.retention_seconds,
             self.publish_command,
-            int(fields.get("ver") or 0),
+            view.ver,
             len(events),
             len(updates) // 2,
             len(deletes),
+            view.last if strict else "",
+            "1" if strict else "0",
+            -1 if names is None else len(names),
         ]
         for event in events:
             args += [
@@ -298,9 +462,25 @@ class Store:
                 to_json(event),
             ]
         args += updates + deletes
-        ids_raw, added = await self._append(keys=workflow_keys(workflow_id), args=args)
+        if names is not None:
+            args += names
+        reply = await self._append(keys=workflow_keys(workflow_id), args=args)
+        ids_raw, added = reply[0], reply[1]
         if added == -1:
-            raise AppendConflict(workflow_id)
+            parts, known_raw = reply[2], reply[3]
+            if names is None:
+                fields = {_text(parts[i]): parts[i + 1] for i in range(0, len(parts), 2)}
+            else:
+                fields = dict(zip(names, parts, strict=True))
+            fresh = {
+                e.idempotency_key: _text(v)
+                for e, v in zip(events, known_raw, strict=True)
+                if e.idempotency_key and v
+            }
+            return _view(fields, touched), fresh
+        last = _text(reply[2]) if added else view.last
+        nodes = None if view.nodes is None else view.nodes | (touched or set())
+        self._keep(workflow_id, _View(view.ver + added, last, state, nodes))
         return Appended([_text(i) for i in ids_raw], new_events, state, history)
 
     async def read_after(self, workflow_id: str, after: str | None, count: int) -> Page:

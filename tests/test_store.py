@@ -1,0 +1,196 @@
+"""The append path: one round trip with a cached fold state, exact under concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from server import progress, store
+from server.models import Event, event_adapter
+from server.store import Store
+
+pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
+
+T0 = datetime(2026, 1, 22, 10, 0, tzinfo=UTC)
+
+
+def ev(i: int, event_type: str, **fields: Any) -> Event:
+    raw = {"event_type": event_type, "timestamp": T0 + timedelta(seconds=i), **fields}
+    return event_adapter.validate_python(raw)
+
+
+def plan(nodes: int) -> Event:
+    return ev(0, "workflow_planned", nodes=[{"node_id": f"n{i}"} for i in range(nodes)])
+
+
+def node_events(count: int, nodes: int, seed: int) -> list[Event]:
+    rnd = random.Random(seed)
+    kinds = ["node_started", "node_progress", "node_completed", "node_failed", "node_skipped"]
+    out = []
+    for i in range(count):
+        kind = rnd.choice(kinds)
+        extra: dict[str, Any] = {"node_id": f"n{rnd.randrange(nodes)}"}
+        if kind == "node_progress":
+            extra["fraction"] = 0.5
+        if kind == "node_failed":
+            extra["error"] = "boom"
+        out.append(ev(i + 1, kind, **extra))
+    return out
+
+
+def new_store(redis: Any, **kw: Any) -> Store:
+    return Store(redis, maxlen=10_000, retention_seconds=600, **kw)
+
+
+async def stored_state(redis: Any, wf: str) -> tuple[bytes, dict[str, bytes]]:
+    """The fold state in Redis, as (meta, node parts)."""
+    loaded = await new_store(redis).load_progress(wf)
+    assert loaded is not None
+    return _parts(loaded.state)
+
+
+def _parts(state: progress.FoldState) -> tuple[bytes, dict[str, bytes]]:
+    return progress.dumps_meta(state), {
+        n: progress.dumps_node(node) for n, node in sorted(state.nodes.items())
+    }
+
+
+async def replayed_state(redis: Any, wf: str) -> tuple[bytes, dict[str, bytes]]:
+    """Fold of every stored event in stream order: what the stored state must equal."""
+    state = progress.new_state()
+    for _id, fields in await redis.xrange(store.stream_key(wf)):
+        state = progress.fold(state, event_adapter.validate_json(fields[b"d"]))
+    return _parts(state)
+
+
+class CountingReads:
+    """Counts the store's separate reads (the second round trip the cache saves)."""
+
+    def __init__(self, s: Store) -> None:
+        self.reads = 0
+        inner = s._read
+
+        async def counted(*args: Any) -> Any:
+            self.reads += 1
+            return await inner(*args)
+
+        s._read = counted  # type: ignore[method-assign]
+
+
+async def test_a_cached_append_reads_nothing_first_and_the_fold_is_exact(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    wf, s = new_workflow(), new_store(redis)
+    counter = CountingReads(s)
+    await s.append(wf, [plan(5)])
+    assert counter.reads == 1  # a new workflow: one read
+    for e in node_events(40, 5, seed=1):
+        await s.append(wf, [e])
+    await s.append(wf, [ev(99, "workflow_state_changed", to_state="COMPLETED")])
+    assert counter.reads == 1  # everything else rode on the cached state
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_without_a_plan_the_known_parts_grow_instead_of_being_read_again(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    await a.append(wf, [ev(1, "node_started", node_id="x")])
+    b_reads = CountingReads(b)
+    await b.append(wf, [ev(2, "node_started", node_id="y")])  # stale for a now
+    a_reads = CountingReads(a)
+    await a.append(wf, [ev(3, "node_started", node_id="z")])  # conflict answer, no read
+    assert a_reads.reads == 0
+    await b.append(wf, [ev(4, "node_completed", node_id="y")])  # b's view is stale
+    await b.append(wf, [ev(5, "node_completed", node_id="y")])
+    await b.append(wf, [ev(6, "node_completed", node_id="x")])  # x was never read by b
+    await b.append(wf, [ev(7, "node_completed", node_id="x")])
+    assert b_reads.reads == 1 + 1  # its first append, and x (y came in the conflict answer)
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+@pytest.mark.parametrize("writers", [2, 3])
+async def test_concurrent_writers_in_several_processes_keep_the_fold_exact(
+    redis: Any, new_workflow: Callable[[], str], writers: int
+) -> None:
+    wf = new_workflow()
+    stores = [new_store(redis) for _ in range(writers)]
+    await stores[0].append(wf, [plan(6)])
+    events = node_events(150, 6, seed=writers)
+    rnd = random.Random(7)
+    appended = [1]
+
+    async def writer(k: int) -> None:
+        for i in range(k, len(events), writers):
+            s = stores[k] if rnd.random() < 0.8 else rnd.choice(stores)
+            batch = [events[i]] if rnd.random() < 0.7 else [events[i], events[i]]
+            result = await s.append(wf, batch)
+            await asyncio.sleep(rnd.random() * 0.002)  # writers in step would starve one
+            appended[0] += len(result.new_events)
+
+    await asyncio.gather(*(writer(k) for k in range(writers)))
+    # Two appends of one workflow at once in the same process, too.
+    await asyncio.gather(*(stores[0].append(wf, [e]) for e in node_events(8, 6, seed=9)))
+    await stores[1].append(wf, [ev(500, "workflow_state_changed", to_state="FAILED")])
+    assert await redis.xlen(store.stream_key(wf)) == appended[0] + 8 + 1
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_a_workflow_that_expired_and_came_back_is_not_mistaken_for_the_cached_one(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    await a.append(wf, [ev(1, "node_started", node_id="old")])
+    await redis.delete(*store.workflow_keys(wf))  # as if it expired
+    await asyncio.sleep(0.01)  # expiry takes RETENTION_SECONDS: the new ids are later
+    await b.append(wf, [ev(2, "node_started", node_id="new")])  # ver is 1 again
+    await a.append(wf, [ev(3, "node_completed", node_id="new")])
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+    meta = json.loads((await stored_state(redis, wf))[0])
+    assert meta["tot"] == 1  # "old" is gone with the expired state
+
+
+async def test_idempotency_keys_with_a_cached_state_store_once(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    first = await a.append(wf, [ev(1, "node_started", node_id="n", idempotency_key="k1")])
+    again = await a.append(wf, [ev(1, "node_started", node_id="n", idempotency_key="k1")])
+    assert again.ids == first.ids and again.new_events == []
+    other = await b.append(wf, [ev(2, "node_completed", node_id="n", idempotency_key="k2")])
+    mixed = await a.append(
+        wf,
+        [
+            ev(2, "node_completed", node_id="n", idempotency_key="k2"),
+            ev(3, "node_started", node_id="m", idempotency_key="k3"),
+            ev(3, "node_started", node_id="m", idempotency_key="k3"),
+        ],
+    )
+    assert mixed.ids[0] == other.ids[0] and mixed.ids[1] == mixed.ids[2]
+    assert len(mixed.new_events) == 1
+    assert await redis.xlen(store.stream_key(wf)) == 3
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_the_cache_stays_within_its_budget(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    s = new_store(redis, cache_nodes=30)
+    workflows = [new_workflow() for _ in range(6)]
+    for wf in workflows:
+        await s.append(wf, [plan(5)])
+        assert s._weight <= 30
+        assert s._weight == sum(v.weight for v in s._views.values())
+    assert list(s._views) == workflows[-3:]  # 9 each: the three written last
+    big = new_workflow()
+    await s.append(big, [plan(40)])  # heavier than the whole budget: not kept
+    assert big not in s._views
+    for wf in workflows:
+        await s.append(wf, [ev(1, "node_started", node_id="n1")])
+        assert await stored_state(redis, wf) == await replayed_state(redis, wf)
