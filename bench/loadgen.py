@@ -129,7 +129,8 @@ class SseStream(asyncio.Protocol):
         self.connections = 0  # answered with a status (200 or not)
         self.reconnected_at: float | None = None  # loop.time() of the last 200 on a reconnection
         self.finished = False  # a 204 said stop
-        self.target: int | None = None  # caught up once `count` reaches it
+        self.target: int | None = None  # caught up once `count` reaches it ...
+        self.target_since = 0.0  # ... on a connection answered 200 at or after this loop.time()
         self.caught_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -249,6 +250,7 @@ class SseStream(asyncio.Protocol):
                 if status == 200:
                     self.rec.reconnects += 1
                     self.reconnected_at = self.loop.time()
+                    self._check_caught_up()
                 else:
                     self.rec.statuses[status] = self.rec.statuses.get(status, 0) + 1
                     if status != 204 and len(self.rec.status_samples) < 5:
@@ -331,8 +333,22 @@ class SseStream(asyncio.Protocol):
             rec.gaps += block.count(b"event: gap")
         if self.reconnect is not None:
             self._fields(block)
-            if self.target is not None and self.caught_at is None and self.count >= self.target:
-                self.caught_at = self.loop.time()
+            self._check_caught_up()
+
+    def set_target(self, target: int, since: float) -> None:
+        """Caught up: `count` >= `target` on a reconnection answered at or after `since`."""
+        self.target, self.target_since = target, since
+        self._check_caught_up()
+
+    def _check_caught_up(self) -> None:
+        if (
+            self.target is not None
+            and self.caught_at is None
+            and self.count >= self.target
+            and self.reconnected_at is not None
+            and self.reconnected_at >= self.target_since
+        ):
+            self.caught_at = self.loop.time()
 
 
 class StreamGroup:
