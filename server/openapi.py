@@ -106,6 +106,7 @@ _REASONS = {
     413: "Body over MAX_BODY_BYTES.",
     415: "Content-Type is not application/json.",
     422: "Valid JSON that is not an event or a batch of 1 to 1,000 events.",
+    426: "A WebSocket endpoint asked without a WebSocket upgrade.",
     503: "Redis is unavailable, or MAX_STREAMS streams are open.",
 }
 
@@ -171,8 +172,21 @@ def _start(schema: dict[str, Any], usage: str) -> list[dict[str, Any]]:
     ]
 
 
+def uint64_pattern() -> str:
+    """A regex for the decimal numbers 0 .. 2**64 - 1 (leading zeros allowed, 1 to 20
+    digits), as the server parses an id's parts: so a schema-valid id is never refused."""
+    top = str(2**64 - 1)
+    alternatives = ["[0-9]{1,19}", top]
+    for i, digit in enumerate(top):
+        if digit != "0":
+            rest = len(top) - i - 1
+            alternatives.append(f"{top[:i]}[0-{int(digit) - 1}][0-9]{{{rest}}}")
+    return "(?:" + "|".join(alternatives) + ")"
+
+
 # Empty counts as absent and surrounding blanks are ignored; anything else is a 400.
-_START_ID = {"type": "string", "pattern": r"^(\s*[0-9]{1,20}-[0-9]{1,20}\s*)?$"}
+_UINT64 = uint64_pattern()
+_START_ID = {"type": "string", "pattern": rf"^(\s*{_UINT64}-{_UINT64}\s*)?$"}
 _SUBSCRIBE_SECURITY: list[dict[str, list[str]]] = [
     {},  # open unless SUBSCRIBE_SECRET is set
     {"subscribeBearer": []},
@@ -320,6 +334,26 @@ def _components() -> dict[str, Any]:
     }
 
 
+def _websocket_operation(operation_id: str) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "summary": "WebSocket: each stored event as one text message, with its `id`.",
+        "description": (
+            "After the upgrade (RFC 6455) each stored event is one text message: the object "
+            "the SSE `data:` carries, with `id` first; trimmed history is announced as "
+            '`{"event_type": "gap", ...}`. The socket closes 1000 after the terminal state '
+            "(at once for a resume at or past it) and 1001 with the reason `retry_ms=<n>` "
+            "when the server shuts down."
+        ),
+        "security": _SUBSCRIBE_SECURITY,
+        "parameters": [_start(_START_ID, "Resume after this id")[1]],
+        "responses": {
+            "101": {"description": "Switching Protocols: the WebSocket."},
+            **_problems(400, 401, 403, 426, 503),
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document: paths, event and progress schemas, problem responses."""
     ops_security: list[dict[str, list[str]]] = [{}]
@@ -339,6 +373,14 @@ def openapi_document() -> dict[str, Any]:
             "/workflows/{workflow_id}/progress": {
                 "parameters": [_WORKFLOW_ID],
                 "get": _progress_operation(),
+            },
+            "/workflows/{workflow_id}/ws": {
+                "parameters": [_WORKFLOW_ID],
+                "get": _websocket_operation("websocketEvents"),
+            },
+            "/api/v1/workflows/ws/{instance_id}": {
+                "parameters": [{**_WORKFLOW_ID, "name": "instance_id"}],
+                "get": _websocket_operation("websocketEventsLegacy"),
             },
             "/healthz": {
                 "get": {

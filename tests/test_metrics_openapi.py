@@ -136,6 +136,8 @@ def test_document_has_every_path_and_method(doc: dict[str, Any]) -> None:
     assert paths == {
         "/workflows/{workflow_id}/events": {"get", "post"},
         "/workflows/{workflow_id}/progress": {"get"},
+        "/workflows/{workflow_id}/ws": {"get"},
+        "/api/v1/workflows/ws/{instance_id}": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
         "/metrics": {"get"},
@@ -201,7 +203,7 @@ def test_error_responses_are_problem_json(doc: dict[str, Any]) -> None:
                     (media,) = response["content"]
                     assert media == "application/problem+json"
                     assert response["content"][media]["schema"]["$ref"].endswith("/Problem")
-    assert codes == {"400", "401", "403", "404", "413", "415", "422", "503"}
+    assert codes == {"400", "401", "403", "404", "413", "415", "422", "426", "503"}
     stream = doc["paths"]["/workflows/{workflow_id}/events"]["get"]["responses"]
     assert "Retry-After" in stream["503"]["headers"]
     assert "WWW-Authenticate" in stream["401"]["headers"]
@@ -287,3 +289,14 @@ async def test_real_publish_and_progress_answers_match_the_schemas(
     ])  # fmt: skip
     done = await progress()
     assert done["percentage"] == 100 and done["estimated_remaining_seconds"] == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["0-0", "1769077817000-3", "00000000000000000001-0", "18446744073709551615-0",
+     "18446744073709551616-0", "99999999999999999999-1", "1-18446744073709551616", "1-0-0"],
+)  # fmt: skip
+def test_start_id_schema_accepts_exactly_what_the_server_accepts(value: str) -> None:
+    pattern = re.compile(openapi_document()["paths"]["/workflows/{workflow_id}/events"]["get"]
+                         ["parameters"][1]["schema"]["pattern"])  # fmt: skip
+    assert bool(pattern.match(value)) == (models.parse_event_id(value) is not None)

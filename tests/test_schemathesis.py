@@ -41,6 +41,8 @@ OPERATIONS = [
     "POST /workflows/{workflow_id}/events",
     "GET /workflows/{workflow_id}/events",
     "GET /workflows/{workflow_id}/progress",
+    "GET /workflows/{workflow_id}/ws",
+    "GET /api/v1/workflows/ws/{instance_id}",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
@@ -73,6 +75,9 @@ EXCLUDED: dict[str, list[Any]] = {
     "POST /workflows/{workflow_id}/events": [checks.positive_data_acceptance],
     # A schema-valid id of a workflow that has no events is a 404 by the SPEC.
     "GET /workflows/{workflow_id}/progress": [checks.positive_data_acceptance],
+    # Plain HTTP cannot upgrade: a valid request to a WebSocket endpoint answers 426.
+    "GET /workflows/{workflow_id}/ws": [checks.positive_data_acceptance],
+    "GET /api/v1/workflows/ws/{instance_id}": [checks.positive_data_acceptance],
 }
 
 CASES: Counter[str] = Counter()  # label and mode -> cases sent
