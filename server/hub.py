@@ -122,6 +122,11 @@ class Subscription:
     def pending(self) -> bool:
         return self.cursor < self.channel.seq
 
+    @property
+    def confirmed(self) -> bool:
+        """Redis confirmed the channel: live frames flow from here on."""
+        return self.channel.ready.is_set()
+
     def restart(self) -> None:
         """Start a catch-up read: live frames from now on are kept for this reader."""
         self.resync = False
@@ -418,7 +423,9 @@ class Hub:
         return upstream
 
     async def attach(self, workflow_id: str) -> Subscription:
-        """Register a reader; returns once Redis confirmed the channel is subscribed."""
+        """Register a reader and ask Redis for its channel. Its stream must wait for
+        `sub.confirmed` before reading history (the hub wakes it then), so that nothing
+        published after the read can be missed."""
         name = store.channel(workflow_id)
         chan = self._channels.get(name)
         if chan is None:
@@ -427,14 +434,6 @@ class Hub:
             await upstream.subscribe(name, chan)
         sub = Subscription(workflow_id, chan, chan.seq)
         chan.subs.add(sub)
-        if not chan.ready.is_set():
-            try:
-                await asyncio.wait_for(chan.ready.wait(), self._confirm_timeout)
-            except BaseException as exc:
-                await self.detach(sub)
-                if isinstance(exc, TimeoutError):
-                    raise HubUnavailable("Redis did not confirm the subscription") from None
-                raise
         return sub
 
     async def detach(self, sub: Subscription) -> None:
@@ -448,9 +447,13 @@ class Hub:
 
     @asynccontextmanager
     async def subscribe(self, workflow_id: str) -> AsyncIterator[Subscription]:
-        """attach() and detach() as a context manager."""
+        """attach(), wait for the confirmation (HubUnavailable after the timeout), detach()."""
         sub = await self.attach(workflow_id)
         try:
+            try:
+                await asyncio.wait_for(sub.channel.ready.wait(), self._confirm_timeout)
+            except TimeoutError:
+                raise HubUnavailable("Redis did not confirm the subscription") from None
             yield sub
         finally:
             await self.detach(sub)
@@ -476,3 +479,5 @@ class Hub:
                     sub.request_resync()
             else:
                 chan.ready.set()
+                for sub in chan.subs:
+                    sub.wakeup.set()  # streams wait for this before reading history

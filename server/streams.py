@@ -236,7 +236,7 @@ class EventStream:
         fresh = True  # live frames need no comparison with what was sent
         try:
             while not handle.stopping:
-                if sub.resync:
+                if sub.resync and sub.confirmed:
                     sub.restart()
                     try:
                         if await self._catch_up():
@@ -272,7 +272,9 @@ class EventStream:
                         return
                     continue
                 sub.wakeup.clear()
-                if not (sub.pending or sub.resync or handle.stopping or beat.due):
+                ready = sub.pending or (sub.resync and sub.confirmed)
+                if not (ready or handle.stopping or beat.due):
+                    # Live frames, a resync, the confirmation, shutdown or the heartbeat.
                     await sub.wakeup.waiter()  # a wake-up after the check is not lost
                 if beat.due:
                     await self.sink.keep_alive()
@@ -372,6 +374,10 @@ class ProgressStream:
         sent_at = -1e9
         beat = Heartbeat(self.sub.wakeup, self.heartbeat)
         try:
+            while not (self.sub.confirmed or self.handle.stopping):
+                if not await wait_for_wakeup(self.sub, self.handle, beat):
+                    await self.response.write(sse.KEEP_ALIVE)
+                    beat.wrote()
             while not self.handle.stopping:
                 self.sub.restart()  # only "something changed" matters here
                 wait = sent_at + self.min_interval - loop.time()

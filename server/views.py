@@ -12,7 +12,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import auth, keys
-from .hub import HubUnavailable, Subscription
+from .hub import Subscription
 from .models import EventRejected, decode_body, is_workflow_id, parse_event_id
 from .problems import Problem
 from .store import Store, id_key
@@ -146,11 +146,11 @@ class StreamSlot:
                 503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
             ) from None
         try:
+            # Not waiting for Redis to confirm: the stream answers 200 at once and waits
+            # itself (with keep-alives), as a 503 would end an EventSource for good.
             self.sub = await app[keys.hub_key].attach(self.workflow_id)
-        except BaseException as exc:
+        except BaseException:
             registry.release(self.handle)
-            if isinstance(exc, HubUnavailable):
-                raise Problem(503, str(exc), headers={"Retry-After": "1"}) from None
             raise
         self.gauge = app[keys.metrics_key].open_streams.labels(self.kind)
         self.gauge.inc()
