@@ -182,6 +182,7 @@ class EventStream:
     """Sends one workflow's events to one client: history first, then live, no gap."""
 
     __slots__ = (
+        "check_finished",
         "handle",
         "heartbeat",
         "last_id",
@@ -210,6 +211,7 @@ class EventStream:
         on_sent: Callable[[int], None] = lambda n: None,
         on_gap: Callable[[], None] = lambda: None,
         on_live: Callable[[list[Frame]], None] = lambda frames: None,
+        check_finished: bool = False,
     ) -> None:
         self.sink = sink
         self.store = store
@@ -224,6 +226,7 @@ class EventStream:
         self.on_gap = on_gap
         self.on_live = on_live
         self.read_once = False
+        self.check_finished = check_finished
         handle.wakeup = sub.wakeup
 
     async def run(self) -> None:
@@ -239,7 +242,7 @@ class EventStream:
                 if sub.resync and sub.confirmed:
                     sub.restart()
                     try:
-                        if await self._catch_up():
+                        if await self._catch_up() or await self._finished_already():
                             return
                         backoff = 0.1
                     except RedisError as exc:
@@ -286,6 +289,15 @@ class EventStream:
             return
         finally:
             beat.cancel()
+
+    async def _finished_already(self) -> bool:
+        """Once, when the handler could not ask Redis whether to answer 204: the last event
+        is terminal and the client had it, so nothing will follow."""
+        if not self.check_finished:
+            return False
+        last = await self.store.last_entry(self.workflow_id)
+        self.check_finished = False
+        return last is not None and last.terminal and last.key <= self.last_key
 
     async def _catch_up(self) -> bool:
         """Send every retained event after the last sent id; True if the terminal was sent."""

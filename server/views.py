@@ -191,7 +191,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     store, metrics = app[keys.store_key], app[keys.metrics_key]
 
-    if start is not None and await finished_before(store, workflow_id, start):
+    try:
+        finished = start is not None and await finished_before(store, workflow_id, start)
+    except RedisError:  # overloaded or down: a 503 would end an EventSource for good
+        finished = None  # the stream asks again once Redis answers
+    if finished:
         return web.Response(status=204)  # tells EventSource to stop reconnecting
 
     async with StreamSlot(request, workflow_id, "events") as (handle, sub):
@@ -209,6 +213,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             on_sent=metrics.events_delivered_total.inc,
             on_live=metrics.observe_frames,
             on_gap=metrics.gaps_total.inc,
+            check_finished=finished is None,
         )
         try:
             await stream.run()

@@ -74,10 +74,11 @@ async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicat
             # A stream opened meanwhile is not refused (a 503 would end an EventSource for
             # good): it answers 200 and waits for Redis.
             late = await s.get(f"{base}/workflows/{wf}/events")
-            assert late.status == 200
-            late_reader = asyncio.create_task(
-                collect_messages(late), name="stream opened during the outage"
-            )
+            resumed = await s.get(f"{base}/workflows/{wf}/events",
+                                  headers={"Last-Event-ID": received[-1].id or ""})  # fmt: skip
+            assert late.status == 200 and resumed.status == 200
+            late_reader = asyncio.create_task(collect_messages(late))
+            resumed_reader = asyncio.create_task(collect_messages(resumed))
 
             redis_proc.start()  # same port, empty: it kept nothing on disk
             deadline = time.monotonic() + 15
@@ -96,12 +97,14 @@ async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicat
             await asyncio.wait_for(reader, 20)  # the stream stayed open and ends at terminal
             resp.release()
             late_ids = [m.id for m in await asyncio.wait_for(late_reader, 20)]
+            resumed_ids = [m.id for m in await asyncio.wait_for(resumed_reader, 20)]
             late.release()
+            resumed.release()
         stored = [eid.decode() for eid, _ in await client.xrange(store.stream_key(wf))]
         ids = [m.id for m in received]
         assert len(ids) == len(set(ids)) == 11  # 5 before, 5 after, the terminal; no duplicate
         assert ids[5:] == stored  # after the restart: exactly what Redis now holds, in order
-        assert late_ids == stored  # the late stream: all of it, from its start
+        assert late_ids == resumed_ids == stored  # opened during the outage: all of it
         assert [m.json()["node_id"] for m in received[:10]] == [f"a{i}" for i in range(5)] + [
             f"b{i}" for i in range(5)
         ]
