@@ -245,6 +245,7 @@ class _Upstream:
         self.task: asyncio.Task[None] | None = None
         # Serialises (S)SUBSCRIBE/(S)UNSUBSCRIBE so two tasks never open the connection twice.
         self.lock = asyncio.Lock()
+        self.down = False  # the connection failed and is not back yet
 
     def channels(self) -> list[str]:
         return [n for n, c in self.hub._channels.items() if c.upstream is self]
@@ -323,6 +324,7 @@ class _Upstream:
                         logger.info("hub reconnected to Redis %s", self.name)
                     first = False
                     backoff = 0.05
+                    self.down = False
                 message = await self.pubsub.get_message(timeout=None)
                 if message is not None:
                     self.hub._dispatch(message)
@@ -333,6 +335,7 @@ class _Upstream:
                     "hub lost Redis %s (%s: %s); retrying in %.2fs",
                     self.name, type(exc).__name__, exc, backoff,
                 )  # fmt: skip
+                self.down = True
                 await self._drop()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -376,6 +379,12 @@ class Hub:
     @property
     def channel_count(self) -> int:
         return len(self._channels)
+
+    @property
+    def redis_down(self) -> bool:
+        """A pub/sub connection failed and is not back: Redis is unavailable (not merely
+        slow), which a new stream is told with a 503."""
+        return any(upstream.down for upstream in self._upstreams.values())
 
     @property
     def connection_count(self) -> int:

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 WORKFLOW_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-EVENT_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only: Redis takes no other
 MAX_NODES = 10_000
 MAX_BATCH = 1_000
 MAX_DURATION_MS = 10 * 365 * 86_400_000  # ten years: beyond that a duration is a bug

@@ -138,7 +138,10 @@ class StreamSlot:
 
     async def __aenter__(self) -> tuple[StreamHandle, Subscription]:
         app = self.request.app
-        registry = app[keys.streams_key]
+        hub, registry = app[keys.hub_key], app[keys.streams_key]
+        if hub.redis_down:
+            raise Problem(503, "Redis is unavailable; try again shortly",
+                          headers={"Retry-After": "1"})  # fmt: skip
         try:
             self.handle = registry.acquire()
         except StreamsFull as exc:
@@ -146,9 +149,10 @@ class StreamSlot:
                 503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
             ) from None
         try:
-            # Not waiting for Redis to confirm: the stream answers 200 at once and waits
-            # itself (with keep-alives), as a 503 would end an EventSource for good.
-            self.sub = await app[keys.hub_key].attach(self.workflow_id)
+            # Redis is up (maybe slow, as in a reconnect storm): not waiting for it to
+            # confirm, the stream answers 200 and waits itself (with keep-alives), since a
+            # 503 would end an EventSource for good.
+            self.sub = await hub.attach(self.workflow_id)
         except BaseException:
             registry.release(self.handle)
             raise
@@ -193,8 +197,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     try:
         finished = start is not None and await finished_before(store, workflow_id, start)
-    except RedisError:  # overloaded or down: a 503 would end an EventSource for good
-        finished = None  # the stream asks again once Redis answers
+    except RedisError:
+        if app[keys.hub_key].redis_down:
+            raise
+        # Redis is up but did not answer in time (a reconnect storm): a 503 would end an
+        # EventSource for good, so the stream asks again once Redis answers.
+        finished = None
     if finished:
         return web.Response(status=204)  # tells EventSource to stop reconnecting
 

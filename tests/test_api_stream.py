@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import keys, store
 from tests.conftest import Serve
@@ -104,8 +105,10 @@ async def test_replay_from_start_header_and_query_where_header_wins(
 
 
 @pytest.mark.parametrize(
-    "bad", ["abc", "1", "1-", "-1", "1-2-3", "1.5-0", "99999999999999999999999-0", "1-0 x"]
-)
+    "bad",
+    ["abc", "1", "1-", "-1", "1-2-3", "1.5-0", "99999999999999999999999-0", "1-0 x",
+     "18446744073709551616-0", "\u0661\u0662-0"],  # 2**64; Arabic-Indic digits
+)  # fmt: skip
 async def test_malformed_last_event_id_is_400(
     serve: Serve, new_workflow: Callable[[], str], bad: str
 ) -> None:
@@ -151,6 +154,34 @@ async def test_terminal_ends_stream_and_reconnect_at_terminal_is_204(
         for start in (resumed[0], "99999999999999-0"):
             async with s.get(url, headers={"Last-Event-ID": start}) as resp:
                 assert resp.status == 204
+
+
+async def test_when_redis_cannot_say_whether_to_answer_204_the_stream_decides_later(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    """An overloaded Redis at reconnect time gives a 200 (a 503 would end an EventSource for
+    good); the stream then ends at once if the client already had the terminal event."""
+    base, wf = await serve(), new_workflow()
+    ids = await publish(base, wf, [started("a"), DONE])
+    the_store = serve.apps[0][keys.store_key]
+    real_last_entry = the_store.last_entry
+    failures = 0
+
+    async def overloaded_once(workflow_id: str) -> Any:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise RedisConnectionError("No connection available.")
+        return await real_last_entry(workflow_id)
+
+    the_store.last_entry = overloaded_once
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/workflows/{wf}/events", headers={"Last-Event-ID": ids[1]}) as r:
+            assert r.status == 200
+            body = await asyncio.wait_for(r.read(), 10)  # it ends by itself
+        assert failures == 1 and b"data:" not in body
+        async with s.get(f"{base}/workflows/{wf}/events", headers={"Last-Event-ID": ids[1]}) as r:
+            assert r.status == 204  # Redis answers again: the usual 204
 
 
 async def test_keep_alive_comment_when_idle(serve: Serve, new_workflow: Callable[[], str]) -> None:
