@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from .store import AnyRedis
 
@@ -64,6 +65,12 @@ async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
         if parts.scheme in CLUSTER_SCHEMES:
             plain = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
             client = RedisCluster.from_url(plain)
+            try:
+                # Learn the slots now: the lazy first-use initialisation is not safe against
+                # concurrent first commands (some fail with an AttributeError in redis-py).
+                await client.initialize()
+            except RedisError as exc:
+                logger.warning("Redis Cluster not reachable at start (%s); retrying on use", exc)
         else:
             # Block for a free connection instead of failing: a burst of streams opening at
             # once must queue for the pool, not answer 503 ("Too many connections").

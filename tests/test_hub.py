@@ -14,6 +14,7 @@ import pytest
 
 from server import keys, store
 from server.hub import Frame, Hub, Subscription, _Channel, parse_message
+from server.redis_client import open_redis
 from tests.conftest import Serve
 from tests.sse_client import Parser, collect, iter_messages
 
@@ -239,3 +240,16 @@ def test_take_stops_after_the_terminal_frame_and_after_drops_what_history_sent()
     ]
     assert rest.sse == _frame(1).data + _frame(2, True).data and rest.stop == live.stop
     assert live.after(_frame(2).key) is None and live.after((0, 0)) is live
+
+
+async def test_a_fresh_cluster_client_takes_concurrent_first_commands(cluster_url: str) -> None:
+    """redis-py's lazy cluster initialisation fails some concurrent first commands; the
+    server's client learns the slots when it opens."""
+    url = cluster_url.replace("redis://", "redis+cluster://", 1)
+    for _ in range(3):
+        async with open_redis(url) as client:
+            keys_ = [store.stream_key(f"fresh-{i}") for i in range(20)]
+            replies = await asyncio.gather(
+                *(client.xrevrange(k, count=1) for k in keys_), return_exceptions=True
+            )
+            assert replies == [[]] * 20
