@@ -110,13 +110,33 @@ class RedisProcess:
         self.proc = None
 
 
-class ServerProcess:
-    """`python -m server` in a subprocess on its own port."""
+def server_env(**extra: str) -> dict[str, str]:
+    """A child server's environment with none of the server's settings from ours (so the
+    embedded Redis unless `REDIS_URL=` is given in `extra`)."""
+    from server.settings import Settings
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None):
+    ours = {name.upper() for name in Settings.__dataclass_fields__}
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
+class ServerProcess:
+    """`python -m server` in a subprocess on its own port.
+
+    `env` is added to this process's environment, or with `clean=True` to `server_env()`.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        clean: bool = False,
+    ) -> None:
         self.port = port or free_port()
         self.args = args
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**(server_env() if clean else os.environ), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="wfsse-server-", suffix=".log", delete=False)
 
@@ -125,10 +145,18 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 15.0) -> None:
+        """Launch, then wait (bounded) for /readyz to answer 200."""
+        self.launch()
+        await self.wait_ready(timeout)
+
+    def launch(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", str(self.port), *self.args],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as s:
             while time.monotonic() < deadline:
@@ -149,6 +177,15 @@ class ServerProcess:
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
+
+    def end(self, sig: int) -> None:
+        """Deliver `sig` and wait (bounded) for the process to exit."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            self.wait(10)
+        except subprocess.TimeoutExpired:
+            self.stop()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

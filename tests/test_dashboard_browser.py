@@ -21,8 +21,9 @@ import pytest
 
 from server import store
 from tests.conftest import REDIS_URL, real_redis_or_skip
+from tests.procs import ServerProcess, free_port
 from tests.sse_client import collect
-from tests.test_watch import ServerProcess, free_port, publish, short_run
+from tests.test_watch import publish, short_run
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -65,11 +66,10 @@ GLYPHS_DIFFER = """([a, b]) => {
 
 async def test_dashboard_follows_a_demo_run_to_the_end(browser: Any) -> None:
     scale = "0.5" if SCREENSHOTS else "0.05"
-    srv = ServerProcess(free_port(), "--demo", "--demo-time-scale", scale)
-    srv.start()
+    srv = ServerProcess("--demo", "--demo-time-scale", scale, clean=True)
     try:
-        await srv.wait_ready()
-        page, errors = await open_page(browser, f"{srv.base}/")
+        await srv.start()
+        page, errors = await open_page(browser, f"{srv.url}/")
         await page.wait_for_selector("#demo-start", state="visible", timeout=10_000)
         async with page.expect_response(
             lambda r: r.url.endswith("/demo/workflows") and r.request.method == "POST"
@@ -81,13 +81,13 @@ async def test_dashboard_follows_a_demo_run_to_the_end(browser: Any) -> None:
         )
         phone = None
         if SCREENSHOTS:
-            phone, _ = await open_page(browser, f"{srv.base}/?workflow={wf}", PHONE)
+            phone, _ = await open_page(browser, f"{srv.url}/?workflow={wf}", PHONE)
             await shoot_running(page, phone, Path(SCREENSHOTS))
         await badge_is(page, "finished")
 
         # The truth, from the server: the plan and each node's last event.
         async with aiohttp.ClientSession() as session:
-            msgs = await collect(session, f"{srv.base}/workflows/{wf}/events", timeout=30)
+            msgs = await collect(session, f"{srv.url}/workflows/{wf}/events", timeout=30)
         events = [m.json() for m in msgs]
         plan = {n["node_id"]: n for n in events[0]["nodes"]}
         final = {
@@ -173,40 +173,40 @@ async def test_dashboard_reconnects_by_itself_after_a_server_restart(
     wf = "dash-" + uuid.uuid4().hex[:12]
     events = short_run(12)
     port = free_port()
-    other = ServerProcess(free_port(), redis_url=REDIS_URL)
-    servers = [ServerProcess(port, "--retry-ms", "500", redis_url=REDIS_URL), other]
+    env = {"REDIS_URL": REDIS_URL}
+    other = ServerProcess(env=env, clean=True)
+    servers = [ServerProcess("--retry-ms", "500", port=port, env=env, clean=True), other]
     ids: list[str] = []
     try:
         for srv in servers:
-            srv.start()
+            srv.launch()
         for srv in servers:
             await srv.wait_ready()
-        page, errors = await open_page(browser, f"{servers[0].base}/?workflow={wf}")
+        page, errors = await open_page(browser, f"{servers[0].url}/?workflow={wf}")
         await badge_is(page, "live", timeout=10_000)
         third = len(events) // 3
         for event in events[:third]:
-            ids += await publish(other.base, wf, event)
+            ids += await publish(other.url, wf, event)
         await page.wait_for_function(
             "n => window.__seenIds.length === n", arg=third, timeout=10_000
         )
 
-        servers[0].signal(sig)
+        servers[0].end(sig)
         await badge_is(page, "reconnecting", timeout=10_000)
         for event in events[third : 2 * third]:
-            ids += await publish(other.base, wf, event)  # while the page's server is down
+            ids += await publish(other.url, wf, event)  # while the page's server is down
         await asyncio.sleep(1.0)  # let the page fail to reconnect at least once
         assert await page.text_content("#badge") == "reconnecting"
 
-        servers.append(ServerProcess(port, "--retry-ms", "500", redis_url=REDIS_URL))
-        servers[-1].start()
-        await servers[-1].wait_ready()
+        servers.append(ServerProcess("--retry-ms", "500", port=port, env=env, clean=True))
+        await servers[-1].start()
         t0 = time.monotonic()
         await page.wait_for_function(
             "n => window.__seenIds.length >= n", arg=2 * third, timeout=20_000
         )
         reconnect_s = time.monotonic() - t0
         for event in events[2 * third :]:
-            ids += await publish(other.base, wf, event)
+            ids += await publish(other.url, wf, event)
             await asyncio.sleep(0.01)
         await badge_is(page, "finished", timeout=20_000)
 
@@ -234,21 +234,20 @@ async def test_dashboard_retries_by_itself_when_the_browser_gives_up_on_a_503(
 ) -> None:
     """A 503 (here: MAX_STREAMS reached) closes an EventSource for good; the page opens a
     new one with ?lastEventId= after a backoff and still gets every event exactly once."""
-    srv = ServerProcess(free_port(), "--max-streams", "1", "--heartbeat-seconds", "0.5")
-    srv.start()
+    srv = ServerProcess("--max-streams", "1", "--heartbeat-seconds", "0.5", clean=True)
     try:
-        await srv.wait_ready()
+        await srv.start()
         wf = "dash-" + uuid.uuid4().hex[:12]
         events = short_run(5)
-        ids = await publish(srv.base, wf, events[:4])
-        first, _ = await open_page(browser, f"{srv.base}/?workflow={wf}")
+        ids = await publish(srv.url, wf, events[:4])
+        first, _ = await open_page(browser, f"{srv.url}/?workflow={wf}")
         await first.wait_for_function("n => window.__seenIds.length === n", arg=4, timeout=10_000)
-        second, errors = await open_page(browser, f"{srv.base}/?workflow={wf}")
+        second, errors = await open_page(browser, f"{srv.url}/?workflow={wf}")
         await badge_is(second, "reconnecting", timeout=10_000)  # its stream got a 503
         await first.close()  # frees the one stream slot (seen at the next heartbeat)
         await second.wait_for_function("n => window.__seenIds.length === n", arg=4, timeout=20_000)
         for event in events[4:]:
-            ids += await publish(srv.base, wf, event)
+            ids += await publish(srv.url, wf, event)
         await badge_is(second, "finished", timeout=20_000)
         assert await second.evaluate("window.__seenIds") == ids
         assert await second.get_attribute("#bar", "aria-valuenow") == "100"

@@ -19,8 +19,8 @@ from server import demo, store
 from server.app import create_app
 from server.models import WorkflowPlanned
 from server.settings import Settings
+from tests.procs import ServerProcess
 from tests.sse_client import Message, collect
-from tests.test_watch import ServerProcess, free_port
 
 FAST = 0.02  # a whole run in about a second
 
@@ -184,16 +184,15 @@ def test_plan_event_is_a_valid_30_node_dag() -> None:
 
 
 async def test_python_m_server_demo_starts_the_engine_and_prints_the_dashboard_url() -> None:
-    srv = ServerProcess(free_port(), "--demo")
-    srv.start()
+    srv = ServerProcess("--demo", clean=True)
     try:
-        await srv.wait_ready()
+        await srv.start()
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{srv.base}/demo/workflows") as resp:
+            async with session.get(f"{srv.url}/demo/workflows") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["current"].startswith("demo-")
-            async with session.get(f"{srv.base}/") as resp:
+            async with session.get(f"{srv.url}/") as resp:
                 assert resp.status == 200 and "/static/app.js" in await resp.text()
-        assert f"open {srv.base}/ to watch" in srv.output()
+        assert f"open {srv.url}/ to watch" in srv.output()
     finally:
         srv.stop()

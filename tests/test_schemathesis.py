@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from server.settings import Settings
 from tests.conftest import REQUIRE_REDIS
 from tests.procs import ServerProcess
 
@@ -104,9 +103,7 @@ def _seed(base: str) -> None:
 @pytest.fixture(scope="module")
 def target() -> Iterator[Target]:
     """`python -m server` with the embedded Redis and no secrets: an open local server."""
-    server = ServerProcess()
-    for name in Settings.__dataclass_fields__:  # nothing from the caller's environment
-        server.env.pop(name.upper(), None)
+    server = ServerProcess(clean=True)  # nothing from the caller's environment
     try:
         asyncio.run(server.start())
         _seed(server.url)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,74 +17,9 @@ import pytest
 from server import store
 from server.watch import SSEParser, format_duration
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import free_port
+from tests.procs import ServerProcess, free_port, server_env
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def server_env(redis_url: str | None = None) -> dict[str, str]:
-    """The environment of a child server: embedded Redis unless `redis_url` is given."""
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DEMO", "PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    if redis_url is not None:
-        env["REDIS_URL"] = redis_url
-    return env
-
-
-class ServerProcess:
-    """`python -m server` in a child process on a fixed port; its log goes to a temp file."""
-
-    def __init__(self, port: int, *args: str, redis_url: str | None = None) -> None:
-        self.port = port
-        self.args = args
-        self.redis_url = redis_url
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.TemporaryFile()
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=server_env(self.redis_url), stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        """Poll /readyz until it answers 200 (bounded)."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
-                try:
-                    async with session.get(f"{self.base}/readyz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"server not ready within {timeout} s:\n{self.output()}")
-
-    def signal(self, sig: int) -> None:
-        """Deliver `sig` and wait (bounded) for the process to end."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-        self.log.close()
 
 
 async def publish(
@@ -187,10 +119,9 @@ class Watch:
 @pytest.fixture
 async def server() -> AsyncIterator[ServerProcess]:
     """A live server subprocess on the embedded Redis."""
-    srv = ServerProcess(free_port())
-    srv.start()
+    srv = ServerProcess(clean=True)
     try:
-        await srv.wait_ready()
+        await srv.start()
         yield srv
     finally:
         srv.stop()
@@ -214,12 +145,12 @@ async def test_watch_prints_each_event_and_exits_0_after_the_terminal_state(
 ) -> None:
     wf = "watch-" + uuid.uuid4().hex[:12]
     events = short_run()
-    watch = await Watch.start(server.base, wf)
+    watch = await Watch.start(server.url, wf)
     try:
         await watch.until(has("connected to"))  # the stream is open before anything exists
-        await publish(server.base, wf, events[:3])
+        await publish(server.url, wf, events[:3])
         for event in events[3:]:
-            await publish(server.base, wf, event)
+            await publish(server.url, wf, event)
             await asyncio.sleep(0.02)
         code, err = await watch.finish()
     finally:
@@ -239,8 +170,8 @@ async def test_watch_prints_each_event_and_exits_0_after_the_terminal_state(
 async def test_watch_of_a_finished_workflow_replays_it_and_exits_0(server: ServerProcess) -> None:
     wf = "watch-" + uuid.uuid4().hex[:12]
     events = short_run(3)
-    await publish(server.base, wf, events)
-    watch = await Watch.start(server.base, wf)
+    await publish(server.url, wf, events)
+    watch = await Watch.start(server.url, wf)
     try:
         code, _ = await watch.finish()
     finally:
@@ -266,29 +197,29 @@ async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) 
     wf = "watch-" + uuid.uuid4().hex[:12]
     events = short_run(6)
     port = free_port()
-    other = ServerProcess(free_port(), redis_url=REDIS_URL)
-    servers = [ServerProcess(port, "--retry-ms", "300", redis_url=REDIS_URL), other]
+    env = {"REDIS_URL": REDIS_URL}
+    other = ServerProcess(env=env, clean=True)
+    servers = [ServerProcess("--retry-ms", "300", port=port, env=env, clean=True), other]
     watch = None
     try:
         for srv in servers:
-            srv.start()
+            srv.launch()
         for srv in servers:
             await srv.wait_ready()
-        watch = await Watch.start(servers[0].base, wf)
+        watch = await Watch.start(servers[0].url, wf)
         await watch.until(has("connected to"))
         half = len(events) // 2
         for event in events[:half]:
-            await publish(other.base, wf, event)
+            await publish(other.url, wf, event)
         await watch.until(lambda w: len(event_lines(w.out)) == half)
-        servers[0].signal(sig)
+        servers[0].end(sig)
         await watch.until(has("reconnecting in"))
         for event in events[half:-2]:
-            await publish(other.base, wf, event)  # while the watched server is down
-        servers.append(ServerProcess(port, "--retry-ms", "300", redis_url=REDIS_URL))
-        servers[-1].start()
-        await servers[-1].wait_ready()
+            await publish(other.url, wf, event)  # while the watched server is down
+        servers.append(ServerProcess("--retry-ms", "300", port=port, env=env, clean=True))
+        await servers[-1].start()
         for event in events[-2:]:
-            await publish(other.base, wf, event)
+            await publish(other.url, wf, event)
         code, err = await watch.finish(timeout=30)
     finally:
         if watch is not None:
