@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -17,7 +18,6 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -69,6 +69,13 @@ def _rfc3339_only(value: Any) -> Any:
     raise ValueError("timestamp must be RFC 3339 with an offset, e.g. 2026-01-22T10:28:00Z")
 
 
+def _in_utc(value: datetime) -> datetime:
+    """Timestamps are kept in UTC, so pydantic's own JSON form of them ends in `Z` (no
+    Python serializer called per event)."""
+    offset = value.utcoffset()
+    return value if offset is not None and not offset else value.astimezone(UTC)
+
+
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 in UTC with a `Z`, keeping sub-second precision when present."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -80,7 +87,13 @@ class _Event(BaseModel):
 
     workflow_id: str | None = None
     timestamp: (
-        Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_rfc3339_only)] | None
+        Annotated[
+            AwareDatetime,
+            Field(strict=False),
+            BeforeValidator(_rfc3339_only),
+            AfterValidator(_in_utc),
+        ]
+        | None
     ) = None
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
@@ -90,10 +103,6 @@ class _Event(BaseModel):
         if value is not None and not is_workflow_id(value):
             raise ValueError("workflow_id must be 1-128 of A-Z a-z 0-9 . _ - starting alnum")
         return value
-
-    @field_serializer("timestamp")
-    def _utc(self, value: datetime | None) -> str | None:
-        return None if value is None else format_timestamp(value)
 
     @property
     def is_terminal(self) -> bool:
@@ -254,7 +263,8 @@ def decode_body(body: bytes) -> Any:
 
 def to_json(event: _Event) -> str:
     """The stored, normalised form: one line of JSON, raw UTF-8, no null fields."""
-    return event.model_dump_json(exclude_none=True)
+    # model_dump_json() without its Python wrapper (the same serializer and defaults).
+    return event.__pydantic_serializer__.to_json(event, exclude_none=True).decode()
 
 
 def validate_event(
