@@ -148,7 +148,8 @@ return {ids, added, last}
 META, PLAN, NODE = "meta", "plan", "n:"
 
 # How much fold state a process keeps between appends, in nodes (a workflow counts as its
-# nodes + 4): about 25 MB at most; beyond it the least recently written workflows go.
+# nodes + 4): about 30 MB at most (measured: 5 plans of 10,000 named nodes with deps);
+# beyond it the least recently written workflows go.
 CACHE_NODES = 50_000
 
 
