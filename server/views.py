@@ -58,19 +58,6 @@ def start_id_of(request: web.Request) -> str | None:
     return header or query
 
 
-def _decode_json(body: bytes) -> Any:
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        value = json.loads(body.decode("utf-8"), parse_constant=no_constants)
-        # `\ud800` escapes decode to lone surrogates: not Unicode, never storable as UTF-8.
-        json.dumps(value, ensure_ascii=False).encode()
-    except (UnicodeError, ValueError) as exc:
-        raise Problem(400, f"malformed JSON: {exc}", slug="malformed-json") from None
-    return value
-
-
 def authorize_publish(request: web.Request) -> None:
     """401 unless PUBLISH_TOKEN is unset or given; failures are counted, tokens never logged."""
     try:
