@@ -117,6 +117,8 @@ class Subscription:
     # Set when live frames were lost to this reader (it fell out of the ring, or Redis
     # reconnected): it must re-read the stream after its last sent id. Cleared by restart().
     resync: bool = False
+    # Only "something changed" matters (a progress stream): holds no frames in the ring.
+    notify_only: bool = False
 
     @property
     def pending(self) -> bool:
@@ -187,7 +189,7 @@ class _Channel:
         low = seq
         for sub in self.subs:
             cursor = sub.cursor
-            if base <= cursor < low and not sub.resync:
+            if base <= cursor < low and not (sub.resync or sub.notify_only):
                 low = cursor
             sub.wakeup.set()
         for _ in range(low - base):
@@ -197,7 +199,7 @@ class _Channel:
             ring.popleft()
             kept_from = seq - len(ring)
             for sub in self.subs:
-                if sub.cursor < kept_from and not sub.resync:
+                if sub.cursor < kept_from and not (sub.resync or sub.notify_only):
                     self.hub._overflowed()
                     sub.request_resync()
         ring.append(frame)

@@ -379,6 +379,7 @@ class ProgressStream:
         self.handle = handle
         self.min_interval = min_interval
         handle.wakeup = sub.wakeup
+        sub.notify_only = True
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

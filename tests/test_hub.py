@@ -253,3 +253,13 @@ async def test_a_fresh_cluster_client_takes_concurrent_first_commands(cluster_ur
                 *(client.xrevrange(k, count=1) for k in keys_), return_exceptions=True
             )
             assert replies == [[]] * 20
+
+
+def test_a_notify_only_reader_holds_no_frames_and_never_counts_as_slow() -> None:
+    hub, chan = _ring(4)
+    progress = _reader(chan)
+    progress.notify_only = True  # a progress stream: it only wants to know that something came
+    for i in range(10):
+        chan.push(_frame(i))
+    assert len(chan.ring) == 1 and hub.overflows == 0 and not progress.resync
+    assert progress.pending  # it still learns that something changed
