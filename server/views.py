@@ -20,6 +20,7 @@ from .streams import (
     SSE_HEADERS,
     EventStream,
     ProgressStream,
+    Sink,
     SseSink,
     StreamHandle,
     StreamsFull,
@@ -32,8 +33,9 @@ JSON_TYPES = ("application/json",)
 
 
 def workflow_id_of(request: web.Request) -> str:
-    """The URL's workflow id, validated before it reaches Redis or a frame."""
-    value = request.match_info["workflow_id"]
+    """The URL's workflow id (`{workflow_id}`, or the original engine's `{instance_id}`),
+    validated before it reaches Redis or a frame."""
+    value = request.match_info.get("workflow_id") or request.match_info.get("instance_id", "")
     if not is_workflow_id(value):
         raise Problem(
             400,
@@ -174,13 +176,42 @@ async def finished_before(store: Store, workflow_id: str, start: str) -> bool:
     return last is not None and last.terminal and id_key(start) >= last.key
 
 
+def event_stream(
+    request: web.Request,
+    sink: Sink,
+    sub: Subscription,
+    handle: StreamHandle,
+    start: str | None,
+    *,
+    check_finished: bool = False,
+) -> EventStream:
+    """An EventStream wired to this app's store, progress and metrics (SSE or WebSocket)."""
+    app = request.app
+    metrics = app[keys.metrics_key]
+    if start is not None:
+        metrics.replays_total.inc()
+    return EventStream(
+        sink,
+        app[keys.store_key],
+        sub,
+        start=start,
+        heartbeat=app[keys.settings_key].heartbeat_seconds,
+        handle=handle,
+        progress=app[keys.tracker_key].snapshot,
+        on_sent=metrics.events_delivered_total.inc,
+        on_live=metrics.observe_frames,
+        on_gap=metrics.gaps_total.inc,
+        check_finished=check_finished,
+    )
+
+
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """GET /workflows/{id}/events: replay after the client's id, then live."""
     workflow_id = workflow_id_of(request)
     authorize_subscribe(request, workflow_id)
     start = start_id_of(request)
     app = request.app
-    store, metrics = app[keys.store_key], app[keys.metrics_key]
+    store = app[keys.store_key]
 
     try:
         finished = start is not None and await finished_before(store, workflow_id, start)
@@ -195,20 +226,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     async with StreamSlot(request, workflow_id, "events") as (handle, sub):
         response = await sse_response(request)
-        if start is not None:
-            metrics.replays_total.inc()
-        stream = EventStream(
-            SseSink(response),
-            store,
-            sub,
-            start=start,
-            heartbeat=app[keys.settings_key].heartbeat_seconds,
-            handle=handle,
-            progress=app[keys.tracker_key].snapshot,
-            on_sent=metrics.events_delivered_total.inc,
-            on_live=metrics.observe_frames,
-            on_gap=metrics.gaps_total.inc,
-            check_finished=finished is None,
+        stream = event_stream(
+            request, SseSink(response), sub, handle, start, check_finished=finished is None
         )
         try:
             await stream.run()

@@ -31,7 +31,6 @@ from redis.exceptions import RedisError
 
 from . import auth, keys, views
 from .hub import Live, ws_text
-from .models import is_workflow_id
 from .problems import Problem
 from .store import Entry
 from .streams import ClientGone, EventStream
@@ -90,19 +89,6 @@ async def close(ws: web.WebSocketResponse, code: int, reason: str = "") -> None:
         pass  # the peer is gone
 
 
-def workflow_id_of(request: web.Request) -> str:
-    """The id from either route (`{instance_id}` or `{workflow_id}`), validated like views'."""
-    value = request.match_info.get("workflow_id") or request.match_info.get("instance_id", "")
-    if not is_workflow_id(value):
-        raise Problem(
-            400,
-            "workflow_id must be 1 to 128 characters of A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit",
-            slug="bad-workflow-id",
-        )
-    return value
-
-
 def check_origin(request: web.Request) -> None:
     """Refuse a cross-site page riding on the `access_token` cookie (WebSocket has no CORS).
 
@@ -133,12 +119,12 @@ def check_origin(request: web.Request) -> None:
 
 async def websocket_events(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/workflows/ws/{instance_id} and /workflows/{id}/ws: events as messages."""
-    workflow_id = workflow_id_of(request)
+    workflow_id = views.workflow_id_of(request)
     views.authorize_subscribe(request, workflow_id)
     start = views.start_id_of(request)
     check_origin(request)
     app = request.app
-    settings, store, metrics = app[keys.settings_key], app[keys.store_key], app[keys.metrics_key]
+    settings, store = app[keys.settings_key], app[keys.store_key]
     ws = web.WebSocketResponse(
         heartbeat=settings.heartbeat_seconds,
         compress=False,  # per-socket deflate would undo the hub's encode-once
@@ -162,21 +148,7 @@ async def websocket_events(request: web.Request) -> web.StreamResponse:
 
     async with views.StreamSlot(request, workflow_id, "websocket") as (handle, sub):
         await ws.prepare(request)
-        if start is not None:
-            metrics.replays_total.inc()
-        stream = EventStream(
-            WsSink(ws),
-            store,
-            sub,
-            start=start,
-            heartbeat=settings.heartbeat_seconds,
-            handle=handle,
-            progress=app[keys.tracker_key].snapshot,
-            on_sent=metrics.events_delivered_total.inc,
-            on_live=metrics.observe_frames,
-            on_gap=metrics.gaps_total.inc,
-        )
-        await serve(ws, stream)
+        await serve(ws, views.event_stream(request, WsSink(ws), sub, handle, start))
     return ws
 
 
