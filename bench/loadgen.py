@@ -656,11 +656,9 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLK_TCK
 
 
-def connections_per_process(pids: Sequence[int], local_port: int) -> list[int]:
-    """Per pid: its established TCP connections whose local port is `local_port`.
-
-    For `--workers`: how the kernel spread the accepted streams over the workers."""
-    established: set[str] = set()
+def _tcp_sockets() -> list[tuple[int, int, str, str]]:
+    """(local port, remote port, state, inode) of every TCP socket in /proc/net/tcp{,6}."""
+    rows = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -668,24 +666,38 @@ def connections_per_process(pids: Sequence[int], local_port: int) -> list[int]:
             continue
         for line in lines:
             parts = line.split()
-            if len(parts) > 9 and parts[3] == "01":
-                if int(parts[1].rsplit(":", 1)[1], 16) == local_port:
-                    established.add(parts[9])
-    out = []
-    for pid in pids:
-        n = 0
+            if len(parts) > 9:
+                local = int(parts[1].rsplit(":", 1)[1], 16)
+                remote = int(parts[2].rsplit(":", 1)[1], 16)
+                rows.append((local, remote, parts[3], parts[9]))
+    return rows
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets `pid` holds open."""
+    inodes: set[str] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:[") and target[8:-1] in established:
-                    n += 1
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        out.append(n)
-    return out
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def connections_per_process(pids: Sequence[int], local_port: int) -> list[int]:
+    """Per pid: its established TCP connections whose local port is `local_port`.
+
+    For `--workers`: how the kernel spread the accepted streams over the workers."""
+    established = {
+        inode for local, _, state, inode in _tcp_sockets() if state == "01" and local == local_port
+    }
+    return [len(_socket_inodes(pid) & established) for pid in pids]
 
 
 def self_cpu_seconds() -> float:
@@ -695,30 +707,11 @@ def self_cpu_seconds() -> float:
 
 def _local_ports_to(pids: Sequence[int], remote_port: int) -> set[int]:
     """Local TCP ports of `pids`' sockets whose peer port is `remote_port`."""
-    inodes: set[str] = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 9 and parts[9] in inodes:
-                if int(parts[2].rsplit(":", 1)[1], 16) == remote_port:
-                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports
+    inodes = set().union(*(_socket_inodes(pid) for pid in pids))
+    return {
+        local for local, remote, _, inode in _tcp_sockets()
+        if inode in inodes and remote == remote_port
+    }  # fmt: skip
 
 
 async def redis_clients(redis: Redis, pids: Sequence[int], redis_port: int) -> dict[str, int]:
