@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -72,6 +72,13 @@ class Wakeup:
             await self.waiter()
 
 
+class DirectWriter(Protocol):
+    """A stream parked between events, which the hub may write to without waking it."""
+
+    def write_now(self, live: Live) -> bool:
+        """Write `live` at once, or return False to hand it to the stream's own task."""
+
+
 @dataclass(eq=False, slots=True)
 class Live:
     """Live frames taken in one go; shared by every reader at the same position, so the
@@ -82,6 +89,7 @@ class Live:
     frames: list[Frame]
     terminal: bool  # frames end with a terminal event (the stream ends after it)
     _sse: bytes | None = None
+    _chunk: bytes | None = None
 
     @property
     def stop(self) -> int:
@@ -105,6 +113,14 @@ class Live:
             self._sse = b"".join(f.data for f in self.frames)
         return self._sse
 
+    @property
+    def chunk(self) -> bytes:
+        """`sse` as one HTTP/1.1 chunk (chunked transfer encoding), for direct writes."""
+        if self._chunk is None:
+            sse = self.sse
+            self._chunk = b"%x\r\n%b\r\n" % (len(sse), sse)
+        return self._chunk
+
 
 @dataclass(eq=False, slots=True)
 class Subscription:
@@ -119,6 +135,10 @@ class Subscription:
     resync: bool = False
     # Only "something changed" matters (a progress stream): holds no frames in the ring.
     notify_only: bool = False
+    # Set while the stream waits with nothing to resend: the hub writes live frames to it
+    # directly, without waking its task (a wake-up per event per stream is most of the cost
+    # of a broadcast). Cleared by whichever side hands the work back to the task.
+    direct: DirectWriter | None = None
 
     @property
     def pending(self) -> bool:
@@ -177,6 +197,7 @@ class _Channel:
     terminal_seq: int = -1  # sequence of the newest terminal frame
     written: int = 0  # frames before this were written to some client already
     cached: Live | None = None
+    flush_due: bool = False  # a flush() for direct writers is scheduled
 
     @property
     def base(self) -> int:
@@ -187,11 +208,19 @@ class _Channel:
         ring, seq = self.ring, self.seq
         base = seq - len(ring)
         low = seq
+        direct = False
         for sub in self.subs:
             cursor = sub.cursor
             if base <= cursor < low and not (sub.resync or sub.notify_only):
                 low = cursor
-            sub.wakeup.set()
+            if sub.direct is None:
+                sub.wakeup.set()
+            else:
+                direct = True
+        if direct and not self.flush_due:
+            # Once per loop iteration, so frames that arrived together go out in one write.
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
         for _ in range(low - base):
             ring.popleft()
         if len(ring) >= self.limit:
@@ -206,6 +235,26 @@ class _Channel:
         if frame.terminal:
             self.terminal_seq = seq
         self.seq = seq + 1
+
+    def flush(self) -> None:
+        """Write new live frames to every stream parked in direct mode; wake the others.
+
+        A stream that cannot take them now (a full socket buffer, a closing connection, a
+        terminal frame, frames gone from the ring, a pending resync) goes back to its task,
+        which writes with back-pressure or catches up from Redis.
+        """
+        self.flush_due = False
+        seq = self.seq
+        for sub in self.subs:  # write_now() never attaches or detaches
+            out = sub.direct
+            if out is None or sub.cursor >= seq:
+                continue
+            live = None if sub.resync else self.since(sub.cursor)
+            if live is not None and out.write_now(live):
+                sub.cursor = live.stop
+            else:
+                sub.direct = None
+                sub.wakeup.set()
 
     def since(self, cursor: int) -> Live | None:
         """Frames from `cursor` on (None if they left the ring), cut after a terminal one."""

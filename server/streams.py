@@ -21,6 +21,7 @@ from .store import Entry, Page, Store, id_key
 logger = logging.getLogger(__name__)
 
 PAGE = 500  # events per history read: bounds memory of a catch-up
+WRITE_BUFFER_LIMIT = 64 * 1024  # bytes a direct write may leave queued for a slow client
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -126,6 +127,8 @@ class ClientGone(Exception):
 class Sink(Protocol):
     """How one client receives events: SSE frames on a response, or WebSocket messages."""
 
+    direct: bool  # write_now() can write live frames without the stream's task
+
     def entry(self, entry: Entry) -> Any:
         """Encode a history entry (per client: replay is per client anyway)."""
 
@@ -134,6 +137,9 @@ class Sink(Protocol):
 
     async def send_live(self, live: Live) -> None:
         """Write live frames in their shared encoding (made once per process by the hub)."""
+
+    def write_now(self, live: Live) -> bool:
+        """Write live frames synchronously if the connection takes them without waiting."""
 
     async def gap(self, payload: dict[str, Any]) -> None:
         """Announce trimmed history."""
@@ -148,10 +154,13 @@ class Sink(Protocol):
 class SseSink:
     """SSE frames on a prepared StreamResponse."""
 
-    __slots__ = ("response",)
+    __slots__ = ("chunked", "response", "transport")
+    direct = True
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, response: web.StreamResponse, transport: asyncio.Transport) -> None:
         self.response = response
+        self.transport = transport
+        self.chunked = response.chunked
 
     def entry(self, entry: Entry) -> bytes:
         return sse.encode(entry.data, id=entry.id, event=entry.event_type)
@@ -168,6 +177,16 @@ class SseSink:
     async def send_live(self, live: Live) -> None:
         await self.write(live.sse)  # joined once for every stream at this position
 
+    def write_now(self, live: Live) -> bool:
+        # Straight to the transport, framed once per position: aiohttp's writer would frame
+        # the chunk per stream. Past the transport's high-water mark the stream's task
+        # takes over and waits for the client to drain.
+        transport = self.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return False
+        transport.write(live.chunk if self.chunked else live.sse)
+        return True
+
     async def gap(self, payload: dict[str, Any]) -> None:
         await self.write(sse.encode(json.dumps(payload, ensure_ascii=False), event="gap"))
 
@@ -182,7 +201,9 @@ class EventStream:
     """Sends one workflow's events to one client: history first, then live, no gap."""
 
     __slots__ = (
+        "beat",
         "check_finished",
+        "fresh",
         "handle",
         "heartbeat",
         "last_id",
@@ -233,10 +254,11 @@ class EventStream:
         """Stream until the terminal event, the client leaving, or shutdown."""
         # One flat loop, no helper coroutines: each nested frame is memory per open stream.
         sub, handle = self.sub, self.handle
-        beat = Heartbeat(sub.wakeup, self.heartbeat)
+        beat = self.beat = Heartbeat(sub.wakeup, self.heartbeat)
         sub.resync = True
         backoff = 0.1
-        fresh = True  # live frames need no comparison with what was sent
+        self.fresh = True  # live frames need no comparison with what was sent
+        direct = self.sink.direct
         try:
             while not handle.stopping:
                 if sub.resync and sub.confirmed:
@@ -256,21 +278,17 @@ class EventStream:
                         continue
                     # Notifications of events the read returned may still be on their way:
                     # drop live frames up to the last sent id until a newer one shows.
-                    fresh = False
+                    self.fresh = False
                     beat.wrote()
                 live = sub.take()
-                if live is not None and not fresh:
+                if live is not None and not self.fresh:
                     live = live.after(self.last_key)
                     if live is None:
                         continue
-                    fresh = True
+                    self.fresh = True
                 if live is not None:
                     await self.sink.send_live(live)
-                    beat.wrote()
-                    self.last_id, self.last_key = live.frames[-1].id, live.frames[-1].key
-                    self.on_sent(len(live.frames))
-                    if first := sub.first_writes(live):
-                        self.on_live(first)
+                    self._sent(live)
                     if live.terminal:
                         return
                     continue
@@ -278,7 +296,10 @@ class EventStream:
                 ready = sub.pending or (sub.resync and sub.confirmed)
                 if not (ready or handle.stopping or beat.due):
                     # Live frames, a resync, the confirmation, shutdown or the heartbeat.
+                    # Caught up and live: the hub may write to the client meanwhile.
+                    sub.direct = self if direct and not sub.resync else None
                     await sub.wakeup.waiter()  # a wake-up after the check is not lost
+                    sub.direct = None
                 if beat.due:
                     await self.sink.keep_alive()
                     beat.wrote()
@@ -288,7 +309,29 @@ class EventStream:
         except ClientGone:
             return
         finally:
+            sub.direct = None
             beat.cancel()
+
+    def write_now(self, live: Live) -> bool:
+        """The hub's direct write while this stream waits (see Subscription.direct)."""
+        if live.terminal:
+            return False  # it ends the response: the task sends it
+        unsent = live if self.fresh else live.after(self.last_key)
+        if unsent is None:
+            return True  # all sent from history already
+        if not self.sink.write_now(unsent):
+            return False
+        self.fresh = True
+        self._sent(unsent)
+        return True
+
+    def _sent(self, live: Live) -> None:
+        self.beat.wrote()
+        last = live.frames[-1]
+        self.last_id, self.last_key = last.id, last.key
+        self.on_sent(len(live.frames))
+        if first := self.sub.first_writes(live):
+            self.on_live(first)
 
     async def _finished_already(self) -> bool:
         """Once, when the handler could not ask Redis whether to answer 204: the last event

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
 
 from . import auth, keys
@@ -161,6 +161,10 @@ class StreamSlot:
 async def sse_response(request: web.Request) -> web.StreamResponse:
     """Send the SSE headers and the opening `retry:`."""
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    if request.version >= HttpVersion11:
+        # Said explicitly (aiohttp would choose it too) so SseSink knows how to frame
+        # the writes it makes straight to the transport.
+        response.enable_chunked_encoding()
     await response.prepare(request)
     await response.write(b"retry: %d\n\n" % request.app[keys.settings_key].retry_ms)
     return response
@@ -226,9 +230,10 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     async with StreamSlot(request, workflow_id, "events") as (handle, sub):
         response = await sse_response(request)
-        stream = event_stream(
-            request, SseSink(response), sub, handle, start, check_finished=finished is None
-        )
+        if request.transport is None:
+            return response  # the client left already
+        sink = SseSink(response, request.transport)
+        stream = event_stream(request, sink, sub, handle, start, check_finished=finished is None)
         try:
             await stream.run()
         except (ConnectionResetError, RedisError):

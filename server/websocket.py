@@ -45,6 +45,7 @@ class WsSink:
     """Stream events as WebSocket text messages (the Sink protocol of streams.py)."""
 
     __slots__ = ("ws",)
+    direct = False  # aiohttp frames WebSocket messages; every write goes through the task
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
@@ -67,6 +68,9 @@ class WsSink:
     async def send_live(self, live: Live) -> None:
         for frame in live.frames:
             await self._send(frame.ws)  # encoded once per process by the hub, shared
+
+    def write_now(self, live: Live) -> bool:
+        return False
 
     async def gap(self, payload: dict[str, Any]) -> None:
         message = {"event_type": "gap", **payload}

@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 
 from server import keys, store
-from server.hub import Frame, Hub, Subscription, _Channel, parse_message
+from server.hub import Frame, Hub, Live, Subscription, _Channel, parse_message
 from server.redis_client import open_redis
 from tests.conftest import Serve
 from tests.sse_client import Parser, collect, iter_messages
@@ -263,3 +263,86 @@ def test_a_notify_only_reader_holds_no_frames_and_never_counts_as_slow() -> None
         chan.push(_frame(i))
     assert len(chan.ring) == 1 and hub.overflows == 0 and not progress.resync
     assert progress.pending  # it still learns that something changed
+
+
+class _Writer:
+    """A stream parked in direct mode: records what the hub writes, or refuses."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.got: list[list[str]] = []
+
+    def write_now(self, live: Live) -> bool:
+        if self.accept:
+            self.got.append([f.id for f in live.frames])
+        return self.accept
+
+
+async def test_a_parked_stream_is_written_once_per_loop_pass_without_waking_its_task() -> None:
+    _, chan = _ring(8)
+    parked, woken = _reader(chan), _reader(chan)
+    writer = _Writer()
+    parked.direct = writer
+    for i in range(3):
+        chan.push(_frame(i))
+    assert not parked.wakeup.flag and woken.wakeup.flag
+    assert writer.got == []  # not yet: frames that arrive together go out together
+    await asyncio.sleep(0)
+    assert writer.got == [[f"1769077817000-{i}" for i in range(3)]]
+    assert parked.cursor == chan.seq and parked.direct is writer and not parked.pending
+    chan.push(_frame(3))
+    await asyncio.sleep(0)
+    assert writer.got[-1] == ["1769077817000-3"]
+    live = woken.take()  # the other reader's task takes all four itself
+    assert live is not None and len(live.frames) == 4
+
+
+async def test_a_parked_stream_that_refuses_or_must_resync_goes_back_to_its_task() -> None:
+    _, chan = _ring(8)
+    refusing, resyncing = _reader(chan), _reader(chan)
+    unwritten = _Writer()
+    refusing.direct, resyncing.direct = _Writer(accept=False), unwritten
+    resyncing.resync = True
+    chan.push(_frame(0))
+    await asyncio.sleep(0)
+    for sub in (refusing, resyncing):
+        assert sub.direct is None and sub.wakeup.flag  # handed back, woken
+    assert unwritten.got == []
+    live = refusing.take()  # nothing was lost: the task writes it with back-pressure
+    assert live is not None and [f.id for f in live.frames] == ["1769077817000-0"]
+    assert resyncing.take() is None  # it re-reads Redis first
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_version(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str], version: str
+) -> None:
+    """HTTP/1.1 gets chunked transfer encoding, HTTP/1.0 the bare stream until close."""
+    base, wf = await serve(), new_workflow()
+    app = serve.apps[0]
+    hub, publisher = app[keys.hub_key], app[keys.publisher_key]
+    parts = urlsplit(base)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        request = (
+            f"GET /workflows/{wf}/events HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(request.encode())
+
+        async def parked() -> bool:  # caught up: the hub writes what follows to the socket
+            chan = hub._channels.get(store.channel(wf))
+            return chan is not None and any(sub.direct for sub in chan.subs)
+
+        await wait_until(parked)
+        for i in range(5):
+            await publisher.publish(wf, started(f"n{i}"))
+        await publisher.publish(wf, DONE)
+        raw = await asyncio.wait_for(reader.read(), 10)  # the server ends the response
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert (b"transfer-encoding: chunked" in head.lower()) == (version == "1.1")
+    msgs = Parser().feed(_dechunk(body) if version == "1.1" else body)
+    stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+    assert [m.id for m in msgs if m.id] == stored and len(stored) == 6
+    assert msgs[-1].event == "workflow_state_changed"
