@@ -75,8 +75,9 @@ class Wakeup:
 class DirectWriter(Protocol):
     """A stream parked between events, which the hub may write to without waking it."""
 
-    def write_now(self, live: Live) -> bool:
-        """Write `live` at once, or return False to hand it to the stream's own task."""
+    def write_now(self, live: Live, now: float) -> bool:
+        """Write `live` at once (`now`: the loop's clock), or return False to hand it to
+        the stream's own task."""
 
 
 @dataclass(eq=False, slots=True)
@@ -88,13 +89,12 @@ class Live:
     end: int  # the channel sequence when this was built: valid while nothing newer came
     frames: list[Frame]
     terminal: bool  # frames end with a terminal event (the stream ends after it)
+    stop: int = field(init=False)  # the position after the last frame
     _sse: bytes | None = None
     _chunk: bytes | None = None
 
-    @property
-    def stop(self) -> int:
-        """The position after the last frame."""
-        return self.start + len(self.frames)
+    def __post_init__(self) -> None:
+        self.stop = self.start + len(self.frames)
 
     def after(self, key: tuple[int, int]) -> Live | None:
         """These frames without those at or below `key` (sent from history already)."""
@@ -244,13 +244,13 @@ class _Channel:
         which writes with back-pressure or catches up from Redis.
         """
         self.flush_due = False
-        seq = self.seq
+        seq, now = self.seq, asyncio.get_running_loop().time()
         for sub in self.subs:  # write_now() never attaches or detaches
             out = sub.direct
             if out is None or sub.cursor >= seq:
                 continue
             live = None if sub.resync else self.since(sub.cursor)
-            if live is not None and out.write_now(live):
+            if live is not None and out.write_now(live, now):
                 sub.cursor = live.stop
             else:
                 sub.direct = None

@@ -95,8 +95,8 @@ class Heartbeat:
         self.due = False
         self._timer = self.loop.call_at(self.last_write + interval, self._fire)
 
-    def wrote(self) -> None:
-        self.last_write = self.loop.time()
+    def wrote(self, now: float | None = None) -> None:
+        self.last_write = self.loop.time() if now is None else now
         self.due = False
 
     def _fire(self) -> None:
@@ -312,7 +312,7 @@ class EventStream:
             sub.direct = None
             beat.cancel()
 
-    def write_now(self, live: Live) -> bool:
+    def write_now(self, live: Live, now: float) -> bool:
         """The hub's direct write while this stream waits (see Subscription.direct)."""
         if live.terminal:
             return False  # it ends the response: the task sends it
@@ -322,11 +322,11 @@ class EventStream:
         if not self.sink.write_now(unsent):
             return False
         self.fresh = True
-        self._sent(unsent)
+        self._sent(unsent, now)
         return True
 
-    def _sent(self, live: Live) -> None:
-        self.beat.wrote()
+    def _sent(self, live: Live, now: float | None = None) -> None:
+        self.beat.wrote(now)
         last = live.frames[-1]
         self.last_id, self.last_key = last.id, last.key
         self.on_sent(len(live.frames))

@@ -272,7 +272,7 @@ class _Writer:
         self.accept = accept
         self.got: list[list[str]] = []
 
-    def write_now(self, live: Live) -> bool:
+    def write_now(self, live: Live, now: float) -> bool:
         if self.accept:
             self.got.append([f.id for f in live.frames])
         return self.accept
