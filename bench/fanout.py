@@ -34,7 +34,9 @@ Publishing is over HTTP for every system, from this process, on keep-alive conne
 Systems that take a JSON array per POST (ours, seed, bare) get one batch per POST: in
 S2 the events due in each --tick-ms tick; in S4 --s4-batch events per POST on --s4-lanes
 concurrent lanes. Nchan takes one message per POST: S2 spreads each event's POST over
---s2-lanes-single lanes, S4 runs --s4-lanes-single concurrent lanes. Each lane has its own
+--s2-lanes-single lanes, S4 runs --s4-lanes-single concurrent lanes. S3 sends one POST
+per event, each at its due time to within --s3-tick-ms (1 ms): 1,000 independent
+workflows do not publish in bursts of ten every 10 ms. Each lane has its own
 sequence, so order is checked per lane. Every event carries the publisher's time.time().
 
     python -m bench.fanout --quick
@@ -378,7 +380,7 @@ async def paced(
     workflow, one message per POST (Nchan): each due event is its own POST, spread over
     `ledger.lanes` lanes (in order within a lane), so the rate does not hang on one round
     trip. Many workflows (S3): due slots spread evenly, one POST each, one in flight per
-    workflow."""
+    workflow, sent at the first tick at or after its slot (so keep the tick short)."""
     loop = asyncio.get_running_loop()
     w = len(workflows)
     total = round(rate_per_wf * duration) * w
@@ -423,6 +425,7 @@ async def live(
     per_workflow: int,
     rate: float,
     duration: float,
+    tick_ms: float,
 ) -> Result:
     """S2 and S3: open the streams, publish at a fixed rate, drain, measure."""
     lanes = 1 if system.batch or workflows > 1 else args.s2_lanes_single
@@ -441,8 +444,7 @@ async def live(
             pids = srv.pids()
             spread = per_worker(srv)
             cpu0, me0, t0 = cpu_seconds(pids), self_cpu_seconds(), time.monotonic()
-            wall = await paced(pub, ledger, ids, rate, duration, args.tick_ms / 1000,
-                               system.batch)  # fmt: skip
+            wall = await paced(pub, ledger, ids, rate, duration, tick_ms / 1000, system.batch)
             await group.wait_for(all_caught_up(group, ledger), args.drain, stall=args.stall)
             wall_all = time.monotonic() - t0
             cpu = cpu_seconds(srv.pids()) - cpu0
@@ -926,7 +928,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bound of one S5 case (connecting included)")  # fmt: skip
     p.add_argument("--w2-rate", type=int, default=500, help="W2: S2 events/s")
     p.add_argument("--rc-rate", type=int, default=100, help="RC: S2 events/s")
-    p.add_argument("--tick-ms", type=float, default=10.0)
+    p.add_argument("--tick-ms", type=float, default=10.0,
+                   help="S2, S5, W2, RC: publishing tick (S2: one batch per tick)")  # fmt: skip
+    p.add_argument("--s3-tick-ms", type=float, default=1.0,
+                   help="S3: each POST goes out within this of its due time")  # fmt: skip
     p.add_argument("--drain", type=float, default=None, help="max wait after publishing")
     p.add_argument("--stall", type=float, default=5.0, help="stop draining after s of nothing")
     p.add_argument(
@@ -975,27 +980,28 @@ async def run_one(kind: str, param: int, system: System, args: argparse.Namespac
             return await s1(system, param, args)
         if kind == "S2":
             return await live(system, args, tag="s2", workflows=1, per_workflow=args.s2_streams,
-                              rate=param, duration=args.duration)  # fmt: skip
+                              rate=param, duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
         if kind == "S3":
             return await live(system, args, tag="s3", workflows=args.s3_workflows,
-                              per_workflow=2, rate=1.0, duration=args.duration)  # fmt: skip
+                              per_workflow=2, rate=1.0, duration=args.duration,
+                              tick_ms=args.s3_tick_ms)  # fmt: skip
         if kind == "S5":
             return await s5(args, signal.Signals(param))
         if kind == "W2S2":
             return await live(system, args, tag="w2", workflows=1, per_workflow=args.s2_streams,
-                              rate=param, duration=args.duration)  # fmt: skip
+                              rate=param, duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
         if kind == "W2S4":
             return await s4(system, args, None)
         if kind == "RC":
             if not system.cluster:
                 return await live(system, args, tag="rc", workflows=1,
                                   per_workflow=args.s2_streams, rate=param,
-                                  duration=args.duration)  # fmt: skip
+                                  duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
             try:
                 async with redis_cluster(args):
                     return await live(system, args, tag="rc", workflows=1,
                                       per_workflow=args.s2_streams, rate=param,
-                                      duration=args.duration)  # fmt: skip
+                                      duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 return {"skipped": f"no Redis Cluster: {exc}"[:300]}
         profile = args.profile if first_run and system.name == "ours" else None

@@ -93,6 +93,22 @@ class Recorder:
         return None
 
 
+# Streams of one workflow receive the same bytes: each block of frames is parsed once.
+_BLOCKS: dict[bytes, tuple[list[tuple[int, int, float]], int]] = {}
+
+
+def parsed_block(block: bytes) -> tuple[list[tuple[int, int, float]], int]:
+    """(lane, seq, publish time) of every marked event in `block`, and its gap frames."""
+    parsed = _BLOCKS.get(block)
+    if parsed is None:
+        marks = [(int(lane), int(seq), float(ts)) for lane, seq, ts in MARK.findall(block)]
+        parsed = (marks, block.count(b"event: gap"))
+        if len(_BLOCKS) >= 20_000:
+            _BLOCKS.clear()
+        _BLOCKS[block] = parsed
+    return parsed
+
+
 @dataclass
 class Reconnect:
     """Where a reconnecting SseStream goes back to, and until when it tries."""
@@ -314,9 +330,9 @@ class SseStream(asyncio.Protocol):
         rec = self.rec
         hist = rec.hist
         expect = self.expect
+        marks, gaps = parsed_block(block)
         n = 0
-        for lane_b, seq_b, ts in MARK.findall(block):
-            lane, seq = int(lane_b), int(seq_b)
+        for lane, seq, ts in marks:
             want = expect[lane]
             if seq != want:
                 if seq < want:
@@ -325,12 +341,11 @@ class SseStream(asyncio.Protocol):
                 rec.skips += seq - want
             expect[lane] = seq + 1
             n += 1
-            b = int((now - float(ts)) / BIN_S)
+            b = int((now - ts) / BIN_S)
             hist[b if 0 <= b < MAX_BIN else (0 if b < 0 else MAX_BIN)] += 1
         self.count += n
         rec.received += n
-        if b"event: gap" in block:
-            rec.gaps += block.count(b"event: gap")
+        rec.gaps += gaps
         if self.reconnect is not None:
             self._fields(block)
             self._check_caught_up()
