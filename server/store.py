@@ -144,6 +144,11 @@ end
 return {ids, added, last}
 """
 
+# KEYS: progress. ARGV: shown. Sets `shown` only on a hash that still exists.
+SAVE_SHOWN_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'shown', ARGV[1]) end
+"""
+
 # Fields of the progress hash besides `ver`, `last` and `shown`: the fold state in parts.
 META, PLAN, NODE = "meta", "plan", "n:"
 
@@ -293,6 +298,7 @@ class Store:
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
         self.publish_command = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
+        self._save_shown = redis.register_script(SAVE_SHOWN_LUA)
 
     async def append(
         self, workflow_id: str, events: Sequence[Event], *, attempts: int = 20
@@ -521,9 +527,9 @@ class Store:
         return StoredProgress(state, _text(last) if last else None, fields.get("shown"))
 
     async def save_shown(self, workflow_id: str, shown: bytes) -> None:
-        """Remember what a poll showed, so every process smooths from the same place."""
-        key = progress_key(workflow_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, "shown", shown)
-            pipe.expire(key, self.retention_seconds)
-            await pipe.execute()
+        """Remember what a poll showed, so every process smooths from the same place.
+
+        A read must not extend the workflow's life: HSET keeps the expiry the last append
+        set, and a hash that expired since the read is not created again (atomically).
+        """
+        await self._save_shown(keys=[progress_key(workflow_id)], args=[shown])

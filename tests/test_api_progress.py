@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import history, keys
+from server import history, keys, store
 from tests.conftest import Serve
 from tests.sse_client import iter_messages
 
@@ -56,6 +56,21 @@ async def test_unknown_workflow_is_404(serve: Serve, new_workflow: Callable[[], 
         assert body["status"] == 404
         status, _, _ = await get_progress(s, base, wf, {"Accept": "text/event-stream"})
         assert status == 404
+
+
+async def test_polling_never_keeps_a_workflow_past_its_retention(
+    serve: Serve, new_workflow: Callable[[], str], redis: Any
+) -> None:
+    base, wf = await serve(retention_seconds=1), new_workflow()
+    await serve.apps[0][keys.publisher_key].publish(wf, state("RUNNING"))
+    async with aiohttp.ClientSession() as s:
+        # Each poll stores what it showed; that must not extend the workflow's life.
+        deadline = time.monotonic() + 6
+        while (status := (await get_progress(s, base, wf))[0]) == 200:
+            assert time.monotonic() < deadline, "polling kept the workflow past its retention"
+            await asyncio.sleep(0.05)
+    assert status == 404
+    assert await redis.exists(*store.workflow_keys(wf)) == 0
 
 
 async def test_every_key_present_and_etag_answers_304(

@@ -194,3 +194,18 @@ async def test_the_cache_stays_within_its_budget(
     for wf in workflows:
         await s.append(wf, [ev(1, "node_started", node_id="n1")])
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_saving_what_was_shown_neither_extends_nor_revives_a_workflow(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    wf, s = new_workflow(), Store(redis, maxlen=10_000, retention_seconds=60)
+    await s.append(wf, [ev(1, "node_started", node_id="n")])
+    key = store.progress_key(wf)
+    await redis.pexpire(key, 5_000)  # as if the last event were 55 s old
+    await s.save_shown(wf, b"shown")
+    assert 0 < await redis.pttl(key) <= 5_000
+    assert await redis.hget(key, "shown") == b"shown"
+    gone = new_workflow()  # expired, or never known: a poll must not create its key
+    await s.save_shown(gone, b"shown")
+    assert await redis.exists(store.progress_key(gone)) == 0
