@@ -250,13 +250,16 @@ async def get_progress(request: web.Request) -> web.StreamResponse:
     """GET /workflows/{id}/progress: JSON with ETag, or a stream of `event: progress`."""
     workflow_id = workflow_id_of(request)
     authorize_subscribe(request, workflow_id)
+    streamed = "text/event-stream" in request.headers.get("Accept", "")
+    # The stream form validates its start like the events stream: a malformed one is a 400.
+    start = start_id_of(request) if streamed else None
     tracker = request.app[keys.tracker_key]
     snap = await tracker.snapshot(workflow_id)
     if snap is None:
         raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
                       slug="unknown-workflow")  # fmt: skip
-    if "text/event-stream" in request.headers.get("Accept", ""):
-        return await _progress_stream(request, workflow_id, snap)
+    if streamed:
+        return await _progress_stream(request, workflow_id, snap, start)
     etag = snap["last_event_id"] or ""
     headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
     if _etag_matches(request.headers.get("If-None-Match", ""), etag):
@@ -269,11 +272,10 @@ def _dumps(obj: Any) -> str:
 
 
 async def _progress_stream(
-    request: web.Request, workflow_id: str, snap: dict[str, Any]
+    request: web.Request, workflow_id: str, snap: dict[str, Any], start: str | None
 ) -> web.StreamResponse:
     app = request.app
-    start = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    if start and is_final(snap) and start.strip() == snap["last_event_id"]:
+    if start is not None and is_final(snap) and start == snap["last_event_id"]:
         return web.Response(status=204)  # the final object was seen: stop reconnecting
     async with StreamSlot(request, workflow_id, "progress") as (handle, sub):
         response = await sse_response(request)

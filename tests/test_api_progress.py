@@ -157,6 +157,32 @@ async def test_progress_stream_sends_changes_and_ends_after_terminal(
             assert resp.status == 204
 
 
+async def test_progress_stream_rejects_a_malformed_last_event_id_and_ignores_an_empty_one(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    base, wf = await serve(), new_workflow()
+    first = await serve.apps[0][keys.publisher_key].publish(wf, state("RUNNING"))
+    url = f"{base}/workflows/{wf}/progress"
+    sse = {"Accept": "text/event-stream"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        for headers, query in [
+            ({"Last-Event-ID": "not-an-id"}, ""),
+            ({"Last-Event-ID": "12"}, ""),
+            ({}, "?lastEventId=1-x"),
+            ({"Last-Event-ID": first}, "?lastEventId=bad"),  # both are checked, as for events
+        ]:
+            async with s.get(url + query, headers={**sse, **headers}) as resp:
+                assert resp.status == 400, (headers, query)
+                assert resp.headers["Content-Type"].startswith("application/problem+json")
+                assert (await resp.json(content_type=None))["status"] == 400
+        for headers, query in [({"Last-Event-ID": ""}, ""), ({}, "?lastEventId=")]:
+            async with s.get(url + query, headers={**sse, **headers}) as resp:
+                assert resp.status == 200, (headers, query)
+                assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+                msg = await anext(m async for m in iter_messages(resp) if m.event == "progress")
+                assert msg.json()["last_event_id"] == first
+
+
 async def run_chain(
     base: str, wf: str, definition: str, node_type: str, durations: list[float],
     at_half: Callable[[], Any] | None = None,
