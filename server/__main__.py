@@ -39,10 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not child:  # once per server: by the supervisor, or by a lone process
+        auth.log_posture(settings.publish_token, settings.subscribe_secret, settings.cors_origins)
     if workers > 1:
         return supervisor.supervise(argv, workers)
-    if not child:
-        auth.log_posture(settings.publish_token, settings.subscribe_secret, settings.cors_origins)
     app = create_app(settings)
     app.on_startup.append(_tune_gc)
     web.run_app(

@@ -99,3 +99,25 @@ async def test_workers_exit_when_the_supervisor_is_killed() -> None:
             await asyncio.sleep(0.05)
     finally:
         server.stop()
+
+
+async def test_an_open_server_with_workers_says_so_once_at_start() -> None:
+    real = await real_redis_or_skip()
+    await real.aclose()
+    # clean: no PUBLISH_TOKEN or SUBSCRIBE_SECRET from the test's own environment.
+    server = ServerProcess("--workers", "2", env={"REDIS_URL": REDIS_URL}, clean=True)
+    await server.start()
+    try:
+        # Both workers up, so a line either of them logged at start is in the log by now.
+        deadline = time.monotonic() + 15
+        pids: set[int] = set()
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= await pids_seen(server.url, tries=10)
+        assert len(pids) == 2
+        server.signal(signal.SIGTERM)
+        assert server.wait(6) == 0
+        log = server.output()
+        for line in ("PUBLISH_TOKEN is unset", "SUBSCRIBE_SECRET is unset"):
+            assert log.count(line) == 1, log
+    finally:
+        server.stop()
