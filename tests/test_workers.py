@@ -25,6 +25,17 @@ async def pids_seen(url: str, tries: int = 40) -> set[int]:
     return pids
 
 
+async def both_workers(url: str) -> set[int]:
+    """The pids of the two workers: the supervisor answers ready with its first one, the
+    second may still be starting."""
+    deadline = time.monotonic() + 15
+    pids: set[int] = set()
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids |= await pids_seen(url, tries=10)
+    assert len(pids) == 2, pids
+    return pids
+
+
 async def test_two_workers_share_the_port_restart_on_crash_and_stop_on_sigterm() -> None:
     real = await real_redis_or_skip()
     await real.aclose()
@@ -32,12 +43,8 @@ async def test_two_workers_share_the_port_restart_on_crash_and_stop_on_sigterm()
     await server.start()
     wf = "workers-" + uuid.uuid4().hex[:8]
     try:
-        # The supervisor answers ready with its first worker; the second may still start.
-        deadline = time.monotonic() + 15
-        pids = await pids_seen(server.url)
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids |= await pids_seen(server.url, tries=10)
-        assert len(pids) == 2 and server.proc is not None and server.proc.pid not in pids
+        pids = await both_workers(server.url)
+        assert server.proc is not None and server.proc.pid not in pids
         # A stream on one worker sees what is published through the other.
         async with aiohttp.ClientSession() as s:
             reader = asyncio.create_task(collect(s, f"{server.url}/workflows/{wf}/events"))
@@ -87,11 +94,7 @@ async def test_workers_exit_when_the_supervisor_is_killed() -> None:
     server = ServerProcess("--workers", "2", env={"REDIS_URL": REDIS_URL})
     await server.start()
     try:
-        deadline = time.monotonic() + 15
-        pids: set[int] = set()
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids |= await pids_seen(server.url, tries=10)
-        assert len(pids) == 2
+        pids = await both_workers(server.url)
         server.signal(signal.SIGKILL)
         deadline = time.monotonic() + 10
         while any(os.path.exists(f"/proc/{pid}") for pid in pids):
@@ -109,11 +112,7 @@ async def test_an_open_server_with_workers_says_so_once_at_start() -> None:
     await server.start()
     try:
         # Both workers up, so a line either of them logged at start is in the log by now.
-        deadline = time.monotonic() + 15
-        pids: set[int] = set()
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids |= await pids_seen(server.url, tries=10)
-        assert len(pids) == 2
+        await both_workers(server.url)
         server.signal(signal.SIGTERM)
         assert server.wait(6) == 0
         log = server.output()
