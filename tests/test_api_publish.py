@@ -87,6 +87,12 @@ async def test_idempotent_retry_stores_one_event(
     )
     assert status == 201 and body["ids"][0] == first[2]["ids"][0]
     assert len(await stored(redis, wf)) == 2
+    # The longest key the SPEC allows (128 characters; 129 is a 422 below) works the same.
+    longest = {**STARTED, "node_id": "n3", "idempotency_key": "k" * 128}
+    first = await post(f"{base}/workflows/{wf}/events", longest)
+    again = await post(f"{base}/workflows/{wf}/events", longest)
+    assert first[0] == again[0] == 201 and first[2] == again[2]
+    assert len(await stored(redis, wf)) == 3
 
 
 @pytest.mark.parametrize(

@@ -96,9 +96,11 @@ async def test_replay_from_start_header_and_query_where_header_wins(
         assert [m.id for m in await collect(s, f"{url}?lastEventId={ids[3]}")] == ids[4:]
         both = await collect(s, f"{url}?lastEventId={ids[3]}", headers={"Last-Event-ID": ids[0]})
         assert [m.id for m in both] == ids[1:]
-        # An empty value counts as absent.
+        # An empty value counts as absent: an empty header leaves the query to decide.
         empty = await collect(s, f"{url}?lastEventId=", headers={"Last-Event-ID": ""})
         assert [m.id for m in empty] == ids
+        query = await collect(s, f"{url}?lastEventId={ids[3]}", headers={"Last-Event-ID": ""})
+        assert [m.id for m in query] == ids[4:]
         msgs = await collect(s, url)
     assert [m.event for m in msgs] == ["node_started"] * 5 + ["workflow_state_changed"]
     assert msgs[0].json()["node_id"] == "n0" and msgs[0].json()["workflow_id"] == wf
@@ -281,3 +283,36 @@ async def test_max_streams_refuses_past_the_limit_with_503(
         first.release()
         held.release()
         second.release()
+
+
+async def test_max_streams_counts_event_progress_and_websocket_streams_alike(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    base, wf = await serve(max_streams=3), new_workflow()
+    await publish(base, wf, [started("a")])
+    app = serve.apps[0]
+    events = f"{base}/workflows/{wf}/events"
+    progress = f"{base}/workflows/{wf}/progress"
+    sse = {"Accept": "text/event-stream"}
+    async with aiohttp.ClientSession() as s:
+        held = [await s.get(events), await s.get(progress, headers=sse)]
+        ws = await s.ws_connect(f"{base}/workflows/{wf}/ws")
+        assert [r.status for r in held] == [200, 200]
+        assert len(app[keys.streams_key].open) == 3
+        for url, headers in ((events, {}), (progress, sse)):
+            async with s.get(url, headers=headers) as refused:
+                assert refused.status == 503
+                assert refused.headers["Content-Type"].startswith("application/problem+json")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused_ws:
+            await s.ws_connect(f"{base}/workflows/{wf}/ws")
+        assert refused_ws.value.status == 503
+        await ws.close()  # a slot comes free when a stream ends
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len(app[keys.streams_key].open) > 2:
+            assert loop.time() < deadline, "the WebSocket's slot was not released"
+            await asyncio.sleep(0.02)
+        async with s.get(events) as again:
+            assert again.status == 200
+        for resp in held:
+            resp.release()

@@ -108,7 +108,14 @@ async def test_sigterm_with_200_open_streams_ends_all_cleanly_within_5s() -> Non
     wf = "term-" + uuid.uuid4().hex[:8]
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-            responses = [await s.get(f"{server.url}/workflows/{wf}/events") for _ in range(200)]
+            assert (await post(s, server.url, wf, started("a"))).status == 201
+            responses = [await s.get(f"{server.url}/workflows/{wf}/events") for _ in range(180)]
+            # Progress streams end the same way.
+            responses += [
+                await s.get(f"{server.url}/workflows/{wf}/progress",
+                            headers={"Accept": "text/event-stream"})
+                for _ in range(20)
+            ]  # fmt: skip
             assert all(r.status == 200 for r in responses)
             started_at = time.monotonic()
             server.signal(signal.SIGTERM)

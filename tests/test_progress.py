@@ -476,6 +476,14 @@ def test_percentage_is_100_when_completed_and_zero_without_nodes() -> None:
     assert out["elapsed_seconds"] == 2.0
 
 
+@pytest.mark.parametrize("terminal", ["FAILED", "CANCELLED"])
+def test_a_run_that_ends_otherwise_has_no_time_left_but_keeps_its_count(terminal: str) -> None:
+    out, _ = snap(run(plan("a", "b"), started(0, "a"), completed(1, "a"),
+                      state_to(2, terminal)), 3)  # fmt: skip
+    assert (out["state"], out["percentage"], out["time_percentage"]) == (terminal, 50.0, 100.0)
+    assert out["estimated_remaining_seconds"] == 0.0 and out["elapsed_seconds"] == 2.0
+
+
 def test_percentages_never_go_back_while_the_plan_is_unchanged() -> None:
     history = view_with({n: [10.0] * 5 for n in "abcd"})
     events = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -230,6 +231,9 @@ async def test_ws_refuses_a_foreign_page_riding_on_the_cookie(
     assert await status(url + f"?access_token={token}", {"Origin": "http://evil.example"}) == 101
     assert await status(url, {}) == 401
     assert await status(ws_url(base, "other"), cookie) == 403
+    assert await status(url, {"Authorization": f"Bearer {token}"}) == 101
+    expired = auth.mint(secret, [wf], 60, now=time.time() - 120)
+    assert await status(url, {"Authorization": f"Bearer {expired}"}) == 401
 
 
 async def test_ws_shutdown_closes_1001_with_a_jittered_retry(
