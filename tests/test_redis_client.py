@@ -1,15 +1,26 @@
-"""The command pool: idle connections handed out directly, blocking only when exhausted."""
+"""The command pool: idle connections handed out directly, blocking only when exhausted;
+command deadlines kept by one sweep instead of a timer per command."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
+import time
+import uuid
 
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import redis_client
+from server.app import create_app
+from server.settings import Settings
 from tests.conftest import real_redis_or_skip
+from tests.procs import RedisProcess
 
 
 async def test_a_burst_larger_than_the_pool_waits_and_every_command_succeeds() -> None:
@@ -45,3 +56,89 @@ async def test_a_connection_the_server_dropped_is_reconnected_on_its_next_use() 
             assert await client.ping()
     finally:
         await admin.aclose()
+
+
+async def test_a_call_past_its_deadline_fails_with_redis_timeout_and_others_are_untouched() -> None:
+    deadlines = redis_client.Deadlines(0.2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    slow = asyncio.ensure_future(deadlines.run(asyncio.sleep(30)))
+    quick = asyncio.ensure_future(deadlines.run(asyncio.sleep(0.05, "answer")))
+    assert await quick == "answer"
+    with pytest.raises(RedisTimeoutError):
+        await slow
+    took = loop.time() - t0
+    assert 0.2 <= took < 0.2 + redis_client.SWEEP_SECONDS + 0.5
+    assert not deadlines._running and not deadlines._expired
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    deadlines = redis_client.Deadlines(10)
+    task = asyncio.ensure_future(deadlines.run(asyncio.sleep(30)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not deadlines._running
+
+
+async def test_a_nested_call_keeps_the_outer_deadline() -> None:
+    deadlines = redis_client.Deadlines(0.2)
+
+    async def outer() -> None:
+        await deadlines.run(asyncio.sleep(0.01))  # registers and unregisters on its own
+        await deadlines.run(deadlines.run(asyncio.sleep(30)))
+
+    with pytest.raises(RedisTimeoutError):
+        await outer()
+    assert not deadlines._running
+
+
+def test_the_command_client_takes_its_timeout_from_the_url_and_arms_no_socket_timeout() -> None:
+    client = redis_client.command_client("redis://127.0.0.1:6379/0?socket_timeout=0.75")
+    assert isinstance(client, redis_client._Client)
+    assert client.deadlines.seconds == 0.75
+    assert client.connection_pool.connection_kwargs["socket_timeout"] is None
+    plain = redis_client.command_client("redis://127.0.0.1:6379/0")
+    assert plain.deadlines.seconds == redis_client.COMMAND_TIMEOUT
+
+
+async def test_a_frozen_redis_fails_commands_and_publishes_in_time_then_recovers() -> None:
+    """SIGSTOP: the socket stays open and nothing answers, so only a deadline ends a call."""
+    proc = RedisProcess()
+    proc.start()
+    assert proc.proc is not None
+    url = proc.url + "?socket_timeout=0.5"
+    server = TestServer(create_app(Settings(redis_url=url)), host="127.0.0.1")
+    await server.start_server()
+    base, wf = str(server.make_url("")).rstrip("/"), "frozen-" + uuid.uuid4().hex[:8]
+    event = {"event_type": "node_started", "node_id": "a"}
+    try:
+        async with redis_client.open_redis(url) as client, aiohttp.ClientSession() as s:
+            assert await client.ping()
+            async with s.post(f"{base}/workflows/{wf}/events", json=event) as resp:
+                assert resp.status == 201
+            proc.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await client.ping()
+            with pytest.raises(RedisTimeoutError):
+                async with client.pipeline(transaction=True) as pipe:
+                    await pipe.get("a").get("b").execute()
+            assert time.monotonic() - t0 < 2 * (0.5 + redis_client.SWEEP_SECONDS) + 1
+            t0 = time.monotonic()
+            async with s.post(f"{base}/workflows/{wf}/events", json=event) as resp:
+                assert resp.status == 503
+                assert resp.content_type == "application/problem+json"
+            assert time.monotonic() - t0 < 0.5 + redis_client.SWEEP_SECONDS + 1
+            proc.proc.send_signal(signal.SIGCONT)
+            assert await client.ping()  # the timed-out connection was dropped, a new one used
+            async with s.post(f"{base}/workflows/{wf}/events", json=event) as resp:
+                assert resp.status == 201
+            async with s.get(f"{base}/workflows/{wf}/progress") as resp:
+                assert resp.status == 200
+    finally:
+        if proc.proc is not None:
+            proc.proc.send_signal(signal.SIGCONT)
+        await server.close()
+        proc.kill()
