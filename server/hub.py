@@ -245,16 +245,24 @@ class _Channel:
         """
         self.flush_due = False
         seq, now = self.seq, asyncio.get_running_loop().time()
+        base = seq - len(self.ring)
+        low = seq
         for sub in self.subs:  # write_now() never attaches or detaches
             out = sub.direct
-            if out is None or sub.cursor >= seq:
-                continue
-            live = None if sub.resync else self.since(sub.cursor)
-            if live is not None and out.write_now(live, now):
-                sub.cursor = live.stop
-            else:
-                sub.direct = None
-                sub.wakeup.set()
+            if out is not None and sub.cursor < seq:
+                live = None if sub.resync else self.since(sub.cursor)
+                if live is not None and out.write_now(live, now):
+                    sub.cursor = live.stop
+                else:
+                    sub.direct = None
+                    sub.wakeup.set()
+            if base <= sub.cursor < low and not (sub.resync or sub.notify_only):
+                low = sub.cursor
+        if low == seq:
+            # Every reader has every frame: let them go now rather than at the next event,
+            # so they die young instead of being scanned by the garbage collector meanwhile.
+            self.ring.clear()
+            self.cached = None
 
     def since(self, cursor: int) -> Live | None:
         """Frames from `cursor` on (None if they left the ring), cut after a terminal one."""

@@ -485,9 +485,14 @@ class Store:
                 if e.idempotency_key and v
             }
             return _view(fields, touched), fresh
-        last = _text(reply[2]) if added else view.last
-        nodes = None if view.nodes is None else view.nodes | (touched or set())
-        self._keep(workflow_id, _View(view.ver + added, last, state, nodes))
+        # The view is ours alone until cached: updated in place, not rebuilt, so an append
+        # leaves no new long-lived objects for the garbage collector to scan.
+        if added:
+            view.ver, view.last = view.ver + added, _text(reply[2])
+        view.state = state
+        if view.nodes is not None and touched:
+            view.nodes |= touched
+        self._keep(workflow_id, view)
         return Appended([_text(i) for i in ids_raw], new_events, state, history)
 
     async def read_after(self, workflow_id: str, after: str | None, count: int) -> Page:
