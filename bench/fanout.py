@@ -442,6 +442,7 @@ async def live(
                              timeout=args.connect_timeout)  # fmt: skip
             if group.failed:
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
+            await pub.warm()  # the publisher's connections are no part of the measurement
             pids = srv.pids()
             spread = per_worker(srv)
             cpu0, me0, t0 = cpu_seconds(pids), self_cpu_seconds(), time.monotonic()
@@ -485,6 +486,7 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
                              timeout=args.connect_timeout)  # fmt: skip
             if group.failed:
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
+            await pub.warm()
             if profile:
                 spy = start_profiler(srv.proc.pid, args.s4_duration, profile)
             pids = srv.pids()
