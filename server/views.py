@@ -51,8 +51,10 @@ def start_id_of(request: web.Request) -> str | None:
 
     Both are validated when given, so a malformed one is a 400 even where the other wins.
     """
-    header = request.headers.get("Last-Event-ID", "").strip() or None
-    query = request.query.get("lastEventId", "").strip() or None
+    # Only spaces and tabs (HTTP's optional whitespace) are trimmed: str.strip() would also
+    # take control characters such as \x1f, turning a malformed id into an absent one.
+    header = request.headers.get("Last-Event-ID", "").strip(" \t") or None
+    query = request.query.get("lastEventId", "").strip(" \t") or None
     for name, value in (("Last-Event-ID", header), ("lastEventId", query)):
         if value is not None and parse_event_id(value) is None:
             raise Problem(400, f"{name} must look like <milliseconds>-<sequence>",

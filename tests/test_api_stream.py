@@ -123,6 +123,20 @@ async def test_malformed_last_event_id_is_400(
                 assert (await resp.json(content_type=None))["status"] == 400
 
 
+@pytest.mark.parametrize("bad", ["\x1f", "\x0b", "\x1c1-0"])
+async def test_a_control_character_last_event_id_is_400_not_absent(
+    serve: Serve, new_workflow: Callable[[], str], bad: str
+) -> None:
+    """str.strip() counts \x1c-\x1f and \x0b as whitespace: such an id must not be "empty"."""
+    base, wf = await serve(), new_workflow()
+    async with aiohttp.ClientSession() as s:
+        for path in ("events", "ws"):  # the WebSocket route checks it before the upgrade
+            url = f"{base}/workflows/{wf}/{path}"
+            async with s.get(url, params={"lastEventId": bad}) as resp:
+                assert resp.status == 400
+                assert (await resp.json(content_type=None))["status"] == 400
+
+
 async def test_workflow_without_events_waits_then_streams_live(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
