@@ -45,7 +45,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .fanout import finish_profiler, free_port, start_profiler
-from .loadgen import cpu_seconds, process_tree, raise_nofile
+from .loadgen import HttpConn, cpu_seconds, process_tree, raise_nofile
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -53,55 +53,7 @@ PLAN_NODES = 10
 
 
 # ---------------------------------------------------------------------------------------
-# A minimal keep-alive HTTP/1.1 client
-
-
-class Conn(asyncio.Protocol):
-    """One keep-alive connection; one request in flight; answers (status, body)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self.buf[:end].split(b"\r\n")
-        length = 0
-        for line in head[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if len(self.buf) < end + 4 + length:
-            return
-        body = self.buf[end + 4 : end + 4 + length]
-        self.buf = self.buf[end + 4 + length :]
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result((int(head[0].split(b" ", 2)[1]), body))
-
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        if self.lost or self.transport is None:
-            raise ConnectionError("connection closed")
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(raw)
-        return await self.waiter
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+# Requests (sent with loadgen's minimal keep-alive client, HttpConn)
 
 
 def post_bytes(port: int, workflow_id: str, body: bytes) -> bytes:
@@ -220,7 +172,7 @@ async def server(variant: Variant, args: argparse.Namespace) -> AsyncIterator[tu
                 tail = log.read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"{variant.label}: server exited:\n{tail}")
             try:
-                _t, conn = await loop.create_connection(Conn, HOST, port)
+                _t, conn = await loop.create_connection(HttpConn, HOST, port)
                 status, _ = await conn.request(
                     f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
                 )
@@ -257,10 +209,10 @@ async def drive(
     pid: int, port: int, workflows: list[str], args: argparse.Namespace, profile: str | None
 ) -> Result:
     loop = asyncio.get_running_loop()
-    conns: asyncio.Queue[Conn] = asyncio.Queue()
-    opened: list[Conn] = []
+    conns: asyncio.Queue[HttpConn] = asyncio.Queue()
+    opened: list[HttpConn] = []
     for _ in range(args.connections):
-        _t, conn = await loop.create_connection(Conn, HOST, port)
+        _t, conn = await loop.create_connection(HttpConn, HOST, port)
         opened.append(conn)
         conns.put_nowait(conn)
     result = Result()
@@ -274,7 +226,7 @@ async def drive(
         except (OSError, TimeoutError, ConnectionError) as exc:
             status, answer = 0, str(exc).encode()
             conn.close()
-            _t, conn = await loop.create_connection(Conn, HOST, port)
+            _t, conn = await loop.create_connection(HttpConn, HOST, port)
             opened.append(conn)
         conns.put_nowait(conn)
         if not timed:
