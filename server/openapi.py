@@ -184,9 +184,10 @@ def uint64_pattern() -> str:
     return "(?:" + "|".join(alternatives) + ")"
 
 
-# Empty counts as absent and surrounding blanks are ignored; anything else is a 400.
+# Empty counts as absent and surrounding spaces and tabs are ignored (views.start_id_of);
+# anything else is a 400.
 _UINT64 = uint64_pattern()
-_START_ID = {"type": "string", "pattern": rf"^(\s*{_UINT64}-{_UINT64}\s*)?$"}
+_START_ID = {"type": "string", "pattern": rf"^[ \t]*({_UINT64}-{_UINT64})?[ \t]*$"}
 _SUBSCRIBE_SECURITY: list[dict[str, list[str]]] = [
     {},  # open unless SUBSCRIBE_SECRET is set
     {"subscribeBearer": []},
