@@ -81,12 +81,13 @@ class Deadlines:
         self._running[task] = loop.time() + self.seconds
         if self._timer is None:
             self._timer = loop.call_later(SWEEP_SECONDS, self._sweep)
+        cancelling = task.cancelling()
         try:
             return await call
         except asyncio.CancelledError:
-            if task not in self._expired:
+            # As asyncio.timeout(): a cancellation someone else asked for too stays one.
+            if task not in self._expired or task.uncancel() > cancelling:
                 raise
-            task.uncancel()
             raise RedisTimeoutError(f"Redis did not answer within {self.seconds:g} s") from None
         finally:
             del self._running[task]

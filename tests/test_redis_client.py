@@ -82,6 +82,20 @@ async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     assert not deadlines._running
 
 
+async def test_an_outside_cancellation_at_the_deadline_is_not_swallowed() -> None:
+    deadlines = redis_client.Deadlines(0.05)
+
+    async def call() -> None:
+        await deadlines.run(asyncio.sleep(30))
+
+    task = asyncio.ensure_future(call())
+    while not deadlines._expired:  # the sweep has cancelled it; the task has not run yet
+        await asyncio.sleep(0)
+    task.cancel()  # and so does its owner (a client that went away)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_a_nested_call_keeps_the_outer_deadline() -> None:
     deadlines = redis_client.Deadlines(0.2)
 
