@@ -650,9 +650,10 @@ class HttpPublisher:
                     if not conn.lost:
                         break
                     conn = None
-                if conn is None:
-                    conn = await asyncio.wait_for(self._connect(), self.timeout)
-                status, answer = await asyncio.wait_for(conn.request(raw), self.timeout)
+                async with asyncio.timeout(self.timeout):  # no task per POST, as wait_for has
+                    if conn is None:
+                        conn = await self._connect()
+                    status, answer = await conn.request(raw)
                 if not conn.lost:
                     self.idle.append(conn)
                 if 200 <= status < 300:
