@@ -178,7 +178,9 @@ def test_terminal_then_resume() -> None:
                 state_to(10, "FAILED"))  # fmt: skip
     out, _ = snap(state, 100)
     assert (out["state"], out["elapsed_seconds"], out["estimated_remaining_seconds"]) == (
-        "FAILED", 10.0, 0.0,
+        "FAILED",
+        10.0,
+        0.0,
     )
     assert (out["percentage"], out["time_percentage"]) == (50.0, 100.0)
     progress.fold(state, state_to(20, "RUNNING"))
@@ -409,8 +411,9 @@ def test_running_nodes_count_as_lower_bounds_of_the_speed() -> None:
     assert early == pytest.approx(base, abs=0.01)
 
 
-@pytest.mark.parametrize(("mu", "var", "ran"), [(2.0, 0.25, 0.0), (2.0, 0.25, 5.0),
-                                                 (2.0, 0.25, 1e3), (0.0, 0.01, 1e9)])
+@pytest.mark.parametrize(
+    ("mu", "var", "ran"), [(2.0, 0.25, 0.0), (2.0, 0.25, 5.0), (2.0, 0.25, 1e3), (0.0, 0.01, 1e9)]
+)
 def test_time_left_of_a_running_node_grows_with_its_quantile(
     mu: float, var: float, ran: float
 ) -> None:
