@@ -81,6 +81,7 @@ MC_BUDGET = 16_000  # node durations drawn per poll at most: big plans get fewer
 TAIL_Z = 5.0  # a running node this many sd past its median: exponential tail
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
 _NORMAL = NormalDist()
 _SPEED_KEY = "\x00speed"  # the speed factor's draws (a node of this id only shares them)
 _US = 1_000_000
@@ -159,7 +160,7 @@ def new_state() -> FoldState:
 def _event_us(event: Event) -> int:
     if event.timestamp is None:
         raise ValueError("an event must have its timestamp filled in before it is folded")
-    return (event.timestamp - _EPOCH) // timedelta(microseconds=1)
+    return (event.timestamp - _EPOCH) // _ONE_US
 
 
 def _advance_clock(state: FoldState, ts: int) -> None:
