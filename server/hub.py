@@ -204,37 +204,27 @@ class _Channel:
         return self.seq - len(self.ring)
 
     def push(self, frame: Frame) -> None:
-        """Add a live frame and wake every reader; forget frames every reader has taken."""
+        """Add a live frame; readers hear of it in flush(), once per event-loop pass."""
         ring, seq = self.ring, self.seq
-        base = seq - len(ring)
-        low = seq
-        direct = False
-        for sub in self.subs:
-            cursor = sub.cursor
-            if base <= cursor < low and not (sub.resync or sub.notify_only):
-                low = cursor
-            if sub.direct is None:
-                sub.wakeup.set()
-            else:
-                direct = True
-        if direct and not self.flush_due:
-            # Once per loop iteration, so frames that arrived together go out in one write.
-            self.flush_due = True
-            asyncio.get_running_loop().call_soon(self.flush)
-        for _ in range(low - base):
-            ring.popleft()
         if len(ring) >= self.limit:
-            # The slowest readers are a whole ring behind: they catch up from Redis instead.
-            ring.popleft()
-            kept_from = seq - len(ring)
-            for sub in self.subs:
-                if sub.cursor < kept_from and not (sub.resync or sub.notify_only):
-                    self.hub._overflowed()
-                    sub.request_resync()
+            self._trim()
+            if len(ring) >= self.limit:
+                # The slowest readers are a whole ring behind: they catch up from Redis.
+                ring.popleft()
+                kept_from = seq - len(ring)
+                for sub in self.subs:
+                    if sub.cursor < kept_from and not (sub.resync or sub.notify_only):
+                        self.hub._overflowed()
+                        sub.request_resync()
         ring.append(frame)
         if frame.terminal:
             self.terminal_seq = seq
         self.seq = seq + 1
+        if not self.flush_due:
+            # Once per loop pass: frames that arrived together go out in one write, and each
+            # reader is visited once however many frames came (a batch is 100s of frames).
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Write new live frames to every stream parked in direct mode; wake the others.
@@ -245,24 +235,34 @@ class _Channel:
         """
         self.flush_due = False
         seq, now = self.seq, asyncio.get_running_loop().time()
-        base = seq - len(self.ring)
-        low = seq
         for sub in self.subs:  # write_now() never attaches or detaches
             out = sub.direct
-            if out is not None and sub.cursor < seq:
+            if out is None:
+                sub.wakeup.set()
+            elif sub.cursor < seq:
                 live = None if sub.resync else self.since(sub.cursor)
                 if live is not None and out.write_now(live, now):
                     sub.cursor = live.stop
                 else:
                     sub.direct = None
                     sub.wakeup.set()
+        self._trim()
+
+    def _trim(self) -> None:
+        """Forget the frames every reader has taken: they die young instead of lingering
+        until the next event, scanned by the garbage collector meanwhile."""
+        ring, seq = self.ring, self.seq
+        base = seq - len(ring)
+        low = seq
+        for sub in self.subs:
             if base <= sub.cursor < low and not (sub.resync or sub.notify_only):
                 low = sub.cursor
         if low == seq:
-            # Every reader has every frame: let them go now rather than at the next event,
-            # so they die young instead of being scanned by the garbage collector meanwhile.
-            self.ring.clear()
+            ring.clear()
             self.cached = None
+        else:
+            for _ in range(low - base):
+                ring.popleft()
 
     def since(self, cursor: int) -> Live | None:
         """Frames from `cursor` on (None if they left the ring), cut after a terminal one."""

@@ -196,21 +196,24 @@ def _frame(seq: int, terminal: bool = False) -> Frame:
     return parse_message(f"1769077817000-{seq} {kind} {int(terminal)} {{}}".encode())
 
 
-def test_readers_at_one_position_share_one_joined_write() -> None:
+async def test_readers_at_one_position_share_one_joined_write() -> None:
     _, chan = _ring(8)
     first, second = _reader(chan), _reader(chan)
     for i in range(3):
         chan.push(_frame(i))
+    await asyncio.sleep(0)  # the pass's flush wakes the readers
+    assert first.wakeup.flag and second.wakeup.flag
     a, b = first.take(), second.take()
     assert a is not None and a is b  # built once, joined once
     assert [f.id for f in a.frames] == [f"1769077817000-{i}" for i in range(3)]
     assert a.sse == b"".join(_frame(i).data for i in range(3))
     assert first.take() is None and not first.pending
-    chan.push(_frame(3))  # everyone took 0..2: the ring forgets them
+    chan.push(_frame(3))
+    await asyncio.sleep(0)  # everyone took 0..2: the pass's flush forgets them
     assert len(chan.ring) == 1
 
 
-def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not() -> None:
+async def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not() -> None:
     hub, chan = _ring(4)
     slow, fast = _reader(chan), _reader(chan)
     for i in range(10):
@@ -226,7 +229,7 @@ def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not() -> No
     assert live is not None and [f.id for f in live.frames] == ["1769077817000-10"]
 
 
-def test_take_stops_after_the_terminal_frame_and_after_drops_what_history_sent() -> None:
+async def test_take_stops_after_the_terminal_frame_and_after_drops_what_history_sent() -> None:
     _, chan = _ring(8)
     sub = _reader(chan)
     for i, terminal in enumerate([False, False, True, False]):
@@ -255,14 +258,16 @@ async def test_a_fresh_cluster_client_takes_concurrent_first_commands(cluster_ur
             assert replies == [[]] * 20
 
 
-def test_a_notify_only_reader_holds_no_frames_and_never_counts_as_slow() -> None:
+async def test_a_notify_only_reader_holds_no_frames_and_never_counts_as_slow() -> None:
     hub, chan = _ring(4)
     progress = _reader(chan)
     progress.notify_only = True  # a progress stream: it only wants to know that something came
     for i in range(10):
-        chan.push(_frame(i))
-    assert len(chan.ring) == 1 and hub.overflows == 0 and not progress.resync
-    assert progress.pending  # it still learns that something changed
+        chan.push(_frame(i))  # no loop pass in between: the ring's bound trims it
+        assert len(chan.ring) <= 4
+    await asyncio.sleep(0)
+    assert len(chan.ring) == 0 and hub.overflows == 0 and not progress.resync
+    assert progress.pending and progress.wakeup.flag  # it still learns that something changed
 
 
 class _Writer:
@@ -285,9 +290,9 @@ async def test_a_parked_stream_is_written_once_per_loop_pass_without_waking_its_
     parked.direct = writer
     for i in range(3):
         chan.push(_frame(i))
-    assert not parked.wakeup.flag and woken.wakeup.flag
     assert writer.got == []  # not yet: frames that arrive together go out together
     await asyncio.sleep(0)
+    assert not parked.wakeup.flag and woken.wakeup.flag  # once, for the three
     assert writer.got == [[f"1769077817000-{i}" for i in range(3)]]
     assert parked.cursor == chan.seq and parked.direct is writer and not parked.pending
     chan.push(_frame(3))
