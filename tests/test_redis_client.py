@@ -142,7 +142,7 @@ async def test_a_frozen_redis_fails_commands_and_publishes_in_time_then_recovers
             assert time.monotonic() - t0 < 2 * (0.5 + redis_client.SWEEP_SECONDS) + 1
             t0 = time.monotonic()
             async with s.post(f"{base}/workflows/{wf}/events", json=event) as resp:
-                assert resp.status == 503
+                assert resp.status == 503 and resp.headers["Retry-After"]  # SPEC's 503
                 assert resp.content_type == "application/problem+json"
             assert time.monotonic() - t0 < 0.5 + redis_client.SWEEP_SECONDS + 1
             proc.proc.send_signal(signal.SIGCONT)
