@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .hub import HubUnavailable
+from .store import AppendConflict, AppendExpired, AppendUnknown
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,21 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         detail = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         return problem_response(exc.status, detail, headers=headers)
+    except AppendUnknown as exc:
+        logger.warning("append outcome unknown for %s: %s", request.path, exc)
+        return problem_response(
+            503,
+            "Redis did not confirm the write in time: the events were probably not stored, "
+            "but may have been. Retry with the same idempotency_key on each event and "
+            "nothing is stored twice.",
+            headers={"Retry-After": "1"},
+            slug="outcome-unknown",
+        )
+    except (AppendExpired, AppendConflict) as exc:
+        logger.warning("append not stored for %s: %s", request.path, exc)
+        return problem_response(
+            503, f"nothing was stored ({exc}); try again", headers={"Retry-After": "1"}
+        )
     except (RedisError, OSError, HubUnavailable) as exc:
         if isinstance(exc, ConnectionResetError):
             raise

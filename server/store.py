@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections import OrderedDict
+import random
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
 
 from . import progress
 from .models import Event, parse_event_id, to_json
@@ -60,7 +64,8 @@ def workflow_keys(workflow_id: str) -> list[str]:
 # KEYS: stream, trimmed, idem, progress.
 # ARGV: channel, maxlen, ttl, publish command, expected ver, event count E, state fields to
 #       set S, state fields to delete D, expected last id ('' = not checked), strict (1: any
-#       idempotency key already known counts as a conflict), fields to read back R (-1: all);
+#       idempotency key already known counts as a conflict), fields to read back R (-1: all),
+#       deadline (Redis time in ms after which the script refuses to run, {{}, -2}; 0: none);
 #       then 4 per event (idempotency key or '', event_type, terminal 0|1, json); then S
 #       field/value pairs; then D field names; then R field names.
 # Returns {ids, added, last}: `ids` in input order (a known idempotency key returns its first
@@ -70,13 +75,20 @@ def workflow_keys(workflow_id: str) -> list[str]:
 # id its idempotency key was stored under (false if none), so the caller can fold again
 # without another round trip.
 APPEND_LUA = """
+local deadline = tonumber(ARGV[12])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return {{}, -2}
+  end
+end
 local cur = redis.call('HMGET', KEYS[4], 'ver', 'last')
 local ver = tonumber(cur[1] or '0')
 local n, nset, ndel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local stale = ver ~= tonumber(ARGV[5]) or (ARGV[9] ~= '' and cur[2] ~= ARGV[9])
 if not stale and ARGV[10] == '1' then
   for i = 0, n - 1 do
-    local ik = ARGV[12 + i * 4]
+    local ik = ARGV[13 + i * 4]
     if ik ~= '' and redis.call('HEXISTS', KEYS[3], ik) == 1 then
       stale = true
       break
@@ -89,12 +101,12 @@ if stale then
   if nread < 0 then
     parts = redis.call('HGETALL', KEYS[4])
   else
-    local r = 12 + n * 4 + 2 * nset + ndel
+    local r = 13 + n * 4 + 2 * nset + ndel
     parts = redis.call('HMGET', KEYS[4], unpack(ARGV, r, r + nread - 1))
   end
   local known = {}
   for i = 0, n - 1 do
-    local ik = ARGV[12 + i * 4]
+    local ik = ARGV[13 + i * 4]
     if ik ~= '' then known[i + 1] = redis.call('HGET', KEYS[3], ik) else known[i + 1] = false end
   end
   return {{}, -1, parts, known}
@@ -103,7 +115,7 @@ local ids = {}
 local added = 0
 local last = false
 for i = 0, n - 1 do
-  local b = 12 + i * 4
+  local b = 13 + i * 4
   local ik = ARGV[b]
   local known = false
   if ik ~= '' then known = redis.call('HGET', KEYS[3], ik) end
@@ -128,7 +140,7 @@ if added > 0 then
     redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
   end
   redis.call('HSET', KEYS[4], 'ver', ver + added, 'last', last)
-  local s = 12 + n * 4
+  local s = 13 + n * 4
   for k = 0, nset - 1 do
     redis.call('HSET', KEYS[4], ARGV[s + 2 * k], ARGV[s + 2 * k + 1])
   end
@@ -180,21 +192,59 @@ class Page:
     entries: list[Entry]
 
 
+HistoryItem = tuple[str | None, str, str | None, float]  # (definition, node, type, seconds)
+
+
 @dataclass(frozen=True)
 class Appended:
     """Result of an append: ids in input order and the events that were new."""
 
     ids: list[str]
     new_events: list[Event]
-    # The progress fold after these events; the store may keep folding into the same object
-    # in later appends, so read it right away and do not keep it.
-    state: progress.FoldState
-    # Durations these events finished, for the history: (definition, node, type, seconds).
-    history: list[tuple[str | None, str, str | None, float]]
+    # Durations these events finished, for the history.
+    history: list[HistoryItem]
+
+
+class _Written(NamedTuple):
+    """What one script stored: ids in input order, the new events, their history items
+    each with its event's index in the script's input."""
+
+    ids: list[str]
+    new_events: list[Event]
+    history: list[tuple[int, HistoryItem]]
 
 
 class AppendConflict(Exception):
-    """Another writer appended to the workflow between our read and our script (retried)."""
+    """Other processes kept appending to the workflow between our read and our script."""
+
+
+class AppendUnknown(RedisError):
+    """The append script was sent but Redis did not answer: it may or may not have run.
+
+    The script carries a deadline (see RedisClock), so a Redis that was frozen and runs it
+    later refuses it; what stays unknown is a script Redis ran just before that deadline
+    whose answer was lost. A retry with the same idempotency keys stores nothing twice.
+    """
+
+
+class AppendExpired(RedisError):
+    """Redis got to the append script only after its deadline and refused it: not stored."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An append waiting for its workflow's writer; the future says `lead` or the result."""
+
+    events: Sequence[Event]
+    done: asyncio.Future[Appended | None]  # None: this one leads the next group
+
+
+# Appends of one workflow in one process are written one script at a time, and those that
+# queue meanwhile go together in the next script (group commit): concurrent publishers never
+# race each other's compare-and-set, and a burst costs one round trip, not one per request.
+GROUP_EVENTS = 1_000  # events in one script at most (a request's own batch may be larger)
+# After this many lost compare-and-sets to other processes, back off a little at random.
+CONFLICT_ATTEMPTS = 200
 
 
 def id_key(event_id: str) -> tuple[int, int]:
@@ -277,6 +327,60 @@ def _view(fields: dict[str, Any], touched: set[str] | None) -> _View:
     return _View(ver, last, state, None if touched is None else set(touched))
 
 
+class RedisClock:
+    """Deadlines for the append script in Redis's own clock.
+
+    A command that times out here may still sit in Redis's socket buffer (a frozen Redis
+    runs it when thawed): the script refuses to run past its deadline, which is `margin`
+    before this client gives up, so a publish answered "timed out" is not stored later.
+    The offset between the clocks is measured with TIME (error: half the round trip) and
+    measured again every REFRESH seconds in the background.
+    """
+
+    REFRESH = 60.0
+
+    def __init__(self, redis: AnyRedis) -> None:
+        self.redis = redis
+        # Our clients fail a command after `deadlines.seconds` (redis_client.Deadlines);
+        # fakeredis cannot be frozen and the cluster client has no such deadline: none.
+        deadlines = getattr(redis, "deadlines", None)
+        seconds = float(getattr(deadlines, "seconds", 0.0))
+        self.budget = seconds - min(1.0, seconds / 4) if 0 < seconds < float("inf") else 0.0
+        self.offset: float | None = None  # Redis's clock minus ours, less the error
+        self._measured = 0.0
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def deadline_ms(self) -> int:
+        """The Redis time (ms) after which an append sent now must not run; 0: none."""
+        if not self.budget:
+            return 0
+        offset = self.offset
+        if offset is None:
+            offset = await self.measure()
+        elif time.monotonic() - self._measured > self.REFRESH and self._refresh is None:
+            self._refresh = asyncio.create_task(self._measure_quietly())
+        return int((time.time() + offset + self.budget) * 1000)
+
+    async def measure(self) -> float:
+        """Measure the offset: Redis's clock at the midpoint of a TIME round trip."""
+        before = time.time()
+        seconds, micros = await self.redis.time()
+        after = time.time()
+        error = (after - before) / 2
+        # Err early: a deadline computed with this offset is never later than meant.
+        self.offset = seconds + micros / 1e6 - (before + after) / 2 - error
+        self._measured = time.monotonic()
+        return self.offset
+
+    async def _measure_quietly(self) -> None:
+        try:
+            await self.measure()
+        except (RedisError, OSError) as exc:
+            logger.info("could not measure Redis's clock (%s); keeping the last offset", exc)
+        finally:
+            self._refresh = None
+
+
 class Store:
     """All Redis reads and writes of workflow events."""
 
@@ -295,19 +399,85 @@ class Store:
         self.cache_nodes = cache_nodes
         self._views: OrderedDict[str, _View] = OrderedDict()
         self._weight = 0
+        self._queues: dict[str, deque[_Pending]] = {}  # workflow -> appends of its writer
+        self.clock = RedisClock(redis)
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
         self.publish_command = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
         self._save_shown = redis.register_script(SAVE_SHOWN_LUA)
 
-    async def append(
-        self, workflow_id: str, events: Sequence[Event], *, attempts: int = 20
-    ) -> Appended:
+    async def append(self, workflow_id: str, events: Sequence[Event]) -> Appended:
         """Store `events` atomically (all or none), publish them, advance the progress fold.
+
+        One script at a time per workflow in this process: an append that arrives while one
+        is in flight waits, and every append waiting when it ends goes into the next script
+        together (each still all or nothing, its ids in its own input order).
+        """
+        mine = _Pending(events, asyncio.get_running_loop().create_future())
+        queue = self._queues.get(workflow_id)
+        if queue is None:
+            self._queues[workflow_id] = queue = deque()
+            queue.append(mine)
+        else:
+            queue.append(mine)
+            result = await mine.done
+            if result is not None:
+                return result
+        # This append leads: it writes the group at the front of the queue (its own first).
+        group: list[_Pending] = []
+        size = 0
+        while queue and (not group or size + len(queue[0].events) <= GROUP_EVENTS):
+            pending = queue.popleft()
+            if pending is mine or not pending.done.done():  # skip the cancelled
+                group.append(pending)
+                size += len(pending.events)
+        try:
+            results = await self._append_group(workflow_id, group)
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else AppendUnknown(repr(exc))
+            for pending in group[1:]:
+                if not pending.done.done():
+                    pending.done.set_exception(failure)
+            raise
+        finally:
+            while queue and queue[0].done.done():  # cancelled while waiting: not written
+                queue.popleft()
+            if queue:
+                queue[0].done.set_result(None)  # the next one leads
+            else:
+                del self._queues[workflow_id]
+        for pending, result in zip(group[1:], results[1:], strict=True):
+            if not pending.done.done():
+                pending.done.set_result(result)
+        return results[0]
+
+    async def _append_group(self, workflow_id: str, group: list[_Pending]) -> list[Appended]:
+        """Append the events of `group` in one script; one result per member."""
+        events = [e for pending in group for e in pending.events]
+        ids, new_events, history = await self._append_events(workflow_id, events)
+        if len(group) == 1:
+            return [Appended(ids, new_events, [item for _, item in history])]
+        new = {id(e) for e in new_events}
+        results: list[Appended] = []
+        start = 0
+        for pending in group:
+            end = start + len(pending.events)
+            results.append(
+                Appended(
+                    ids[start:end],
+                    [e for e in pending.events if id(e) in new],
+                    [item for i, item in history if start <= i < end],
+                )
+            )
+            start = end
+        return results
+
+    async def _append_events(self, workflow_id: str, events: Sequence[Event]) -> _Written:
+        """One atomic append; `history` pairs each item with its event's index in `events`.
 
         One round trip when this process holds the workflow's current fold state (it wrote
         the last append): the script's compare-and-set on `ver` and `last` proves it is
-        current. Otherwise, or when another writer got in between, the parts are read first
+        current. Otherwise, or when another process got in between, the parts are read first
         (or come back in the script's conflict answer) and the fold is done again.
         """
         touched = _touched(events)
@@ -317,18 +487,23 @@ class Store:
         if view is None or not usable:
             view, known = await self._read(workflow_id, events, touched, view)
             strict = False
-        for _ in range(attempts):
+        for attempt in range(CONFLICT_ATTEMPTS):
             if known and all(e.idempotency_key in known for e in events):
                 # Every event is stored already (a retry, or legacy ingest by several
                 # processes): nothing to write, so nothing to compare-and-set.
                 self._keep(workflow_id, view)
-                ids = [known[e.idempotency_key] for e in events if e.idempotency_key]
-                return Appended(ids, [], view.state, [])
+                return _Written(
+                    [known[e.idempotency_key] for e in events if e.idempotency_key], [], []
+                )
             done = await self._try(workflow_id, events, touched, view, known, strict=strict)
-            if isinstance(done, Appended):
+            if isinstance(done, _Written):
                 return done
             view, known = done
             strict = False
+            if attempt >= 2:
+                # Several processes writing the same workflow at once: spread their retries
+                # so that one of them wins each round instead of all of them losing.
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
         raise AppendConflict(f"workflow {workflow_id}: too many concurrent writers")
 
     def _take(self, workflow_id: str, touched: set[str] | None) -> tuple[_View | None, bool]:
@@ -418,25 +593,24 @@ class Store:
         known: dict[str, str],
         *,
         strict: bool,
-    ) -> Appended | tuple[_View, dict[str, str]]:
+    ) -> _Written | tuple[_View, dict[str, str]]:
         """Fold into `view` and run the script: the result, or the fresh view on a conflict."""
         # Only events the script will really store are folded; a key repeated in the batch
         # stores once.
         new_events: list[Event] = []
+        history: list[tuple[int, HistoryItem]] = []
         seen = set(known)
-        for event in events:
+        state = view.state  # folded in place: the view is ours alone until it is cached
+        before_nodes = set(state.nodes) if touched is None else set()
+        for index, event in enumerate(events):
             key = event.idempotency_key
             if key and key in seen:
                 continue
             if key:
                 seen.add(key)
             new_events.append(event)
-
-        state = view.state  # folded in place: the view is ours alone until it is cached
-        before_nodes = set(state.nodes) if touched is None else set()
-        history: list[tuple[str | None, str, str | None, float]] = []
-        for event in new_events:
-            history += progress.history_items(state, event)  # before fold updates it
+            for item in progress.history_items(state, event):  # before fold updates it
+                history.append((index, item))
             state = progress.fold(state, event)
 
         updates: list[Any] = [META, progress.dumps_meta(state)]
@@ -460,6 +634,7 @@ class Store:
             view.last if strict else "",
             "1" if strict else "0",
             -1 if names is None else len(names),
+            await self.clock.deadline_ms(),
         ]
         for event in events:
             args += [
@@ -471,8 +646,15 @@ class Store:
         args += updates + deletes
         if names is not None:
             args += names
-        reply = await self._append(keys=workflow_keys(workflow_id), args=args)
+        try:
+            reply = await self._append(keys=workflow_keys(workflow_id), args=args)
+        except ResponseError:
+            raise  # Redis refused the script itself: it did not run
+        except (RedisError, OSError) as exc:
+            raise AppendUnknown(f"Redis did not answer the append: {exc}") from exc
         ids_raw, added = reply[0], reply[1]
+        if added == -2:
+            raise AppendExpired("Redis ran the append after its deadline and refused it")
         if added == -1:
             parts, known_raw = reply[2], reply[3]
             if names is None:
@@ -493,7 +675,7 @@ class Store:
         if view.nodes is not None and touched:
             view.nodes |= touched
         self._keep(workflow_id, view)
-        return Appended([_text(i) for i in ids_raw], new_events, state, history)
+        return _Written([_text(i) for i in ids_raw], new_events, history)
 
     async def read_after(self, workflow_id: str, after: str | None, count: int) -> Page:
         """Up to `count` retained events after `after`, and what was trimmed, as one snapshot.

@@ -1,0 +1,102 @@
+"""Hostile publishing: many concurrent writers to one workflow, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from server import store
+from tests.conftest import Serve
+
+pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
+
+WRITERS = 200
+
+
+def plan(n: int) -> dict[str, Any]:
+    return {"event_type": "workflow_planned", "nodes": [{"node_id": f"n{i}"} for i in range(n)]}
+
+
+async def post_all(
+    session: aiohttp.ClientSession, urls: list[str], bodies: list[Any]
+) -> list[tuple[int, str, Any]]:
+    """POST every body at once (one connection each), answers in input order."""
+
+    async def one(url: str, body: Any) -> tuple[int, str, Any]:
+        async with session.post(url, json=body) as resp:
+            text = await resp.text()
+            return resp.status, resp.content_type, json.loads(text) if text else None
+
+    return await asyncio.gather(*(one(u, b) for u, b in zip(urls, bodies, strict=True)))
+
+
+async def check_all_stored(redis: Any, wf: str, answers: list[tuple[int, str, Any]]) -> None:
+    """Every answer is a 201 whose id holds exactly the event it was sent with."""
+    failures = [a for a in answers if a[0] != 201]
+    assert not failures, f"{len(failures)} of {len(answers)} failed, e.g. {failures[:3]}"
+    rows = await redis.xrange(store.stream_key(wf))
+    by_id = {eid.decode(): json.loads(fields[b"d"]) for eid, fields in rows}
+    node_of_answer = [by_id[body["ids"][0]]["node_id"] for _, _, body in answers]
+    assert node_of_answer == [f"n{i}" for i in range(len(answers))]
+    ids = [eid.decode() for eid, _ in rows]
+    assert ids == sorted(ids, key=store.id_key) and len(set(ids)) == len(ids)
+
+
+async def test_two_hundred_concurrent_publishers_to_one_workflow_all_succeed(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    base, wf = await serve(), new_workflow()
+    url = f"{base}/workflows/{wf}/events"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(url, json=plan(WRITERS)) as resp:
+            assert resp.status == 201
+        bodies = [
+            {"event_type": "node_completed", "node_id": f"n{i}", "duration_ms": i}
+            for i in range(WRITERS)
+        ]
+        answers = await post_all(session, [url] * WRITERS, bodies)
+        await check_all_stored(redis, wf, answers)
+        async with session.get(f"{base}/workflows/{wf}/progress") as resp:
+            progress = await resp.json()
+    # The fold saw every event exactly once, whatever the interleaving.
+    assert progress["completed_nodes"] == WRITERS
+    assert progress["percentage"] == 100.0
+
+
+async def test_concurrent_publishers_on_two_server_processes_all_succeed(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    # Two apps with their own stores: each process's view of the fold goes stale whenever
+    # the other writes, so this is the compare-and-set path under contention.
+    bases, wf = [await serve(), await serve()], new_workflow()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(f"{bases[0]}/workflows/{wf}/events", json=plan(WRITERS)) as r:
+            assert r.status == 201
+        urls = [f"{bases[i % 2]}/workflows/{wf}/events" for i in range(WRITERS)]
+        bodies = [{"event_type": "node_started", "node_id": f"n{i}"} for i in range(WRITERS)]
+        answers = await post_all(session, urls, bodies)
+        await check_all_stored(redis, wf, answers)
+        async with session.get(f"{bases[1]}/workflows/{wf}/progress") as resp:
+            progress = await resp.json()
+    assert progress["running_nodes"] == WRITERS
+
+
+async def test_concurrent_retries_of_one_idempotency_key_store_it_once(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    base, wf = await serve(), new_workflow()
+    url = f"{base}/workflows/{wf}/events"
+    event = {"event_type": "node_started", "node_id": "n0", "idempotency_key": "k-1"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        answers = await post_all(session, [url] * 50, [event] * 50)
+    assert {a[0] for a in answers} == {201}
+    assert len({a[2]["ids"][0] for a in answers}) == 1
+    assert await redis.xlen(store.stream_key(wf)) == 1
