@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
 from server import store
+from server.app import create_app
+from server.settings import Settings
 from tests.conftest import Serve
+from tests.procs import RedisProcess
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
@@ -100,3 +107,44 @@ async def test_concurrent_retries_of_one_idempotency_key_store_it_once(
     assert {a[0] for a in answers} == {201}
     assert len({a[2]["ids"][0] for a in answers}) == 1
     assert await redis.xlen(store.stream_key(wf)) == 1
+
+
+async def test_a_publish_answered_503_by_a_frozen_redis_is_not_stored_when_it_thaws() -> None:
+    """SIGSTOP with the append in Redis's socket buffer: the 503 must stay true after SIGCONT,
+    so a client that retries (as Retry-After invites) stores the event exactly once."""
+    proc = RedisProcess()
+    proc.start()
+    assert proc.proc is not None
+    url = proc.url + "?socket_timeout=1"
+    server = TestServer(create_app(Settings(redis_url=url)), host="127.0.0.1")
+    await server.start_server()
+    base, wf = str(server.make_url("")).rstrip("/"), "frozen-" + uuid.uuid4().hex[:8]
+    events_url = f"{base}/workflows/{wf}/events"
+    first = {"event_type": "node_started", "node_id": "a"}
+    retried = {"event_type": "node_completed", "node_id": "a"}  # no idempotency key
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(events_url, json=first) as resp:
+                assert resp.status == 201
+            proc.proc.send_signal(signal.SIGSTOP)
+            async with s.post(events_url, json=retried) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"]
+                assert resp.content_type == "application/problem+json"
+                problem = await resp.json()
+            assert problem["type"] == "/problems/outcome-unknown"
+            assert "idempotency_key" in problem["detail"]
+            proc.proc.send_signal(signal.SIGCONT)
+            async with Redis.from_url(proc.url) as client:
+                for _ in range(3):  # Redis reads the buffered script before answering these
+                    assert await client.ping()
+                assert await client.xlen(store.stream_key(wf)) == 1
+                async with s.post(events_url, json=retried) as resp:  # the client's retry
+                    assert resp.status == 201
+                rows = await client.xrange(store.stream_key(wf))
+            assert [json.loads(f[b"d"])["event_type"] for _, f in rows] == [
+                "node_started", "node_completed"
+            ]  # fmt: skip
+    finally:
+        proc.proc.send_signal(signal.SIGCONT)
+        await server.close()
+        proc.kill()
