@@ -34,6 +34,7 @@ import hashlib
 import heapq
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -1031,8 +1032,13 @@ def snapshot(
     history: HistoryView,
     now: float,
     shown: Shown | None,
+    estimate: Callable[[FoldState, HistoryView, float], float | None] = eta,
 ) -> tuple[dict[str, Any], Shown]:
-    """The SPEC's progress object as of `now`, and what to remember as shown."""
+    """The SPEC's progress object as of `now`, and what to remember as shown.
+
+    `estimate` gives the raw ETA; the server passes one that reuses an estimate made at the
+    last change of the workflow (see tracker.ProgressService).
+    """
     prev = shown if shown is not None else Shown()
     terminal = state.terminal
     total = state.total
@@ -1055,7 +1061,7 @@ def snapshot(
     if terminal:
         remaining, time_percentage = 0.0, 100.0
     else:
-        raw = eta(state, history, now)
+        raw = estimate(state, history, now)
         if raw is None:
             remaining, time_percentage = None, None
         else:

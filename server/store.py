@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -701,15 +701,39 @@ class Store:
         raw_id, fields = rows[0]
         return _entry(raw_id, fields)
 
-    async def load_progress(self, workflow_id: str) -> StoredProgress | None:
-        """The whole fold state, last event id and what was last shown; None when unknown."""
+    async def progress_head(self, workflow_id: str) -> tuple[str | None, bytes | None] | None:
+        """The last event id and what was last shown, without the fold; None when unknown."""
+        ver, last, shown = await self.redis.hmget(
+            progress_key(workflow_id), ["ver", "last", "shown"]
+        )
+        if ver is None:
+            return None
+        return (_text(last) if last else None), (_bytes(shown) if shown else None)
+
+    async def load_progress(
+        self,
+        workflow_id: str,
+        *,
+        parse: Callable[[Callable[[], progress.FoldState], int], Awaitable[progress.FoldState]]
+        | None = None,
+    ) -> StoredProgress | None:
+        """The whole fold state, last event id and what was last shown; None when unknown.
+
+        `parse` runs the parsing of the parts (given it and the number of nodes), so that a
+        caller may move a big state's parsing off the event loop.
+        """
         raw = await self.redis.hgetall(progress_key(workflow_id))
         fields = {_text(k): _bytes(v) for k, v in raw.items()}
         meta = fields.get(META)
         if not meta:
             return None
         nodes = {f[len(NODE) :]: v for f, v in fields.items() if f.startswith(NODE)}
-        state = progress.loads_parts(meta, fields.get(PLAN), nodes)
+        plan = fields.get(PLAN)
+
+        def parsed() -> progress.FoldState:
+            return progress.loads_parts(meta, plan, nodes)
+
+        state = parsed() if parse is None else await parse(parsed, len(nodes))
         last = fields.get("last")
         return StoredProgress(state, _text(last) if last else None, fields.get("shown"))
 
