@@ -41,6 +41,11 @@ def idempotency_key(workflow_id: str) -> str:
     return f"wf:{{{workflow_id}}}:idem"
 
 
+def idempotency_order_key(workflow_id: str) -> str:
+    """List: the idempotency keys in the order stored, so the oldest can be forgotten."""
+    return f"wf:{{{workflow_id}}}:idemq"
+
+
 def progress_key(workflow_id: str) -> str:
     """Hash: `ver` (appends so far), `last` (last id), `fold` (progress state), `shown`."""
     return f"wf:{{{workflow_id}}}:progress"
@@ -58,14 +63,16 @@ def workflow_keys(workflow_id: str) -> list[str]:
         trimmed_key(workflow_id),
         idempotency_key(workflow_id),
         progress_key(workflow_id),
+        idempotency_order_key(workflow_id),
     ]
 
 
-# KEYS: stream, trimmed, idem, progress.
+# KEYS: stream, trimmed, idem, progress, idem order.
 # ARGV: channel, maxlen, ttl, publish command, expected ver, event count E, state fields to
 #       set S, state fields to delete D, expected last id ('' = not checked), strict (1: any
 #       idempotency key already known counts as a conflict), fields to read back R (-1: all),
-#       deadline (Redis time in ms after which the script refuses to run, {{}, -2}; 0: none);
+#       deadline (Redis time in ms after which the script refuses to run, {{}, -2}; 0: none),
+#       how many idempotency keys to keep (the newest; older ones are forgotten);
 #       then 4 per event (idempotency key or '', event_type, terminal 0|1, json); then S
 #       field/value pairs; then D field names; then R field names.
 # Returns {ids, added, last}: `ids` in input order (a known idempotency key returns its first
@@ -88,7 +95,7 @@ local n, nset, ndel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local stale = ver ~= tonumber(ARGV[5]) or (ARGV[9] ~= '' and cur[2] ~= ARGV[9])
 if not stale and ARGV[10] == '1' then
   for i = 0, n - 1 do
-    local ik = ARGV[13 + i * 4]
+    local ik = ARGV[14 + i * 4]
     if ik ~= '' and redis.call('HEXISTS', KEYS[3], ik) == 1 then
       stale = true
       break
@@ -101,12 +108,12 @@ if stale then
   if nread < 0 then
     parts = redis.call('HGETALL', KEYS[4])
   else
-    local r = 13 + n * 4 + 2 * nset + ndel
+    local r = 14 + n * 4 + 2 * nset + ndel
     parts = redis.call('HMGET', KEYS[4], unpack(ARGV, r, r + nread - 1))
   end
   local known = {}
   for i = 0, n - 1 do
-    local ik = ARGV[13 + i * 4]
+    local ik = ARGV[14 + i * 4]
     if ik ~= '' then known[i + 1] = redis.call('HGET', KEYS[3], ik) else known[i + 1] = false end
   end
   return {{}, -1, parts, known}
@@ -115,7 +122,7 @@ local ids = {}
 local added = 0
 local last = false
 for i = 0, n - 1 do
-  local b = 13 + i * 4
+  local b = 14 + i * 4
   local ik = ARGV[b]
   local known = false
   if ik ~= '' then known = redis.call('HGET', KEYS[3], ik) end
@@ -124,7 +131,10 @@ for i = 0, n - 1 do
   else
     local t, x, d = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
     local id = redis.call('XADD', KEYS[1], '*', 't', t, 'x', x, 'd', d)
-    if ik ~= '' then redis.call('HSET', KEYS[3], ik, id) end
+    if ik ~= '' then
+      redis.call('HSET', KEYS[3], ik, id)
+      redis.call('RPUSH', KEYS[5], ik)
+    end
     redis.call(ARGV[4], ARGV[1], id .. ' ' .. t .. ' ' .. x .. ' ' .. d)
     ids[#ids + 1] = id
     added = added + 1
@@ -140,7 +150,7 @@ if added > 0 then
     redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
   end
   redis.call('HSET', KEYS[4], 'ver', ver + added, 'last', last)
-  local s = 13 + n * 4
+  local s = 14 + n * 4
   for k = 0, nset - 1 do
     redis.call('HSET', KEYS[4], ARGV[s + 2 * k], ARGV[s + 2 * k + 1])
   end
@@ -149,7 +159,14 @@ if added > 0 then
     redis.call('HDEL', KEYS[4], ARGV[d + k])
   end
   local ttl = tonumber(ARGV[3])
-  for k = 1, 4 do
+  -- Idempotency keys are forgotten oldest first beyond the newest `keep` (a retry comes
+  -- within seconds; without a bound the hash grows with every keyed event for a day).
+  local over = redis.call('LLEN', KEYS[5]) - tonumber(ARGV[13])
+  if over > 0 then
+    local old = redis.call('LPOP', KEYS[5], math.min(over, 1000))
+    redis.call('HDEL', KEYS[3], unpack(old))
+  end
+  for k = 1, 5 do
     if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ttl) end
   end
 end
@@ -243,6 +260,9 @@ class _Pending:
 # queue meanwhile go together in the next script (group commit): concurrent publishers never
 # race each other's compare-and-set, and a burst costs one round trip, not one per request.
 GROUP_EVENTS = 1_000  # events in one script at most (a request's own batch may be larger)
+# Idempotency keys a workflow remembers at least (and HISTORY_MAXLEN if more): a retry of an
+# event older than that many keyed events is stored again.
+IDEMPOTENCY_KEYS = 10_000
 # After this many lost compare-and-sets to other processes, back off a little at random.
 CONFLICT_ATTEMPTS = 200
 
@@ -401,6 +421,7 @@ class Store:
         self._weight = 0
         self._queues: dict[str, deque[_Pending]] = {}  # workflow -> appends of its writer
         self.clock = RedisClock(redis)
+        self.idempotency_keys = max(maxlen, IDEMPOTENCY_KEYS)
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
         self.publish_command = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
@@ -635,6 +656,7 @@ class Store:
             "1" if strict else "0",
             -1 if names is None else len(names),
             await self.clock.deadline_ms(),
+            self.idempotency_keys,
         ]
         for event in events:
             args += [

@@ -148,3 +148,31 @@ async def test_a_publish_answered_503_by_a_frozen_redis_is_not_stored_when_it_th
         proc.proc.send_signal(signal.SIGCONT)
         await server.close()
         proc.kill()
+
+
+async def test_idempotency_keys_are_bounded_while_recent_retries_still_store_nothing(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    # HISTORY_MAXLEN=10 used to keep every key of the retention window beside 10 events.
+    base, wf = await serve(history_maxlen=10), new_workflow()
+    url = f"{base}/workflows/{wf}/events"
+    total = store.IDEMPOTENCY_KEYS + 500
+    async with aiohttp.ClientSession() as s:
+        for start in range(0, total, 1000):
+            batch = [
+                {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
+                 "idempotency_key": f"k{i}"}
+                for i in range(start, min(start + 1000, total))
+            ]  # fmt: skip
+            async with s.post(url, json=batch) as resp:
+                assert resp.status == 201
+        assert await redis.hlen(store.idempotency_key(wf)) == store.IDEMPOTENCY_KEYS
+        assert await redis.llen(store.idempotency_order_key(wf)) == store.IDEMPOTENCY_KEYS
+        assert await redis.xlen(store.stream_key(wf)) == 10
+        last = await redis.xrevrange(store.stream_key(wf), count=1)
+        recent = {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
+                  "idempotency_key": f"k{total - 1}"}  # fmt: skip
+        async with s.post(url, json=recent) as resp:
+            assert resp.status == 201
+            assert (await resp.json())["ids"] == [last[0][0].decode()]  # the first id
+    assert await redis.xrevrange(store.stream_key(wf), count=1) == last  # nothing new
