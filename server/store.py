@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from . import progress
-from .models import Event, parse_event_id, to_json
+from .models import Event, WorkflowPlanned, parse_event_id, to_json
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,51 @@ def _view(fields: dict[str, Any], touched: set[str] | None) -> _View:
     return _View(ver, last, state, None if touched is None else set(touched))
 
 
+# A fold of more nodes than this (state and plans together) runs in a worker thread.
+THREAD_NODES = 2_000
+
+
+def _weight(state: progress.FoldState, events: Sequence[Event]) -> int:
+    """Nodes a whole-state fold of `events` handles: the state's and the plans'."""
+    planned = sum(len(e.nodes) for e in events if isinstance(e, WorkflowPlanned))
+    return len(state.nodes) + planned
+
+
+def _fold(
+    state: progress.FoldState,
+    events: Sequence[Event],
+    known: dict[str, str],
+    touched: set[str] | None,
+) -> tuple[progress.FoldState, list[Event], list[tuple[int, HistoryItem]], list[Any], list[str]]:
+    """Fold the events the script will store into `state` (in place): the new state, the
+    new events, their history items, and the progress-hash fields to set and delete."""
+    # Only events the script will really store are folded; a key repeated in the batch
+    # stores once.
+    new_events: list[Event] = []
+    history: list[tuple[int, HistoryItem]] = []
+    seen = set(known)
+    before_nodes = set(state.nodes) if touched is None else set()
+    for index, event in enumerate(events):
+        key = event.idempotency_key
+        if key and key in seen:
+            continue
+        if key:
+            seen.add(key)
+        new_events.append(event)
+        for item in progress.history_items(state, event):  # before fold updates it
+            history.append((index, item))
+        state = progress.fold(state, event)
+
+    updates: list[Any] = [META, progress.dumps_meta(state)]
+    deletes: list[str] = []
+    if touched is None:
+        updates += [PLAN, progress.dumps_plan(state)]
+        deletes = [NODE + n for n in before_nodes - state.nodes.keys()]
+    for node_id in state.nodes if touched is None else touched & state.nodes.keys():
+        updates += [NODE + node_id, progress.dumps_node(state.nodes[node_id])]
+    return state, new_events, history, updates, deletes
+
+
 class RedisClock:
     """Deadlines for the append script in Redis's own clock.
 
@@ -616,31 +661,13 @@ class Store:
         strict: bool,
     ) -> _Written | tuple[_View, dict[str, str]]:
         """Fold into `view` and run the script: the result, or the fresh view on a conflict."""
-        # Only events the script will really store are folded; a key repeated in the batch
-        # stores once.
-        new_events: list[Event] = []
-        history: list[tuple[int, HistoryItem]] = []
-        seen = set(known)
-        state = view.state  # folded in place: the view is ours alone until it is cached
-        before_nodes = set(state.nodes) if touched is None else set()
-        for index, event in enumerate(events):
-            key = event.idempotency_key
-            if key and key in seen:
-                continue
-            if key:
-                seen.add(key)
-            new_events.append(event)
-            for item in progress.history_items(state, event):  # before fold updates it
-                history.append((index, item))
-            state = progress.fold(state, event)
-
-        updates: list[Any] = [META, progress.dumps_meta(state)]
-        deletes: list[str] = []
-        if touched is None:
-            updates += [PLAN, progress.dumps_plan(state)]
-            deletes = [NODE + n for n in before_nodes - state.nodes.keys()]
-        for node_id in state.nodes if touched is None else touched & state.nodes.keys():
-            updates += [NODE + node_id, progress.dumps_node(state.nodes[node_id])]
+        if touched is None and _weight(view.state, events) > THREAD_NODES:
+            # A big plan's fold and parts cost 100+ ms of CPU: in a worker thread the event
+            # loop keeps serving the other streams meanwhile (the view is ours alone).
+            folded = await asyncio.to_thread(_fold, view.state, events, known, touched)
+        else:
+            folded = _fold(view.state, events, known, touched)
+        state, new_events, history, updates, deletes = folded
         names = _read_fields(touched)
 
         args: list[Any] = [
