@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 
 from . import auth, keys, legacy, openapi, views, websocket
+from .dashboard import static_dir
 from .hub import Hub
 from .metrics import Metrics
 from .problems import problem_middleware
@@ -19,8 +19,6 @@ from .store import AnyRedis
 from .streams import StreamRegistry
 
 logger = logging.getLogger(__name__)
-
-STATIC_DIR = Path(__file__).parent / "static"
 
 # A permissive pattern: aiohttp's default excludes `{` `}`, which must answer 400, not 404.
 WF = "{workflow_id:[^/]+}"
@@ -60,7 +58,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
     app.router.add_get("/api/v1/workflows/ws/{instance_id:[^/]+}", websocket.websocket_events)
     app.router.add_get(f"/workflows/{WF}/progress", views.get_progress)
     app.router.add_get("/", views.index)
-    app.router.add_static("/static/", STATIC_DIR, append_version=True)
+    app.router.add_static("/static/", static_dir(), append_version=True)
     app.router.add_get("/healthz", views.healthz)
     app.router.add_get("/readyz", views.readyz)
     app.router.add_get("/metrics", metrics.handler)

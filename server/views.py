@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
 
 from . import auth, keys
+from .dashboard import static_dir
 from .hub import Subscription
 from .models import EventRejected, decode_body, is_workflow_id, parse_event_id
 from .problems import Problem
@@ -294,7 +294,7 @@ async def _progress_stream(
 
 async def index(request: web.Request) -> web.FileResponse:
     """The dashboard page."""
-    return web.FileResponse(Path(__file__).parent / "static" / "index.html")
+    return web.FileResponse(static_dir() / "index.html")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,77 @@
+"""The package as a new user installs it: sdist and wheel, outside the checkout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.procs import free_port, server_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*cmd: str | Path, cwd: Path) -> None:
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"{cmd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.timeout(900)
+async def test_the_wheel_built_from_the_sdist_serves_the_dashboard_when_installed(
+    tmp_path: Path,
+) -> None:
+    # `python -m build` makes the sdist, then the wheel from that sdist: a file the sdist
+    # lacks is missing from the wheel too.
+    dist = tmp_path / "dist"
+    run(sys.executable, "-m", "build", "--outdir", dist, ROOT, cwd=tmp_path)
+    wheels = list(dist.glob("*.whl"))
+    assert len(wheels) == 1 and list(dist.glob("*.tar.gz"))
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    run(env_dir / "bin" / "python", "-m", "pip", "install", "-q", wheels[0], cwd=tmp_path)
+
+    elsewhere = tmp_path / "elsewhere"  # not the checkout: nothing found by accident
+    elsewhere.mkdir()
+    port = free_port()
+    env = server_env(PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen(
+        [env_dir / "bin" / "workflow-sse", "--demo", "--port", str(port)],
+        cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+                try:
+                    async with s.get(f"{base}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "the installed server never got ready"
+                await asyncio.sleep(0.1)
+            async with s.get(f"{base}/") as resp:
+                assert resp.status == 200
+                page = await resp.text()
+            assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+            assert any("app.js" in a for a in assets) and any("style.css" in a for a in assets)
+            for asset in assets:
+                async with s.get(base + asset) as resp:
+                    assert resp.status == 200, asset
+                    assert len(await resp.read()) > 100
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
