@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from . import auth, supervisor
+from . import auth, connections, supervisor
 from . import settings as settings_mod
 from .app import create_app
 
@@ -43,16 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         auth.log_posture(settings.publish_token, settings.subscribe_secret, settings.cors_origins)
     if workers > 1:
         return supervisor.supervise(argv, workers)
+    # Raise the fd limit and fit MAX_STREAMS and MAX_CONNECTIONS to it, so that both caps
+    # are reached before accept() runs out of descriptors.
+    settings = connections.apply_fd_limit(settings)
     app = create_app(settings)
     app.on_startup.append(_tune_gc)
-    web.run_app(
+    # web.run_app with deadlines, connection caps, problem+json parser errors and a
+    # redacting access log (see connections.py).
+    connections.run(
         app,
-        host=settings.host,
-        port=settings.port,
+        settings,
         shutdown_timeout=4.0,
         reuse_port=child,  # workers share the port; a lone server refuses a second one
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        print=lambda msg: logging.getLogger("server").info("%s", msg),
     )
     return 0
 

@@ -94,6 +94,15 @@ class Metrics:
             "auth_failures", "Refused credentials (401 and 403) by kind and reason.",
             ["kind", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.connections_shed_total = Counter(
+            "connections_shed", "Connections the server closed or refused at a limit, by reason: "
+            "head_timeout, body_timeout, evicted (MAX_CONNECTIONS), refused, bad_request.",
+            ["reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.requests_abandoned_total = Counter(
+            "requests_abandoned", "Requests whose client left before their body was complete.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
         self.legacy_ingest_invalid_total = Counter(
             "legacy_ingest_invalid", "Legacy channel messages that were not valid events.",
             namespace=ns, registry=r,

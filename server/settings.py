@@ -23,6 +23,19 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_event_bytes: int = 64 * 1024
     max_streams: int = 20_000
+    # Connections that are not (yet) streams: requests in progress, idle keep-alives and
+    # connections still sending a head. Past it the oldest of those still sending a head or
+    # body (or idle) is closed for the new one, so a flood of slow clients cannot take every
+    # file descriptor, and /healthz still gets in. Both this and MAX_STREAMS are lowered at
+    # start to what the process's fd limit leaves room for (see connections.fit_to_fd_limit).
+    max_connections: int = 2_000
+    # A request head (line and headers) must arrive within this long of the connection
+    # opening, or of its first byte on a kept-alive connection: a slow-loris head, even one
+    # sending a byte a minute, is closed then. Real clients send a head in one packet.
+    header_timeout_seconds: float = 5.0
+    # A publish body must arrive within this long of its head (408 after it): bounds a body
+    # trickled a byte at a time. 4 MiB (MAX_BODY_BYTES) in 10 s needs about 3.4 Mbit/s.
+    body_timeout_seconds: float = 10.0
     publish_token: str | None = None
     subscribe_secret: str | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
@@ -43,7 +56,8 @@ class Settings:
     def __post_init__(self) -> None:
         positive = (
             "port", "heartbeat_seconds", "retry_ms", "history_maxlen", "retention_seconds",
-            "max_body_bytes", "max_event_bytes", "max_streams", "client_queue_frames",
+            "max_body_bytes", "max_event_bytes", "max_streams", "max_connections",
+            "header_timeout_seconds", "body_timeout_seconds", "client_queue_frames",
             "history_ttl_seconds", "demo_time_scale",
         )  # fmt: skip
         for name in positive:

@@ -21,6 +21,7 @@ from .store import Entry, Page, Store, id_key
 logger = logging.getLogger(__name__)
 
 PAGE = 500  # events per history read: bounds memory of a catch-up
+LAST_KEY = (2**64 - 1, 2**64 - 1)  # the largest stream id Redis can hold
 WRITE_BUFFER_LIMIT = 64 * 1024  # bytes a direct write may leave queued for a slow client
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -73,6 +74,12 @@ class StreamHandle:
 
     def stop(self, retry_ms: int) -> None:
         self.retry_ms = retry_ms
+        self.stopping = True
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    def client_left(self) -> None:
+        """The connection closed: end the stream now (no goodbye), freeing its slot."""
         self.stopping = True
         if self.wakeup is not None:
             self.wakeup.set()
@@ -344,6 +351,8 @@ class EventStream:
 
     async def _catch_up(self) -> bool:
         """Send every retained event after the last sent id; True if the terminal was sent."""
+        if self.last_key == LAST_KEY:
+            return False  # nothing can follow the largest id, and Redis refuses "(" + it
         while True:
             page = await self.store.read_after(self.workflow_id, self.last_id, PAGE)
             if page.trimmed is not None:

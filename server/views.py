@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import RedisError
 
-from . import auth, keys
+from . import auth, connections, keys
 from .dashboard import static_dir
 from .hub import Subscription
 from .models import EventRejected, decode_body, is_workflow_id, parse_event_id
@@ -92,7 +94,16 @@ async def publish_events(request: web.Request) -> web.Response:
     authorize_publish(request)  # before the body is read: no 413/415/422 for strangers
     if request.content_type not in JSON_TYPES:
         raise Problem(415, "send events as Content-Type: application/json")
-    body = await request.read()  # client_max_size enforces MAX_BODY_BYTES, chunked too
+    seconds = request.app[keys.settings_key].body_timeout_seconds
+    try:
+        # A deadline for the whole body, not per read: a byte a minute is closed too.
+        async with asyncio.timeout(seconds):
+            with connections.reading_body(request):
+                body = await request.read()  # client_max_size enforces MAX_BODY_BYTES, chunked too
+    except TimeoutError:
+        return connections.body_too_slow(request, seconds)
+    except (ConnectionError, RequestPayloadError) as exc:
+        return connections.client_left(request, exc)  # one INFO line, not a traceback
     try:
         raw = decode_body(body)
     except (UnicodeError, ValueError) as exc:
@@ -139,6 +150,8 @@ class StreamSlot:
             raise Problem(
                 503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
             ) from None
+        # A client that leaves ends its stream at once, not at the next heartbeat's write.
+        connections.hold_stream(self.request, self.handle.client_left)
         try:
             # Redis is up (maybe slow, as in a reconnect storm): not waiting for it to
             # confirm, the stream answers 200 and waits itself (with keep-alives), since a
@@ -146,6 +159,7 @@ class StreamSlot:
             self.sub = await hub.attach(self.workflow_id)
         except BaseException:
             registry.release(self.handle)
+            connections.release_stream(self.request)
             raise
         self.gauge = app[keys.metrics_key].open_streams.labels(self.kind)
         self.gauge.inc()
@@ -154,10 +168,10 @@ class StreamSlot:
     async def __aexit__(self, *exc_info: object) -> None:
         app = self.request.app
         self.gauge.dec()
-        try:
-            await app[keys.hub_key].detach(self.sub)
-        finally:
-            app[keys.streams_key].release(self.handle)
+        # The slot is free before the UNSUBSCRIBE round trip, which a slow Redis may stretch.
+        app[keys.streams_key].release(self.handle)
+        connections.release_stream(self.request)
+        await app[keys.hub_key].detach(self.sub)
 
 
 async def sse_response(request: web.Request) -> web.StreamResponse:
@@ -302,10 +316,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
+# A frozen Redis would hold /readyz for the whole command deadline (5 s): a load balancer's
+# probe wants its answer sooner, and one second is long for a PING.
+READY_TIMEOUT = 1.0
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """200 when Redis answers a PING, else 503."""
+    """200 when Redis answers a PING within READY_TIMEOUT, else 503."""
     try:
-        await request.app[keys.redis_key].ping()
+        async with asyncio.timeout(READY_TIMEOUT):
+            await request.app[keys.redis_key].ping()
+    except TimeoutError:
+        raise Problem(503, f"Redis did not answer a PING within {READY_TIMEOUT:g} s",
+                      headers={"Retry-After": "1"}) from None  # fmt: skip
     except (RedisError, OSError) as exc:
         raise Problem(503, f"Redis does not answer: {exc}", headers={"Retry-After": "1"}) from None
     return web.json_response({"status": "ready"})
