@@ -21,8 +21,9 @@ Streams (SSE and WebSocket) are long-lived by design: once a handler holds a str
 (`hold_stream`) the connection is outside the cap and the deadlines, and its end is seen at
 once (`on_lost`), not at the next heartbeat.
 
-The protocol is a subclass of aiohttp's `RequestHandler`; it relies on a few of its private
-attributes (`_messages`, `Server._kwargs`), checked against aiohttp 3.14.
+The protocol is a subclass of aiohttp's `RequestHandler`; it relies on a few private
+attributes (`RequestHandler._messages`, `Server._kwargs`, `AppRunner._make_server`,
+`TCPSite._server`), checked against aiohttp 3.14.
 """
 
 from __future__ import annotations
