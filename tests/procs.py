@@ -203,10 +203,24 @@ def free_cluster_port() -> int:
 
 
 class RedisClusterProcesses:
-    """A private 3-master Redis Cluster on free ports (no replicas, nothing on disk)."""
+    """A private Redis Cluster on free ports (nothing on disk): `masters` masters, each with
+    `replicas` replicas (none by default), so a failover can be staged by killing a master.
 
-    def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisProcess(free_cluster_port()) for _ in range(masters)]
+    `full_coverage=False` sets `cluster-require-full-coverage no`: the healthy shards keep
+    answering while one is failing over (with Redis's default, yes, every node answers
+    CLUSTERDOWN from the failure's detection to the promotion)."""
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        full_coverage: bool = True,
+    ) -> None:
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.full_coverage = full_coverage
+        self.nodes = [RedisProcess(free_cluster_port()) for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -215,7 +229,9 @@ class RedisClusterProcesses:
     def start(self) -> None:
         for node in self.nodes:
             node.extra = ["--cluster-enabled", "yes", "--cluster-config-file",
-                          f"{node.dir}/nodes.conf", "--cluster-node-timeout", "2000"]  # fmt: skip
+                          f"{node.dir}/nodes.conf", "--cluster-node-timeout",
+                          str(self.node_timeout_ms), "--cluster-require-full-coverage",
+                          "yes" if self.full_coverage else "no"]  # fmt: skip
             for attempt in range(3):  # a port taken between the check and the bind: pick again
                 try:
                     node.start()
@@ -232,7 +248,7 @@ class RedisClusterProcesses:
                 "create",
                 *addrs,
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -240,18 +256,53 @@ class RedisClusterProcesses:
             stderr=subprocess.DEVNULL,
             timeout=30,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         for node in self.nodes:
             while True:
-                info = subprocess.run(
-                    ["redis-cli", "-p", str(node.port), "cluster", "info"],
-                    capture_output=True, text=True, timeout=5,
-                ).stdout  # fmt: skip
-                if "cluster_state:ok" in info:
+                info = self.cli(node, "cluster", "info")
+                if "cluster_state:ok" in info and (self.replicas == 0 or self._synced(node)):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster not ready: {info}")
                 time.sleep(0.1)
+
+    def cli(self, node: RedisProcess, *args: str) -> str:
+        """One redis-cli command against `node`, bounded in time; its output."""
+        return subprocess.run(
+            ["redis-cli", "-p", str(node.port), *args],
+            capture_output=True, text=True, timeout=5,
+        ).stdout  # fmt: skip
+
+    def role(self, node: RedisProcess) -> dict[str, str]:
+        """`INFO replication` of a live node as a dict (role, master_port, link status...)."""
+        out = self.cli(node, "info", "replication")
+        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+    def _synced(self, node: RedisProcess) -> bool:
+        """A master sees every replica online; a replica has its link up and is synced."""
+        info = self.role(node)
+        if info.get("role") == "master":
+            return int(info.get("connected_slaves", "0")) >= self.replicas
+        return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
+
+    def master_and_replica(self) -> tuple[RedisProcess, RedisProcess]:
+        """A live master and a live replica of it (the node a failover would promote)."""
+        by_port = {n.port: n for n in self.nodes if n.proc is not None}
+        for node in by_port.values():
+            info = self.role(node)
+            if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                master = by_port.get(int(info["master_port"]))
+                if master is not None:
+                    return master, node
+        raise RuntimeError("no master with a live replica")
+
+    def sigkill(self, node: RedisProcess) -> None:
+        """SIGKILL one node by its PID, as a crash would end it (no shutdown, no save)."""
+        if node.proc is None:
+            raise ValueError(f"node on {node.port} is not running")
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(10)
+        node.proc = None
 
     def stop(self) -> None:
         for node in self.nodes:
