@@ -58,6 +58,10 @@ class Scenario:
     fail_prob: float = 0.05
     nodes: int | None = 40  # None: 20 to 50 at random
     other_definitions: int = 0  # runs of other definitions sharing the node types
+    # Events reach the server in batches every `burst` seconds (an engine that batches, a
+    # publisher catching up), while the dashboard polls every second: what a batch brings
+    # shows at the next poll, a second after the one before.
+    burst: float | None = None
 
 
 SCENARIOS = [
@@ -72,6 +76,7 @@ SCENARIOS = [
     Scenario("1.5x slower than history", slowdown=1.5, nodes=None),
     Scenario("1.5x slower, spread 1.0, c=1", slowdown=1.5, spread=1.0, concurrency=1, nodes=None),
     Scenario("retries (20% attempts fail)", fail_prob=0.2, nodes=None),
+    Scenario("bursty (batches every 10 s)", burst=10.0, nodes=None),
 ]
 
 
@@ -504,8 +509,11 @@ class Score:
         )
 
 
-def run_trace(trace: Trace, estimators: list[Estimator], scores: list[Score]) -> None:
-    """Feed a run's events, poll after each one and at each sample time, and score."""
+def run_trace(
+    trace: Trace, estimators: list[Estimator], scores: list[Score], burst: float | None = None
+) -> None:
+    """Feed a run's events, poll after each one (each batch: see Scenario.burst) and at each
+    sample time, and score."""
     state = progress.new_state()
     t0 = _seconds(trace.events[0].timestamp)
     samples = [t0 + f * trace.total for f in FRACTIONS]
@@ -541,13 +549,32 @@ def run_trace(trace: Trace, estimators: list[Estimator], scores: list[Score]) ->
             finish[i] = at
 
     pending = list(samples)
+    batches: list[tuple[float, list[Event]]] = []
     for event in trace.events:
         t = _seconds(event.timestamp)
-        while pending and pending[0] < t:
-            poll(pending.pop(0), True)
-        progress.fold(state, event)
-        for est in estimators:
-            est.observe(state, event)
+        if burst is not None and event is not trace.events[0]:
+            t = t0 + math.ceil((t - t0) / burst) * burst  # delivered with the next batch
+        if batches and batches[-1][0] == t:
+            batches[-1][1].append(event)
+        else:
+            batches.append((t, [event]))
+    tick = t0  # the dashboard's last once-a-second poll (bursty scenarios)
+    for t, batch in batches:
+        while True:  # every poll due before this batch, in time order
+            sample = pending[0] if pending and pending[0] < t else math.inf
+            second = tick + 1.0 if burst is not None and tick + 1.0 < t else math.inf
+            if sample == second == math.inf:
+                break
+            if sample <= second:
+                poll(pending.pop(0), True)
+            else:
+                tick = second
+                poll(tick, False)
+        tick = t
+        for event in batch:
+            progress.fold(state, event)
+            for est in estimators:
+                est.observe(state, event)
         if not state.terminal:
             poll(t, False)
 
@@ -592,7 +619,7 @@ def run_scenario(sc: Scenario, traces: int, seed: int, ideal: bool) -> dict[str,
         ]
         if ideal:
             estimators.append(Ideal(d, trace.medians, sc, f"{seed}/{sc.name}/{k}/ideal"))
-        run_trace(trace, estimators, [scores[e.name] for e in estimators])
+        run_trace(trace, estimators, [scores[e.name] for e in estimators], sc.burst)
     return scores
 
 

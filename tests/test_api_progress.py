@@ -252,3 +252,57 @@ async def test_live_run_numbers_and_second_run_eta_within_25_percent_at_half_way
     assert estimate["eta"] is not None
     assert abs(estimate["eta"] - truth) <= 0.25 * truth, (estimate, truth)
     assert all(b["estimated_remaining_seconds"] > 0 for b in second[:-1])
+
+
+def _iso(seconds: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        + f".{int(seconds % 1 * 1000):03d}Z"
+    )
+
+
+async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
+    serve: Serve, new_workflow: Callable[[], str], clean_history: list[str]
+) -> None:
+    """Five nodes' events spanning 30 s, published in one request: the next poll shows what
+    the history says is left (80 s), not the 110 s of the poll before, held back by the
+    smoothing because only a moment of wall-clock time passed between the two polls."""
+    base, definition = await serve(), "burst-" + uuid.uuid4().hex[:8]
+    node_type = definition + "-type"
+    clean_history += [definition, node_type]
+    durations = [2 * (i + 1) for i in range(10)]  # 2, 4, ... 20 s; 110 s in a chain
+    plan_nodes = [
+        {"node_id": f"n{i}", "node_type": node_type, "depends_on": [f"n{i - 1}"] if i else []}
+        for i in range(10)
+    ]
+
+    def run(start: float, nodes: range) -> list[dict[str, Any]]:
+        events, at = [], start
+        for i in nodes:
+            events.append({"event_type": "node_started", "node_id": f"n{i}", "timestamp": _iso(at)})
+            at += durations[i]
+            events.append({"event_type": "node_completed", "node_id": f"n{i}",
+                           "duration_ms": durations[i] * 1000, "timestamp": _iso(at)})  # fmt: skip
+        return events
+
+    now = time.time()
+    planned = {"event_type": "workflow_planned", "definition_id": definition, "nodes": plan_nodes}
+    async with aiohttp.ClientSession() as s:
+        first, second = new_workflow(), new_workflow()
+        earlier = now - 3600
+        done = {**state("COMPLETED"), "timestamp": _iso(earlier + 111)}
+        body = [{**planned, "timestamp": _iso(earlier)}, *run(earlier, range(10)), done]
+        async with s.post(f"{base}/workflows/{first}/events", json=body) as resp:
+            assert resp.status == 201  # its durations are now the definition's history
+
+        async with s.post(
+            f"{base}/workflows/{second}/events", json={**planned, "timestamp": _iso(now - 30)}
+        ) as resp:
+            assert resp.status == 201
+        _, _, before = await get_progress(s, base, second)
+        assert before["estimated_remaining_seconds"] > 90  # all 110 s of work are ahead
+        async with s.post(f"{base}/workflows/{second}/events", json=run(now - 30, range(5))) as r:
+            assert r.status == 201
+        _, _, after = await get_progress(s, base, second)
+    assert after["completed_nodes"] == 5
+    assert abs(after["estimated_remaining_seconds"] - 80) <= 0.25 * 80, after
