@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -27,6 +28,10 @@ EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only: R
 MAX_NODES = 10_000
 MAX_BATCH = 1_000
 MAX_DURATION_MS = 10 * 365 * 86_400_000  # ten years: beyond that a duration is a bug
+# Arrays and objects an event may nest, counting the event object itself (a batch array is
+# one more level). Real outputs stay far below; the C parser recurses once per level and
+# pydantic's serializer gives up at about 255, so a deeper event could not be stored.
+MAX_JSON_DEPTH = 64
 
 State = Literal["CREATED", "PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED"]
 TERMINAL_STATES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
@@ -231,13 +236,118 @@ class EventRejected(ValueError):
         self.errors = errors
 
 
-def json_size(obj: Any) -> int:
+NOT_FINITE = "number is not finite (JSON has no Infinity)"
+
+
+def too_deep(loc: Sequence[int | str] = ()) -> EventRejected:
+    """The error for JSON nested past MAX_JSON_DEPTH, on every input path alike."""
+    return EventRejected(
+        f"invalid event: arrays and objects nested deeper than {MAX_JSON_DEPTH} levels"
+        " (MAX_JSON_DEPTH); nothing was stored",
+        [{"loc": list(loc), "msg": f"nested deeper than {MAX_JSON_DEPTH} levels"}],
+    )
+
+
+def not_finite(loc: Sequence[int | str]) -> EventRejected:
+    """The error for a number out of float range (or NaN), with where it is."""
+    where = ".".join(str(p) for p in loc) or "event"
+    return EventRejected(
+        f"invalid event: {where}: {NOT_FINITE}; nothing was stored",
+        [{"loc": list(loc), "msg": NOT_FINITE}],
+    )
+
+
+# Only the bytes that can open, close or quote survive; `{}` read as `[]` (nesting counts
+# both alike, and a mismatch is malformed JSON, which the parser reports).
+_MARKS = bytes.maketrans(b"{}", b"[]")
+_NOT_MARKS = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
+def check_nesting(text: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+    """Reject JSON `text` that nests arrays and objects deeper than `limit`, before parsing.
+
+    Linear, and in C: the parser and the serializer recurse per level, this does not.
+    Raises EventRejected when too deep, ValueError when the brackets outside strings do not
+    balance (malformed JSON however deep). Strings are skipped, escapes included.
+    """
+    if len(text) <= 2 * limit:
+        return  # too short to hold limit + 1 pairs of brackets
+    if b"\\" in text:
+        # Left to right, `\\` is one escaped backslash; then no `\"` ends a string.
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = text.translate(_MARKS, _NOT_MARKS)
+    if marks.count(b"[") <= limit:
+        return
+    if b'"' in marks:
+        # `""` is a string without brackets, or the end of one string and the start of the
+        # next with no bracket between: dropping either keeps every bracket on its side.
+        marks = marks.replace(b'""', b"")
+        if b'"' in marks:
+            marks = b"".join(marks.split(b'"')[::2])  # what is left between strings
+    # Each pass drops the innermost pairs, one level everywhere; `limit` passes empty any
+    # balanced text nested at most `limit` deep.
+    for _ in range(limit):
+        inner = marks.replace(b"[]", b"")
+        if len(inner) == len(marks):
+            break
+        marks = inner
+    if b"[]" in marks:
+        raise too_deep()
+    if marks:
+        raise ValueError("unbalanced brackets")
+
+
+def _first_unstorable(value: Any, loc: list[int | str], levels_left: int) -> EventRejected | None:
+    """The first number that is not finite, depth-first; or too_deep() past the limit."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else not_finite(loc)
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    if levels_left == 0:
+        return too_deep()
+    for key, item in items:
+        found = _first_unstorable(item, [*loc, key], levels_left - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def find_unstorable(value: Any, loc: Sequence[int | str] = ()) -> None:
+    """Raise EventRejected for a number that is not finite, at its loc, or for nesting
+    past MAX_JSON_DEPTH (loc: `loc` itself), counting `value` as the first level."""
+    found = _first_unstorable(value, list(loc), MAX_JSON_DEPTH)
+    if found is not None:
+        if found.errors[0]["msg"] != NOT_FINITE:
+            raise too_deep(loc)
+        raise found
+
+
+def json_size(obj: Any, loc: Sequence[int | str] = ()) -> int:
     """Bytes of `obj` as compact UTF-8 JSON: how an event's size is measured.
 
-    Raises UnicodeEncodeError for a lone surrogate, which no UTF-8 output can carry.
+    Raises EventRejected for numbers that are not finite and nesting past MAX_JSON_DEPTH
+    (a cycle counts as endless nesting), UnicodeEncodeError for a lone surrogate, which no
+    UTF-8 output can carry.
     """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
-    return len(text.encode())
+    try:
+        text = json.dumps(
+            obj, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False
+        )
+    except RecursionError:
+        raise too_deep(loc) from None
+    except ValueError:  # inf or nan, or a circular reference: say which, and where
+        find_unstorable(obj, loc)
+        raise too_deep(loc) from None
+    data = text.encode()
+    try:
+        check_nesting(data)
+    except EventRejected:
+        raise too_deep(loc) from None
+    return len(data)
 
 
 # A lone surrogate can only come from a `\uD800`-`\uDFFF` escape: the body itself is strict
@@ -245,17 +355,48 @@ def json_size(obj: Any) -> int:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+class _NotFinite(Exception):
+    """Raised from the parser at a number beyond float range; located afterwards."""
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    # Called only for literals with a fraction or exponent; 1e999 would parse as inf.
+    value = float(text)
+    if value - value != 0.0:  # inf - inf is nan, and nan equals nothing
+        raise _NotFinite
+    return value
+
+
+# Built once: json.loads() with keyword arguments builds a decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite_float)
+_LOOSE_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def decode_body(body: bytes) -> Any:
     """Parse a request body as JSON text that UTF-8 output can carry.
 
-    Raises ValueError (or UnicodeError) for malformed UTF-8 or JSON, NaN and Infinity, and
-    lone surrogates (`\ud800` escapes, which are not Unicode text).
+    Raises EventRejected (422) for nesting past MAX_JSON_DEPTH (one more for a batch array)
+    and for numbers beyond float range, with their loc from the body's root; ValueError (or
+    UnicodeError) for malformed UTF-8 or JSON, NaN and Infinity, and lone surrogates
+    (`\ud800` escapes, which are not Unicode text).
     """
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    value = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+    batch = body.lstrip(b" \t\r\n")[:1] == b"["
+    check_nesting(body, MAX_JSON_DEPTH + 1 if batch else MAX_JSON_DEPTH)
+    text = body.decode("utf-8")
+    try:
+        value = _DECODER.decode(text)
+    except _NotFinite:
+        # Rare, so parsed again to say where: the loc a validation error would give.
+        value = _LOOSE_DECODER.decode(text)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                find_unstorable(item, [i])
+        find_unstorable(value)
+        raise ValueError("a number is out of range") from None  # not reached
     if _SURROGATE_ESCAPE.search(body):
         json.dumps(value, ensure_ascii=False).encode()
     return value
@@ -292,7 +433,9 @@ def validate_event(
         )
     if size is None or not text_checked:
         try:
-            measured = json_size(raw)  # also proves every string is storable as UTF-8
+            # Also proves every string storable as UTF-8, every number finite and the
+            # nesting within MAX_JSON_DEPTH: the checks decode_body() made on the bytes.
+            measured = json_size(raw, prefix)
         except UnicodeEncodeError:
             raise EventRejected(
                 "event holds a lone surrogate, which is not Unicode text",

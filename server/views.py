@@ -106,6 +106,8 @@ async def publish_events(request: web.Request) -> web.Response:
         return connections.client_left(request, exc)  # one INFO line, not a traceback
     try:
         raw = decode_body(body)
+    except EventRejected as exc:  # too deep, or a number beyond float range: nothing stored
+        raise Problem(422, exc.detail, errors=exc.errors, slug="invalid-event") from None
     except (UnicodeError, ValueError) as exc:
         raise Problem(400, f"malformed JSON: {exc}", slug="malformed-json") from None
     publisher = request.app[keys.publisher_key]
