@@ -226,6 +226,8 @@ def log_posture(
         logger.warning("%s", warning)
     if cors_origins:
         logger.info("CORS allowed for %s", ", ".join(cors_origins))
+    if ALL_WORKFLOWS in cors_origins:
+        logger.info('CORS "*": any other origin may read, without credentials (cookies)')
 
 
 def token_main(argv: list[str], env: Mapping[str, str]) -> int:
@@ -297,8 +299,15 @@ def cors_on_prepare(origins: tuple[str, ...]) -> PrepareHook:
         origin = request.headers.get("Origin")
         if origin is None or not origin_allowed(origin, origins):
             return
-        response.headers["Access-Control-Allow-Origin"] = origin  # echo: credentials need it
-        response.headers["Access-Control-Allow-Credentials"] = "true"
+        if origin in origins:
+            # A listed origin is trusted with credentials (the access_token cookie), and
+            # credentials need the origin echoed: browsers refuse them with "*".
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+        else:
+            # Allowed only through "*": any site may read, none with the user's cookies
+            # (the Fetch standard's answer for a wildcard; a token in a header still works).
+            response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
 
     return on_prepare
