@@ -23,16 +23,18 @@ SSE = "text/event-stream"
 class RunningNode(BaseModel):
     """A node that runs now."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="RunningNode")
 
     node_id: str
     node_name: str | None
     started_at: datetime | None
 
 
-class ProgressModel(BaseModel):
+class Progress(BaseModel):
     """The progress object of the SPEC: every key always present, null where unknown."""
 
+    # Named as its title: pydantic names a `$defs` entry after the class, and a second name
+    # for one schema made a client generator refuse the duplicate (and drop Gap with it).
     model_config = ConfigDict(extra="forbid", title="Progress")
 
     workflow_id: str
@@ -55,6 +57,9 @@ class ProgressModel(BaseModel):
     last_event_id: str | None = Field(pattern=EVENT_ID_PATTERN)
 
 
+ProgressModel = Progress  # the former name, for code that imports it
+
+
 class Gap(BaseModel):
     """The data of an `event: gap` frame: history was trimmed past the client's position."""
 
@@ -62,7 +67,7 @@ class Gap(BaseModel):
 
     requested: str = Field(pattern=EVENT_ID_PATTERN)
     earliest_available: str | None = Field(pattern=EVENT_ID_PATTERN)
-    progress: ProgressModel | None
+    progress: Progress | None
 
 
 class Accepted(BaseModel):
@@ -275,9 +280,12 @@ def _progress_operation() -> dict[str, Any]:
     }
 
 
-def _message(names: list[str], data: dict[str, Any], description: str) -> dict[str, Any]:
+def _message(
+    title: str, names: list[str], data: dict[str, Any], description: str
+) -> dict[str, Any]:
     """One Server-Sent Events message as the OpenAPI 3.2 convention models it."""
     return {
+        "title": title,
         "type": "object",
         "description": description,
         "required": ["data", "event"],
@@ -294,6 +302,13 @@ def _message(names: list[str], data: dict[str, Any], description: str) -> dict[s
     }
 
 
+def _add(schemas: dict[str, Any], name: str, schema: dict[str, Any]) -> None:
+    """Add a component once: the same model met again is skipped, a clash is an error."""
+    if name in schemas and schemas[name] != schema:
+        raise ValueError(f"two different component schemas are named {name!r}")
+    schemas[name] = schema
+
+
 def _components() -> dict[str, Any]:
     events = event_adapter.json_schema(ref_template=REF, mode="validation")
     schemas: dict[str, Any] = dict(events.pop("$defs"))
@@ -301,20 +316,27 @@ def _components() -> dict[str, Any]:
         if name != "PlannedNode" and "workflow_id" in schema["properties"]:
             # The model checks it in a validator, invisible to the generated schema.
             schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
-    schemas["Event"] = events
-    for model in (ProgressModel, RunningNode, Gap, Accepted):
+    schemas["Event"] = {"title": "Event", **events}
+    for model in (Progress, RunningNode, Gap, Accepted):
         generated = model.model_json_schema(ref_template=REF, mode="serialization")
-        schemas.update(generated.pop("$defs", {}))
-        schemas[generated.get("title", model.__name__)] = generated
-    schemas["Problem"] = copy.deepcopy(_PROBLEM_SCHEMA)
+        for name, schema in {**generated.pop("$defs", {}), model.__name__: generated}.items():
+            _add(schemas, name, schema)
+    schemas["Problem"] = {"title": "Problem", **copy.deepcopy(_PROBLEM_SCHEMA)}
     schemas["EventMessage"] = _message(
+        "EventMessage",
         [*events["discriminator"]["mapping"], "gap"],
         {"oneOf": [{"$ref": REF.format(model="Event")}, {"$ref": REF.format(model="Gap")}]},
         "One SSE message: a stored event (`event:` is its event_type) or a gap notice.",
     )
     schemas["ProgressMessage"] = _message(
-        ["progress"], {"$ref": REF.format(model="Progress")}, "One `event: progress` message."
+        "ProgressMessage",
+        ["progress"],
+        {"$ref": REF.format(model="Progress")},
+        "One `event: progress` message.",
     )
+    for name, schema in schemas.items():
+        if schema.get("title") != name:
+            raise ValueError(f"component schema {name!r} is titled {schema.get('title')!r}")
     return {
         "schemas": schemas,
         "securitySchemes": {
