@@ -16,16 +16,27 @@ from redis.asyncio.cluster import RedisCluster
 MAX_COUNT = 100
 # A zero-length duration has no logarithm; durations are clamped to one millisecond.
 MIN_SECONDS = 0.001
+# Fields per hash: node types in the shared one, node ids per definition (as many as the
+# largest plan has nodes). Publishers name types and nodes freely, so without a cap the
+# hashes grow with every new name; at the cap a new name evicts the least-used of a few
+# sampled fields (Redis's own approximated LFU, done in the script), so recurring names
+# keep their history, one-off names wash out, and recording never fails or refuses.
+MAX_HISTORY_FIELDS = 10_000
+EVICTION_SAMPLES = 5
 
 RedisClient = Redis | RedisCluster
 
 # One key per script call, so the same script runs on Redis Cluster (no CROSSSLOT).
-# ARGV: ttl, max_count, then (field, log_duration) pairs; the fields are client strings,
-# which is fine in a hash field and never reaches a key name.
+# ARGV: ttl, max_count, max_fields, samples, then (field, log_duration) pairs; the fields
+# are client strings, which is fine in a hash field and never reaches a key name. The
+# field cap is checked in the script, so concurrent recorders cannot overshoot it.
 _RECORD_LUA = """
 local ttl = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
+local max_fields = tonumber(ARGV[3])
+local samples = tonumber(ARGV[4])
+local size = redis.call('HLEN', KEYS[1])
+for i = 5, #ARGV, 2 do
   local fld = ARGV[i]
   local x = tonumber(ARGV[i + 1])
   local n, mean, m2 = 0, 0.0, 0.0
@@ -35,6 +46,20 @@ for i = 3, #ARGV, 2 do
     if a then
       n, mean, m2 = tonumber(a), tonumber(b), tonumber(c)
     end
+  else
+    while size >= max_fields do
+      -- Full: the sampled field with the fewest runs makes room (unreadable ones first).
+      local pick = redis.call('HRANDFIELD', KEYS[1], samples, 'WITHVALUES')
+      local victim, fewest = nil, nil
+      for j = 1, #pick, 2 do
+        local runs = tonumber(string.match(pick[j + 1], '^(%d+) ')) or 0
+        if fewest == nil or runs < fewest then
+          victim, fewest = pick[j], runs
+        end
+      end
+      size = size - redis.call('HDEL', KEYS[1], victim)
+    end
+    size = size + 1
   end
   if n >= cap then
     m2 = m2 * (cap - 1) / n
@@ -194,7 +219,7 @@ async def record(
             )
         if node_type is not None:
             per_type.extend((node_type, x))
-    head = [str(ttl_seconds), str(MAX_COUNT)]
+    head = [str(ttl_seconds), str(MAX_COUNT), str(MAX_HISTORY_FIELDS), str(EVICTION_SAMPLES)]
     # One atomic script per key: read-modify-write of Welford stats cannot be a plain
     # HINCRBYFLOAT, and concurrent runs finishing together must not lose an update.
     for key, args in per_def.items():
