@@ -133,9 +133,15 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         clean: bool = False,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.args = args
+        # `python -m server` from the checkout, unless another command (an installed
+        # `workflow-sse`) and folder are given.
+        self.command = command or [sys.executable, "-m", "server"]
+        self.cwd = cwd or ROOT
         self.env = {**(server_env() if clean else os.environ), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="wfsse-server-", suffix=".log", delete=False)
@@ -151,8 +157,8 @@ class ServerProcess:
 
     def launch(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(self.port), *self.args],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            [*self.command, "--port", str(self.port), *self.args],
+            cwd=self.cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     async def wait_ready(self, timeout: float = 15.0) -> None:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
 import sys
-import time
 import venv
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.procs import free_port, server_env
+from tests.procs import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,27 +40,14 @@ async def test_the_wheel_built_from_the_sdist_serves_the_dashboard_when_installe
 
     elsewhere = tmp_path / "elsewhere"  # not the checkout: nothing found by accident
     elsewhere.mkdir()
-    port = free_port()
-    env = server_env(PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.Popen(
-        [env_dir / "bin" / "workflow-sse", "--demo", "--port", str(port)],
-        cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    # The installed copy only: no PYTHONPATH into the checkout, the venv first on PATH.
+    env = {"PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ""}
+    command = [str(env_dir / "bin" / "workflow-sse")]
+    server = ServerProcess("--demo", env=env, clean=True, command=command, cwd=elsewhere)
+    base = server.url
     try:
+        await server.start(timeout=30)  # /readyz answered 200
         async with aiohttp.ClientSession() as s:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
-                try:
-                    async with s.get(f"{base}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "the installed server never got ready"
-                await asyncio.sleep(0.1)
             async with s.get(f"{base}/") as resp:
                 assert resp.status == 200
                 page = await resp.text()
@@ -73,5 +58,4 @@ async def test_the_wheel_built_from_the_sdist_serves_the_dashboard_when_installe
                     assert resp.status == 200, asset
                     assert len(await resp.read()) > 100
     finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+        server.stop()
