@@ -6,14 +6,15 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import sse, store
 from .store import AnyRedis
@@ -22,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 class HubUnavailable(Exception):
-    """The subscription could not be confirmed by Redis in time."""
+    """No Redis node carries the workflow's channel now (a cluster slot without owner)."""
+
+
+# A cluster slot map that names no node for a key (mid-failover, or a node that is gone).
+NO_OWNER = (RedisError, RedisClusterException)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +391,7 @@ class _Upstream:
                     self.down = False
                 message = await self.pubsub.get_message(timeout=None)
                 if message is not None:
-                    self.hub._dispatch(message)
+                    self.hub._dispatch(message, self)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection loss and any parser surprise: reconnect
@@ -396,8 +401,23 @@ class _Upstream:
                 )  # fmt: skip
                 self.down = True
                 await self._drop()
+                # On a cluster the node may be gone for good (its replica promoted): move
+                # the channels to whichever primary owns their slots now, and stop if none
+                # is left here (reconnecting to a dead node would hold them forever).
+                if self.sharded and await self.hub._rehome(self):
+                    await self._retire()
+                    return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    async def _retire(self) -> None:
+        """Leave the hub: this node no longer carries any of its channels."""
+        if self.hub._upstreams.get(self.name) is self:
+            del self.hub._upstreams[self.name]
+        if self.client is not None:
+            with suppress(Exception):
+                await self.client.aclose()
+        logger.info("hub left Redis %s: its channels moved to the new owners", self.name)
 
 
 # What a cluster node's connection settings may carry over to a plain client.
@@ -419,13 +439,11 @@ class Hub:
         redis: AnyRedis,
         *,
         queue_limit: int,
-        confirm_timeout: float = 5.0,
         on_reconnect: Callable[[], None] | None = None,
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._queue_limit = queue_limit
-        self._confirm_timeout = confirm_timeout
         self._on_reconnect = on_reconnect or (lambda: None)
         self._on_overflow = on_overflow or (lambda: None)
         self._channels: dict[str, _Channel] = {}
@@ -490,6 +508,53 @@ class Hub:
             upstream.start()
         return upstream
 
+    async def _rehome(self, failed: _Upstream) -> bool:
+        """After `failed`'s connection broke (a cluster only): re-read the slot map and move
+        each of its channels to the primary that owns the channel's slot now. The streams
+        of a moved channel catch up from Redis once the new node confirms it (see
+        _dispatch), so nothing published meanwhile is lost. True when `failed` carries
+        nothing any more."""
+        cluster: Any = self._redis
+        try:
+            await cluster.nodes_manager.initialize(last_failed_node_name=failed.name)
+        except Exception as exc:  # no node answers yet: the caller retries after a pause
+            logger.info("cluster slots not refreshed after losing %s: %s", failed.name, exc)
+            return False
+        moved = 0
+        for name, chan in list(self._channels.items()):
+            if chan.upstream is not failed:
+                continue
+            try:
+                target = self._upstream_for(name)
+            except NO_OWNER:  # the slot has no owner yet (mid-failover): retried later
+                continue
+            if target is not failed:
+                chan.upstream = target
+                await target.subscribe(name, chan)
+                moved += 1
+        if moved:
+            self.reconnects += 1
+            self._on_reconnect()
+            logger.info("hub moved %d channels from %s after a topology change", moved, failed.name)
+        return not failed.channels()
+
+    def down_for(self, workflow_id: str) -> bool:
+        """The connection that would carry this workflow's channel failed and is not back:
+        Redis is unavailable for it (not merely slow), which a new stream is told with a
+        503. On a cluster only that shard counts: the others keep serving."""
+        if not self._cluster:
+            return self.redis_down
+        name = store.channel(workflow_id)
+        chan = self._channels.get(name)
+        if chan is not None:
+            return chan.upstream.down
+        try:
+            node: Any = self._redis.get_node_from_key(name)  # type: ignore[union-attr]
+        except NO_OWNER:
+            return True  # its slot has no owner right now
+        upstream = self._upstreams.get(node.name)
+        return upstream is not None and upstream.down
+
     async def attach(self, workflow_id: str) -> Subscription:
         """Register a reader and ask Redis for its channel. Its stream must wait for
         `sub.confirmed` before reading history (the hub wakes it then), so that nothing
@@ -497,7 +562,10 @@ class Hub:
         name = store.channel(workflow_id)
         chan = self._channels.get(name)
         if chan is None:
-            upstream = self._upstream_for(name)
+            try:
+                upstream = self._upstream_for(name)
+            except NO_OWNER:
+                raise HubUnavailable("no Redis Cluster node owns this workflow's slot") from None
             chan = self._channels[name] = _Channel(workflow_id, upstream, self, self._queue_limit)
             await upstream.subscribe(name, chan)
         sub = Subscription(workflow_id, chan, chan.seq)
@@ -513,26 +581,13 @@ class Hub:
             del self._channels[name]
             await chan.upstream.unsubscribe(name)
 
-    @asynccontextmanager
-    async def subscribe(self, workflow_id: str) -> AsyncIterator[Subscription]:
-        """attach(), wait for the confirmation (HubUnavailable after the timeout), detach()."""
-        sub = await self.attach(workflow_id)
-        try:
-            try:
-                await asyncio.wait_for(sub.channel.ready.wait(), self._confirm_timeout)
-            except TimeoutError:
-                raise HubUnavailable("Redis did not confirm the subscription") from None
-            yield sub
-        finally:
-            await self.detach(sub)
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any], upstream: _Upstream) -> None:
         kind = message["type"]
         raw_name = message["channel"]
         name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
         chan = self._channels.get(name)
-        if chan is None:
-            return
+        if chan is None or chan.upstream is not upstream:
+            return  # not wanted any more, or moved to another node (cluster failover)
         if kind in ("message", "smessage"):
             chan.push(parse_message(message["data"]))
         elif kind in ("subscribe", "ssubscribe"):

@@ -143,7 +143,7 @@ class StreamSlot:
     async def __aenter__(self) -> tuple[StreamHandle, Subscription]:
         app = self.request.app
         hub, registry = app[keys.hub_key], app[keys.streams_key]
-        if hub.redis_down:
+        if hub.down_for(self.workflow_id):
             raise Problem(503, "Redis is unavailable; try again shortly",
                           headers={"Retry-After": "1"})  # fmt: skip
         try:
@@ -238,7 +238,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     try:
         finished = start is not None and await finished_before(store, workflow_id, start)
     except RedisError:
-        if app[keys.hub_key].redis_down:
+        if app[keys.hub_key].down_for(workflow_id):
             raise
         # Redis is up but did not answer in time (a reconnect storm): a 503 would end an
         # EventSource for good, so the stream asks again once Redis answers.
