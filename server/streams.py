@@ -21,6 +21,7 @@ from .store import Entry, Page, Store, id_key
 logger = logging.getLogger(__name__)
 
 PAGE = 500  # events per history read: bounds memory of a catch-up
+CONFIRM_GRACE_SECONDS = 3.0  # the longest a stream's history waits for SUBSCRIBE's answer
 LAST_KEY = (2**64 - 1, 2**64 - 1)  # the largest stream id Redis can hold
 WRITE_BUFFER_LIMIT = 64 * 1024  # bytes a direct write may leave queued for a slow client
 SSE_HEADERS = {
@@ -266,9 +267,20 @@ class EventStream:
         backoff = 0.1
         self.fresh = True  # live frames need no comparison with what was sent
         direct = self.sink.direct
+        # A SUBSCRIBE confirmation can come late (a loaded hub or Redis). The history does
+        # not wait for it longer than CONFIRM_GRACE_SECONDS: it is read without it, and read
+        # again after the last id sent once the confirmation comes, since events stored
+        # in between reached no live channel.
+        loop = asyncio.get_running_loop()
+        grace_at = loop.time() + CONFIRM_GRACE_SECONDS
+        grace = None if sub.confirmed else loop.call_at(grace_at, sub.wakeup.set)
+        early = False  # history was read before the confirmation
         try:
             while not handle.stopping:
-                if sub.resync and sub.confirmed:
+                if early and sub.confirmed:
+                    early, sub.resync = False, True
+                if sub.resync and (sub.confirmed or loop.time() >= grace_at):
+                    early = early or not sub.confirmed
                     sub.restart()
                     try:
                         if await self._catch_up() or await self._finished_already():
@@ -300,7 +312,11 @@ class EventStream:
                         return
                     continue
                 sub.wakeup.clear()
-                ready = sub.pending or (sub.resync and sub.confirmed)
+                ready = (
+                    sub.pending
+                    or (sub.resync and (sub.confirmed or loop.time() >= grace_at))
+                    or (early and sub.confirmed)
+                )
                 if not (ready or handle.stopping or beat.due):
                     # Live frames, a resync, the confirmation, shutdown or the heartbeat.
                     # Caught up and live: the hub may write to the client meanwhile.
@@ -318,6 +334,8 @@ class EventStream:
         finally:
             sub.direct = None
             beat.cancel()
+            if grace is not None:
+                grace.cancel()
 
     def write_now(self, live: Live, now: float) -> bool:
         """The hub's direct write while this stream waits (see Subscription.direct)."""
@@ -438,8 +456,12 @@ class ProgressStream:
         last_sent: str | None = None
         sent_at = -1e9
         beat = Heartbeat(self.sub.wakeup, self.heartbeat)
+        # As for events: the first object does not wait for a late confirmation longer than
+        # CONFIRM_GRACE_SECONDS (the confirmation wakes this stream again when it comes).
+        grace_at = loop.time() + CONFIRM_GRACE_SECONDS
+        grace = None if self.sub.confirmed else loop.call_at(grace_at, self.sub.wakeup.set)
         try:
-            while not (self.sub.confirmed or self.handle.stopping):
+            while not (self.sub.confirmed or self.handle.stopping or loop.time() >= grace_at):
                 if not await wait_for_wakeup(self.sub, self.handle, beat):
                     await self.response.write(sse.KEEP_ALIVE)
                     beat.wrote()
@@ -467,3 +489,5 @@ class ProgressStream:
             return
         finally:
             beat.cancel()
+            if grace is not None:
+                grace.cancel()
