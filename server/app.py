@@ -74,6 +74,7 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
     hub = Hub(
         redis,
         queue_limit=settings.client_queue_frames,
+        queue_bytes=settings.client_queue_bytes,
         on_reconnect=metrics.redis_reconnects_total.inc,
         on_overflow=metrics.slow_client_catchups_total.inc,
     )

@@ -26,6 +26,8 @@ class HubUnavailable(Exception):
     """No Redis node carries the workflow's channel now (a cluster slot without owner)."""
 
 
+DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024  # CLIENT_QUEUE_BYTES' default
+
 # A cluster slot map that names no node for a key (mid-failover, or a node that is gone).
 NO_OWNER = (RedisError, RedisClusterException)
 
@@ -39,6 +41,11 @@ class Frame:
     data: bytes  # the SSE frame
     ws: str  # the WebSocket text message: the event object with its `id`
     terminal: bool
+
+    @property
+    def size(self) -> int:
+        """What holding this frame costs, roughly: both encodings."""
+        return len(self.data) + len(self.ws)
 
 
 def ws_text(event_id: str, data: str) -> str:
@@ -198,6 +205,8 @@ class _Channel:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     outstanding: int = 0  # SUBSCRIBEs sent and not yet confirmed
     ring: deque[Frame] = field(default_factory=deque)
+    ring_bytes: int = 0  # Frame.size summed over the ring
+    byte_limit: int = DEFAULT_QUEUE_BYTES  # `limit` in bytes: large events fill it sooner
     seq: int = 0  # sequence of the next frame; the ring holds base .. seq - 1
     terminal_seq: int = -1  # sequence of the newest terminal frame
     written: int = 0  # frames before this were written to some client already
@@ -210,18 +219,23 @@ class _Channel:
 
     def push(self, frame: Frame) -> None:
         """Add a live frame; readers hear of it in flush(), once per event-loop pass."""
-        ring, seq = self.ring, self.seq
-        if len(ring) >= self.limit:
+        ring, seq, size = self.ring, self.seq, frame.size
+        if len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit:
             self._trim()
-            if len(ring) >= self.limit:
+            if ring and (len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit):
                 # The slowest readers are a whole ring behind: they catch up from Redis.
-                ring.popleft()
+                # The newest frame is always kept, however large: live readers need it.
+                while ring and (
+                    len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit
+                ):
+                    self.ring_bytes -= ring.popleft().size
                 kept_from = seq - len(ring)
                 for sub in self.subs:
                     if sub.cursor < kept_from and not (sub.resync or sub.notify_only):
                         self.hub._overflowed()
                         sub.request_resync()
         ring.append(frame)
+        self.ring_bytes += size
         if frame.terminal:
             self.terminal_seq = seq
         self.seq = seq + 1
@@ -264,10 +278,11 @@ class _Channel:
                 low = sub.cursor
         if low == seq:
             ring.clear()
+            self.ring_bytes = 0
             self.cached = None
         else:
             for _ in range(low - base):
-                ring.popleft()
+                self.ring_bytes -= ring.popleft().size
 
     def since(self, cursor: int) -> Live | None:
         """Frames from `cursor` on (None if they left the ring), cut after a terminal one."""
@@ -439,11 +454,13 @@ class Hub:
         redis: AnyRedis,
         *,
         queue_limit: int,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         on_reconnect: Callable[[], None] | None = None,
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._queue_limit = queue_limit
+        self._queue_bytes = queue_bytes
         self._on_reconnect = on_reconnect or (lambda: None)
         self._on_overflow = on_overflow or (lambda: None)
         self._channels: dict[str, _Channel] = {}
@@ -471,6 +488,11 @@ class Hub:
     def queued_frames(self) -> int:
         """Live frames held for local readers right now (bounded by design)."""
         return sum(len(chan.ring) for chan in self._channels.values())
+
+    def queued_bytes(self) -> int:
+        """Frame.size of the live frames held right now (CLIENT_QUEUE_BYTES per channel,
+        plus at most one frame)."""
+        return sum(chan.ring_bytes for chan in self._channels.values())
 
     def max_queue(self) -> int:
         """The most live frames held for one channel right now (at most the queue limit)."""
@@ -566,7 +588,9 @@ class Hub:
                 upstream = self._upstream_for(name)
             except NO_OWNER:
                 raise HubUnavailable("no Redis Cluster node owns this workflow's slot") from None
-            chan = self._channels[name] = _Channel(workflow_id, upstream, self, self._queue_limit)
+            chan = self._channels[name] = _Channel(
+                workflow_id, upstream, self, self._queue_limit, byte_limit=self._queue_bytes
+            )
             await upstream.subscribe(name, chan)
         sub = Subscription(workflow_id, chan, chan.seq)
         chan.subs.add(sub)

@@ -48,6 +48,9 @@ class Settings:
     # Beyond the SPEC's list: per-client live queue bound (frames) before a catch-up, and
     # how long per-definition duration history is kept after its last update.
     client_queue_frames: int = 1024
+    # The same bound in bytes (both encodings of each frame): 1,024 frames of 60 KB would
+    # hold 116 MiB per workflow for one stalled reader.
+    client_queue_bytes: int = 16 * 1024 * 1024
     history_ttl_seconds: int = 30 * 86_400
     demo: bool = False
     # The demo engine's speed: 0.05 runs its 30 nodes in a few seconds.
@@ -58,7 +61,7 @@ class Settings:
             "port", "heartbeat_seconds", "retry_ms", "history_maxlen", "retention_seconds",
             "max_body_bytes", "max_event_bytes", "max_streams", "max_connections",
             "header_timeout_seconds", "body_timeout_seconds", "client_queue_frames",
-            "history_ttl_seconds", "demo_time_scale",
+            "client_queue_bytes", "history_ttl_seconds", "demo_time_scale",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

@@ -4,6 +4,7 @@ a stalled reader (issue 12, items 6 and 18). Real sockets, a real Redis and fake
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -12,11 +13,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
-from server.hub import Hub
+from server import keys, store
+from server.hub import Frame, Hub, _Channel
 from tests.conftest import Serve
-from tests.sse_client import iter_messages
+from tests.sse_client import Parser, iter_messages
+from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
+JSON = {"Content-Type": "application/json"}
 DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 
 
@@ -128,3 +131,65 @@ async def test_a_late_confirmation_does_not_hold_back_the_first_progress_object(
 
         snap = await asyncio.wait_for(first(), 8)
     assert snap["last_event_id"] == ids[-1]
+
+
+def big_event(i: int) -> dict[str, Any]:
+    """A `node_progress` event just under MAX_EVENT_BYTES (64 KiB) as JSON."""
+    return {"event_type": "node_progress", "node_id": f"n{i}", "fraction": 0.5,
+            "message": "x" * (64 * 1024 - 200)}  # fmt: skip
+
+
+def big_plan() -> dict[str, Any]:
+    """A 10,000-node plan of about 3.5 MiB: the largest the SPEC's limits allow in kind."""
+    return {"event_type": "workflow_planned",
+            "nodes": [{"node_id": f"n{i}", "node_name": "y" * 330} for i in range(10_000)]}  # fmt: skip
+
+
+async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_events(
+    serve: Serve, new_workflow: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue_bytes = 16 * 1024 * 1024  # the default CLIENT_QUEUE_BYTES
+    held: list[int] = []  # the ring's bytes after each live frame came
+    sizes: list[int] = []
+    push = _Channel.push
+
+    def watched(chan: _Channel, frame: Frame) -> None:
+        push(chan, frame)
+        held.append(chan.ring_bytes)
+        sizes.append(frame.size)
+
+    monkeypatch.setattr(_Channel, "push", watched)
+    base, wf = await serve(history_maxlen=1_000), new_workflow()
+    hub = serve.apps[-1][keys.hub_key]
+    stalled = await open_stalled_reader(base, f"/workflows/{wf}/events")
+    url = f"{base}/workflows/{wf}/events"
+    ids: list[str] = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            while hub.channel_count == 0:  # the stalled stream is open and subscribed
+                await asyncio.sleep(0.01)
+            for batch in [[big_event(i) for i in range(j, j + 50)] for j in range(0, 400, 50)] + [
+                [big_plan()] for _ in range(4)
+            ] + [[DONE]]:  # fmt: skip
+                body = io.BytesIO(json.dumps(batch).encode())  # a big body in one go warns
+                async with s.post(url, data=body, headers=JSON) as resp:
+                    assert resp.status == 201, await resp.text()
+                    ids += (await resp.json())["ids"]
+        # 400 frames of 64 KiB and 4 of 7 MiB (both encodings) came for the stalled
+        # reader: the ring held the byte bound plus at most one frame, never all of them.
+        assert len(sizes) == len(ids) and max(sizes) > 6 * 1024 * 1024
+        assert max(held) <= queue_bytes + max(sizes), (max(held), max(sizes))
+        # ... and the reader loses nothing: it catches up from Redis when it reads.
+        raw = await read_all(stalled, timeout=60)
+        head, _, body_bytes = raw.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0]
+        stream, parser = _dechunk(body_bytes), Parser()
+        got = [
+            m.id
+            for i in range(0, len(stream), 1 << 16)
+            for m in parser.feed(stream[i : i + (1 << 16)])
+            if m.id
+        ]
+        assert got == ids
+    finally:
+        stalled.close()
