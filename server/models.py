@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import json.decoder
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 WORKFLOW_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only: Redis takes no other
@@ -225,6 +227,70 @@ Event = Annotated[
     Field(discriminator="event_type"),
 ]
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+_node_adapter: TypeAdapter[PlannedNode] = TypeAdapter(PlannedNode)
+_nodes_adapter: TypeAdapter[list[PlannedNode]] = TypeAdapter(list[PlannedNode])
+
+# A plan of more nodes than this is validated this many nodes at a time (about 3 ms each),
+# so that a worker thread validating the SPEC's largest plan lets the event loop run.
+PIECE_NODES = 1_000
+_PLACEHOLDER = PlannedNode(node_id="-")
+
+
+def _validate_at_once(raw: dict[str, Any]) -> Event | list[ErrorDetails]:
+    try:
+        return event_adapter.validate_python(raw)
+    except ValidationError as exc:
+        return exc.errors()
+
+
+def _validate(raw: dict[str, Any]) -> Event | list[ErrorDetails]:
+    """event_adapter.validate_python(raw): the event, or its errors in pydantic's order.
+
+    A big plan's nodes are validated PIECE_NODES at a time first, and the event then from
+    the nodes so built (pydantic takes a model instance as it is). With an invalid node,
+    the event is validated with only the first invalid node as given (the others stand
+    in valid, so the DAG check does not run, as it would not), and that node's errors are
+    replaced with every invalid node's: the same list as in one call.
+    """
+    nodes = raw.get("nodes")
+    if not (
+        raw.get("event_type") == "workflow_planned"
+        and isinstance(nodes, list)
+        and PIECE_NODES < len(nodes) <= MAX_NODES
+    ):
+        return _validate_at_once(raw)
+    built: list[Any] = []
+    invalid: list[tuple[int, list[ErrorDetails]]] = []
+    for start in range(0, len(nodes), PIECE_NODES):
+        piece = nodes[start : start + PIECE_NODES]
+        try:
+            built += _nodes_adapter.validate_python(piece)
+        except ValidationError:
+            for index, node in enumerate(piece, start):
+                try:
+                    built.append(_node_adapter.validate_python(node))
+                except ValidationError as exc:
+                    built.append(node if not invalid else _PLACEHOLDER)
+                    invalid.append((index, exc.errors()))
+    try:
+        return event_adapter.validate_python({**raw, "nodes": built})
+    except ValidationError as exc:
+        errors = exc.errors()
+    if not invalid:
+        return errors
+    first = ("workflow_planned", "nodes", invalid[0][0])
+    at = next((i for i, e in enumerate(errors) if tuple(e["loc"][:3]) == first), None)
+    if at is None:  # not expected: then the errors as one call gives them
+        return _validate_at_once(raw)
+    end = next(
+        (i for i, e in enumerate(errors[at:], at) if tuple(e["loc"][:3]) != first), len(errors)
+    )
+    located: list[ErrorDetails] = [
+        {**e, "loc": ("workflow_planned", "nodes", index, *e["loc"])}
+        for index, node_errors in invalid
+        for e in node_errors
+    ]
+    return errors[:at] + located + errors[end:]
 
 
 class EventRejected(ValueError):
@@ -375,6 +441,64 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite_float)
 _LOOSE_DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
+# Text longer than this is parsed in pieces (see _decode_in_pieces): one C call over 4 MiB
+# holds the GIL for 20 ms or more, so even a worker thread would stall the event loop.
+PIECES_BYTES = 256 * 1024
+_Scan = Callable[[str, int], tuple[Any, int]]
+
+
+# The C scanner of _DECODER, and the pure-Python object and array parsers json.decoder
+# falls back to without it (neither is in typeshed's stubs).
+_SCAN_C: _Scan = _DECODER.scan_once  # type: ignore[attr-defined]
+_OBJECT: Callable[..., tuple[Any, int]] = json.decoder.JSONObject  # type: ignore[attr-defined]
+_ARRAY: Callable[..., tuple[Any, int]] = json.decoder.JSONArray  # type: ignore[attr-defined]
+_WHITESPACE: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+
+
+def _piece_scanner(levels: int) -> _Scan:
+    """A scanner that parses the arrays and objects of the outer `levels` levels in Python,
+    and each value below them with the C scanner in one call."""
+    inner = _SCAN_C if levels == 1 else _piece_scanner(levels - 1)
+    memo: dict[str, str] = {}
+
+    def scan_once(text: str, idx: int) -> tuple[Any, int]:
+        mark = text[idx : idx + 1]
+        if mark == "{":
+            return _OBJECT((text, idx + 1), True, inner, None, None, memo)
+        if mark == "[":
+            return _ARRAY((text, idx + 1), inner)
+        return _SCAN_C(text, idx)
+
+    return scan_once
+
+
+def _decode_in_pieces(text: str, levels: int) -> Any:
+    """What _DECODER.decode(text) returns, but the outer `levels` levels are parsed in
+    Python, so no C call parses more than one value below them (a plan's node, a batch's
+    event field): a worker thread running this gives the GIL back every switch interval.
+
+    For text the C decoder rejects it raises a ValueError (or _NotFinite) of its own:
+    _decode() then decodes it again in C, for the usual message.
+    """
+    scan_once = _piece_scanner(levels)
+    try:
+        value, end = scan_once(text, _WHITESPACE(text, 0).end())
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    if _WHITESPACE(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
+def _decode(text: str, levels: int) -> Any:
+    """_DECODER.decode(text), in pieces below `levels` levels (0: in one C call)."""
+    if levels:
+        try:
+            return _decode_in_pieces(text, levels)
+        except (ValueError, _NotFinite):
+            pass  # decoded again in C: the same error, message and position as ever
+    return _DECODER.decode(text)
+
 
 def decode_body(body: bytes) -> Any:
     """Parse a request body as JSON text that UTF-8 output can carry.
@@ -387,8 +511,11 @@ def decode_body(body: bytes) -> Any:
     batch = body.lstrip(b" \t\r\n")[:1] == b"["
     check_nesting(body, MAX_JSON_DEPTH + 1 if batch else MAX_JSON_DEPTH)
     text = body.decode("utf-8")
+    # Past PIECES_BYTES the batch array, its events and the arrays and objects in their
+    # fields (a plan's node list) are parsed in Python, each value below in C.
+    levels = (3 if batch else 2) if len(body) > PIECES_BYTES else 0
     try:
-        value = _DECODER.decode(text)
+        value = _decode(text, levels)
     except _NotFinite:
         # Rare, so parsed again to say where: the loc a validation error would give.
         value = _LOOSE_DECODER.decode(text)
@@ -404,8 +531,26 @@ def decode_body(body: bytes) -> Any:
 
 def to_json(event: _Event) -> str:
     """The stored, normalised form: one line of JSON, raw UTF-8, no null fields."""
+    return to_json_bytes(event).decode()
+
+
+def to_json_bytes(event: _Event) -> bytes:
+    """to_json() as UTF-8 bytes; a big plan's nodes PIECE_NODES at a time."""
     # model_dump_json() without its Python wrapper (the same serializer and defaults).
-    return event.__pydantic_serializer__.to_json(event, exclude_none=True).decode()
+    serializer = event.__pydantic_serializer__
+    if not (isinstance(event, WorkflowPlanned) and len(event.nodes) > PIECE_NODES):
+        return serializer.to_json(event, exclude_none=True)
+    # One call for a 4 MiB plan holds the GIL for 10 ms. A JSON string cannot hold this
+    # (its quotes are escaped): the first one is the field's.
+    head, tail = serializer.to_json(
+        event.model_copy(update={"nodes": []}), exclude_none=True
+    ).split(b'"nodes":[]', 1)
+    nodes = event.nodes
+    pieces = [
+        _nodes_adapter.dump_json(nodes[start : start + PIECE_NODES], exclude_none=True)[1:-1]
+        for start in range(0, len(nodes), PIECE_NODES)
+    ]
+    return b"".join((head, b'"nodes":[', b",".join(pieces), b"]", tail))
 
 
 def validate_event(
@@ -457,13 +602,11 @@ def validate_event(
             raw["workflow_id"] = workflow_id
         if raw.get("timestamp") is None:
             raw["timestamp"] = now
-    try:
-        event = event_adapter.validate_python(raw)
-    except ValidationError as exc:
+    event = _validate(raw)
+    if isinstance(event, list):
         raise EventRejected(
-            "invalid event",
-            [{"loc": prefix + list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
-        ) from None
+            "invalid event", [{"loc": prefix + list(e["loc"]), "msg": e["msg"]} for e in event]
+        )
     if event.workflow_id != workflow_id:
         raise EventRejected(
             "workflow_id in the event does not match the URL",
