@@ -142,6 +142,27 @@ async def test_concurrent_writers_in_several_processes_keep_the_fold_exact(
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
 
 
+async def test_a_big_plan_of_any_text_is_stored_exactly_and_a_smaller_one_drops_the_rest(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """The progress parts go to the script as one JSON argument (a plan over THREAD_NODES
+    through the worker thread): quotes, backslashes, control characters and Unicode come
+    out of Redis as they went in, and every part of a node no longer planned is deleted."""
+    texts = ["품질 판정", 'a "quote" and a \\', "tab\tnew\nline\x01\x7f", "\U0001f600", "[]{}"]
+    nodes = [
+        {"node_id": f"n{i} {texts[i % 5]}", "node_name": texts[(i + 1) % 5],
+         "node_type": texts[(i + 2) % 5], "depends_on": [f"n{i - 1} {texts[(i - 1) % 5]}"]}
+        for i in range(1, store.THREAD_NODES + 500)
+    ]  # fmt: skip
+    wf, s = new_workflow(), new_store(redis)
+    await s.append(wf, [ev(0, "workflow_planned", nodes=[{"node_id": "n0 " + texts[0]}, *nodes])])
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+    await s.append(wf, [ev(1, "workflow_planned", nodes=[{"node_id": "n0 " + texts[0]}])])
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+    fields = await redis.hkeys(store.progress_key(wf))
+    assert sorted(f for f in fields if f.startswith(b"n:")) == [f"n:n0 {texts[0]}".encode()]
+
+
 async def test_a_workflow_that_expired_and_came_back_is_not_mistaken_for_the_cached_one(
     redis: Any, new_workflow: Callable[[], str]
 ) -> None:
