@@ -62,7 +62,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +70,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from redis.asyncio import Redis
 
+from . import cpu_quota
 from .loadgen import (
     HttpPublisher,
     Ledger,
@@ -78,12 +79,14 @@ from .loadgen import (
     connections_per_process,
     cpu_seconds,
     dumps,
+    listening,
     process_tree,
     raise_nofile,
     redis_clients,
     redis_free_slots,
     rss_kib,
     self_cpu_seconds,
+    set_parsing,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,6 +139,7 @@ class Running:
     port: int
     proc: subprocess.Popen[bytes]
     tmp: Path
+    cpu_groups: list[Path] = field(default_factory=list)  # with --cpu-quota
 
     @property
     def base(self) -> str:
@@ -223,7 +227,13 @@ async def launched(
         # Ours: /readyz, so the Redis client is set up before the first burst of streams (on
         # a Redis Cluster, concurrent first requests can fail with 500: see RESULTS.md).
         await wait_answering(running, "/readyz" if system.ours else "/healthz")
-        yield running
+        serving = await serving_pids(running) if system.ours else []
+        if args.cpu_quota and system.ours:
+            with cpu_quota.capped(serving, args.cpu_quota) as groups:
+                running.cpu_groups = groups
+                yield running
+        else:
+            yield running
     finally:
         proc = running.proc
         tree = running.pids()
@@ -237,6 +247,23 @@ async def launched(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def serving_pids(running: Running, timeout: float = 15.0) -> list[int]:
+    """The processes that serve: the server itself, or with `--workers N` its N workers
+    (the supervisor only waits), once all of them are up."""
+    args = running.system.server_args
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    if workers == 1:
+        return [running.proc.pid]
+    deadline = time.monotonic() + timeout
+    # Every worker listening: the kernel spreads new connections over those that do, so
+    # a stream opened while one still starts would all go to the other.
+    while not (len(pids := running.pids()[1:]) >= workers and all(listening(pids, running.port))):
+        if time.monotonic() > deadline:
+            raise StartFailed(f"{running.system.name}: not {workers} workers after {timeout} s")
+        await asyncio.sleep(0.1)
+    return pids
 
 
 def new_id(tag: str) -> str:
@@ -429,7 +456,10 @@ async def live(
     tick_ms: float,
 ) -> Result:
     """S2 and S3: open the streams, publish at a fixed rate, drain, measure."""
-    lanes = 1 if system.batch or workflows > 1 else args.s2_lanes_single
+    # One event per POST over several lanes: Nchan always, every system with --s2-single
+    # (as an engine reporting each event as it happens, not batching them).
+    single = workflows == 1 and (not system.batch or args.s2_single)
+    lanes = args.s2_lanes_single if single else 1
     async with launched(system, args) as srv:
         rec = Recorder(lanes=lanes)
         ids = [new_id(tag) for _ in range(workflows)]
@@ -446,7 +476,7 @@ async def live(
             pids = srv.pids()
             spread = per_worker(srv)
             cpu0, me0, t0 = cpu_seconds(pids), self_cpu_seconds(), time.monotonic()
-            wall = await paced(pub, ledger, ids, rate, duration, tick_ms / 1000, system.batch)
+            wall = await paced(pub, ledger, ids, rate, duration, tick_ms / 1000, not single)
             await group.wait_for(all_caught_up(group, ledger), args.drain, stall=args.stall)
             wall_all = time.monotonic() - t0
             cpu = cpu_seconds(srv.pids()) - cpu0
@@ -508,6 +538,7 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
             in_window = rec.received - r0
             cpu = cpu_seconds(srv.pids()) - cpu0
             me = self_cpu_seconds() - me0
+            throttled = cpu_quota.throttled_seconds(srv.cpu_groups)
             await group.wait_for(all_caught_up(group, ledger), args.drain, stall=args.stall)
             drain_s = loop.time() - start - window
             return {
@@ -523,6 +554,9 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
                 **delivery(group, ledger, rec),
                 **latency(rec),
                 "server_cpu_pct": round(100 * cpu / window, 1),
+                # CPU-seconds per delivered event (in the window), in microseconds.
+                "cpu_us_per_event": round(1e6 * cpu / in_window, 2) if in_window else None,
+                "throttled_s": round(throttled, 2) if srv.cpu_groups else None,
                 "loadgen_cpu_pct": round(100 * me / window, 1),
                 "rss_mib": round(rss_kib(srv.pids()) / 1024, 1),
                 "per_worker": spread,
@@ -800,8 +834,8 @@ COLUMNS: dict[str, list[str]] = {
              "p99_x_w1", "max_ms", "server_cpu_pct", "cpu_x_w1", "rss_mib", "per_worker",
              "loadgen_cpu_pct"],
     "W2S4": ["published_per_s", "delivered_per_s", "x_w1", "all_delivered", "missing",
-             "drain_s", "p50_ms", "p99_ms", "server_cpu_pct", "rss_mib", "per_worker",
-             "loadgen_cpu_pct"],
+             "drain_s", "p50_ms", "p99_ms", "server_cpu_pct", "cpu_us_per_event",
+             "cpu_per_event_x_w1", "throttled_s", "rss_mib", "per_worker", "loadgen_cpu_pct"],
     "RC": ["rate", "published", "all_delivered", "missing", "dups", "p50_ms", "p99_ms",
            "p99_x_single", "max_ms", "server_cpu_pct", "loadgen_cpu_pct"],
 }  # fmt: skip
@@ -872,6 +906,9 @@ def add_variant_ratios(kind: str, per_run: dict[str, Result]) -> None:
         for r in per_run.values():
             if kind == "W2S4":
                 r["x_w1"] = ratio(r.get("delivered_per_s"), base.get("delivered_per_s"), 3)
+                r["cpu_per_event_x_w1"] = ratio(
+                    r.get("cpu_us_per_event"), base.get("cpu_us_per_event"), 3
+                )
             else:
                 r["p99_x_w1"] = ratio(r.get("p99_ms"), base.get("p99_ms"))
                 r["cpu_x_w1"] = ratio(r.get("server_cpu_pct"), base.get("server_cpu_pct"))
@@ -955,6 +992,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="py-spy raw output path: profile our server during S4 of run 1",
     )
+    p.add_argument("--parse", default="shared", choices=("shared", "each"),
+                   help="shared: each distinct block of frames parsed once for all streams; "
+                        "each: every stream parses its own bytes, as real clients do")  # fmt: skip
+    p.add_argument("--s2-single", action="store_true",
+                   help="S2: one event per POST over --s2-lanes-single lanes for every "
+                        "system (default: batch systems get one POST per tick)")  # fmt: skip
+    p.add_argument("--cpu-quota", type=float, default=None,
+                   help="cap each of our server's serving processes (each worker) at this "
+                        "many CPUs with the cgroup v1 cpu controller (root), e.g. 0.4")  # fmt: skip
     p.add_argument("--json", default=None, help="write every result here")
     p.add_argument("--tables-from", default=None, help="print the tables of a --json file")
     args = p.parse_args(argv)
@@ -1028,6 +1074,7 @@ async def _run_one(kind: str, param: int, system: System, args: argparse.Namespa
 
 async def main_async(args: argparse.Namespace) -> int:
     raise_nofile()
+    set_parsing(args.parse)
     task = asyncio.current_task()
     if task is not None:  # SIGTERM cancels the run, so every started system is stopped
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
@@ -1039,8 +1086,11 @@ async def main_async(args: argparse.Namespace) -> int:
             cases.append((f"S1 idle, {n:,} streams on one workflow", "S1", n, chosen))
     if "S2" in wanted:
         for rate in (int(x) for x in args.s2_rates.split(",")):
+            how = (f", one event per POST over {args.s2_lanes_single} lanes"
+                   if args.s2_single else "")  # fmt: skip
             cases.append((f"S2 broadcast, {args.s2_streams:,} streams, {rate} events/s for "
-                          f"{args.duration:g} s", "S2", rate, chosen))  # fmt: skip
+                          f"{args.duration:g} s{how}, parse {args.parse}", "S2", rate,
+                          chosen))  # fmt: skip
     if "S3" in wanted:
         cases.append((f"S3 {args.s3_workflows:,} workflows x 2 streams, 1 event/s each for "
                       f"{args.duration:g} s", "S3", 0, chosen))  # fmt: skip

@@ -93,12 +93,27 @@ class Recorder:
         return None
 
 
-# Streams of one workflow receive the same bytes: each block of frames is parsed once.
+# Streams of one workflow receive the same bytes: in the "shared" parsing mode each block
+# of frames is parsed once for all of them. That flatters the server when the box is
+# saturated (1,000 real browsers each parse their own bytes), so the "each" mode
+# (`--parse each`) parses every stream's bytes on its own, as real clients do.
 _BLOCKS: dict[bytes, tuple[list[tuple[int, int, float]], int]] = {}
+SHARED_PARSING = [True]  # a list, so that `--parse` can set it for every stream
+
+
+def set_parsing(mode: str) -> None:
+    """`shared` (parse each distinct block once) or `each` (every stream on its own)."""
+    if mode not in ("shared", "each"):
+        raise ValueError(f"--parse must be shared or each, got {mode!r}")
+    SHARED_PARSING[0] = mode == "shared"
+    _BLOCKS.clear()
 
 
 def parsed_block(block: bytes) -> tuple[list[tuple[int, int, float]], int]:
     """(lane, seq, publish time) of every marked event in `block`, and its gap frames."""
+    if not SHARED_PARSING[0]:
+        marks = [(int(lane), int(seq), float(ts)) for lane, seq, ts in MARK.findall(block)]
+        return marks, block.count(b"event: gap")
     parsed = _BLOCKS.get(block)
     if parsed is None:
         marks = [(int(lane), int(seq), float(ts)) for lane, seq, ts in MARK.findall(block)]
@@ -819,6 +834,15 @@ def connections_per_process(pids: Sequence[int], local_port: int) -> list[int]:
         inode for local, _, state, inode in _tcp_sockets() if state == "01" and local == local_port
     }
     return [len(_socket_inodes(pid) & established) for pid in pids]
+
+
+def listening(pids: Sequence[int], local_port: int) -> list[bool]:
+    """Per pid: whether it holds a listening TCP socket on `local_port` (a worker of
+    `--workers` that is up: aiohttp listens only after the app's startup)."""
+    listeners = {
+        inode for local, _, state, inode in _tcp_sockets() if state == "0A" and local == local_port
+    }
+    return [bool(_socket_inodes(pid) & listeners) for pid in pids]
 
 
 def self_cpu_seconds() -> float:
