@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from . import sse, store
@@ -32,20 +35,33 @@ DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024  # CLIENT_QUEUE_BYTES' default
 NO_OWNER = (RedisError, RedisClusterException)
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
     """A live event, encoded once per process and shared by every local subscriber."""
 
-    key: tuple[int, int]
-    id: str
-    data: bytes  # the SSE frame
-    ws: str  # the WebSocket text message: the event object with its `id`
-    terminal: bool
+    __slots__ = ("_ws", "data", "id", "json", "key", "terminal")
+
+    def __init__(
+        self, key: tuple[int, int], id: str, data: bytes, json: bytes, terminal: bool
+    ) -> None:
+        self.key = key
+        self.id = id
+        self.data = data  # the SSE frame
+        self.json = json  # the stored event, UTF-8 JSON
+        self.terminal = terminal
+        self._ws: str | None = None
+
+    @property
+    def ws(self) -> str:
+        """The WebSocket text message (the event object with its `id`), made on first use:
+        most processes serve SSE only, and this costs a decode and a copy per event."""
+        if self._ws is None:
+            self._ws = ws_text(self.id, self.json.decode())
+        return self._ws
 
     @property
     def size(self) -> int:
-        """What holding this frame costs, roughly: both encodings."""
-        return len(self.data) + len(self.ws)
+        """What holding this frame costs, roughly: the SSE frame and its WebSocket text."""
+        return 2 * len(self.data)
 
 
 def ws_text(event_id: str, data: str) -> str:
@@ -306,9 +322,9 @@ class _Channel:
 def parse_message(payload: bytes) -> Frame:
     """`<id> <event_type> <terminal> <json>` (as the append script publishes) -> Frame."""
     raw_id, event_type, terminal, raw = payload.split(b" ", 3)
-    event_id, data = raw_id.decode(), raw.decode()
-    frame = sse.encode(data, id=event_id, event=event_type.decode())
-    return Frame(store.id_key(event_id), event_id, frame, ws_text(event_id, data), terminal == b"1")
+    event_id = raw_id.decode()
+    frame = sse.encode_event(raw_id, event_type, raw)
+    return Frame(store.id_key(event_id), event_id, frame, raw, terminal == b"1")
 
 
 class _Upstream:
@@ -377,7 +393,7 @@ class _Upstream:
         async with self.lock:
             if self.client is None:
                 self.client = self.make_client()
-            self.pubsub = self.client.pubsub()
+            self.pubsub = self.client.pubsub(push_handler_func=_as_received)
             names = self.channels()
             for name in names:
                 self.hub._channels[name].outstanding = 1
@@ -404,9 +420,7 @@ class _Upstream:
                     first = False
                     backoff = 0.05
                     self.down = False
-                message = await self.pubsub.get_message(timeout=None)
-                if message is not None:
-                    self.hub._dispatch(message, self)
+                await self._read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection loss and any parser surprise: reconnect
@@ -423,7 +437,29 @@ class _Upstream:
                     await self._retire()
                     return
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                # A cluster shard looks at the slot map again at least twice a second: a
+                # replica is promoted within seconds, and its streams wait for that look.
+                backoff = min(backoff * 2, 0.5 if self.sharded else 2.0)
+
+    async def _read(self) -> None:
+        """Deliver what the connection says until it fails.
+
+        Messages are read off the connection directly rather than through
+        PubSub.get_message(), which per message runs a health check, a retry wrapper,
+        telemetry hooks and a dict build: twice the hub's own cost per event, paid once per
+        process, so it is what a second worker adds. Everything else (confirmations,
+        unsubscribes) still goes through PubSub.handle_message(), which keeps its books.
+        """
+        pubsub, hub = self.pubsub, self.hub
+        read = pubsub.connection.read_response
+        while True:
+            response = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
+            if isinstance(response, list) and response[0] in _MESSAGE_KINDS:
+                hub._deliver(response[1], response[2], self)
+                continue
+            message = await pubsub.handle_message(response)
+            if message is not None:
+                hub._dispatch(message, self)
 
     async def _retire(self) -> None:
         """Leave the hub: this node no longer carries any of its channels."""
@@ -433,6 +469,15 @@ class _Upstream:
             with suppress(Exception):
                 await self.client.aclose()
         logger.info("hub left Redis %s: its channels moved to the new owners", self.name)
+
+
+_MESSAGE_KINDS = (b"message", b"smessage")
+
+
+async def _as_received(response: Any) -> Any:
+    """RESP3 push handler: the message as it came (redis-py's default logs each one at
+    debug level, formatting it first whatever the level)."""
+    return response
 
 
 # What a cluster node's connection settings may carry over to a plain client.
@@ -522,7 +567,9 @@ class Hub:
 
             def make() -> Redis:
                 kwargs = {k: v for k, v in node.connection_kwargs.items() if k in _CONN_KWARGS}
-                return Redis(**kwargs)
+                # No retries inside redis-py: a dead node's connect would be retried with
+                # backoff for seconds before the reader may look at the slot map again.
+                return Redis(**kwargs, retry=Retry(NoBackoff(), 0))
 
         upstream = self._upstreams.get(key)
         if upstream is None:
@@ -604,6 +651,12 @@ class Hub:
         if not chan.subs and self._channels.get(name) is chan:
             del self._channels[name]
             await chan.upstream.unsubscribe(name)
+
+    def _deliver(self, raw_name: bytes, data: bytes, upstream: _Upstream) -> None:
+        """A live message (the common case, without PubSub's dict)."""
+        chan = self._channels.get(raw_name.decode())
+        if chan is not None and chan.upstream is upstream:
+            chan.push(parse_message(data))
 
     def _dispatch(self, message: dict[str, Any], upstream: _Upstream) -> None:
         kind = message["type"]

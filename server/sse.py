@@ -33,6 +33,16 @@ def encode(
     return ("\n".join(lines) + "\n\n").encode()
 
 
+def encode_event(id: bytes, event: bytes, data: bytes) -> bytes:
+    """encode(data, id=id, event=event) for ASCII-safe `id` and `event` and UTF-8 `data`,
+    without decoding: the hub frames each live event with this. One line of JSON (the
+    stored form) has no CR or LF, so it is one `data:` line; anything else takes encode().
+    """
+    if b"\n" in data or b"\r" in data or b"\x00" in id or b"\x00" in event:
+        return encode(data.decode(), id=id.decode(), event=event.decode())
+    return b"id: %b\nevent: %b\ndata: %b\n\n" % (id, event, data)
+
+
 def comment(text: str = "") -> bytes:
     """A comment line, ignored by clients: keeps proxies and idle timeouts from closing us."""
     return b":" + (" " + _LINE_BREAK.sub(" ", text) if text else "").encode() + b"\n\n"

@@ -194,6 +194,9 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
             f"{back - promoted:.1f} s after the promotion; "
             f"victim refused {len(pubs[victim].refused_after(killed))} times"
         )
+    except BaseException:
+        print(server.output()[-6000:])  # what the server logged, for the failure's report
+        raise
     finally:
         server.stop()
 

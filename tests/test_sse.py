@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server import sse
 from tests.sse_client import Parser
@@ -53,3 +55,16 @@ def test_encoded_data_parses_back_to_itself_modulo_line_breaks(data: str) -> Non
     (msg,) = Parser().feed(frame)
     assert msg.id == "5-1" and msg.event == "e"
     assert msg.data == data.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@given(
+    data=st.text(),
+    id=st.text(alphabet="0123456789-\x00", max_size=12),
+    event=st.sampled_from(["node_started", "workflow_state_changed", "a\x00b"]),
+)
+@settings(max_examples=300)
+def test_encode_event_on_bytes_is_encode_exactly(data: str, id: str, event: str) -> None:
+    # The hub frames live events from the published bytes without decoding them.
+    assert sse.encode_event(id.encode(), event.encode(), data.encode()) == sse.encode(
+        data, id=id, event=event
+    )
