@@ -1,4 +1,4 @@
-"""Opening the Redis client: the embedded fakeredis default, a server, or a cluster."""
+"""Opening the Redis client: the embedded fakeredis default, a server, Sentinel, or a cluster."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -25,6 +28,12 @@ SWEEP_SECONDS = 0.5  # how often overdue commands are looked for
 
 T = TypeVar("T")
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
+SCHEMES = {"redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES}
+SENTINEL_PORT = 26379  # a sentinel host without a port
+# A sentinel answers SENTINEL MASTERS at once; one that does not within this is skipped for
+# the next one (each connection to the primary asks, so a dead sentinel must cost little).
+SENTINEL_TIMEOUT = 1.0
 
 
 class _Pool(BlockingConnectionPool):
@@ -53,6 +62,11 @@ class _Pool(BlockingConnectionPool):
                 raise
             return connection
         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class _SentinelPool(SentinelConnectionPool, _Pool):
+    """_Pool's blocking, fast hand-out over connections to whichever node Sentinel names
+    primary: a connection (re)connecting asks the sentinels for the primary's address."""
 
 
 class Deadlines:
@@ -137,9 +151,119 @@ def command_client(url: str) -> Redis:
     return client
 
 
+class _SentinelClient(_Client):
+    """A command client of the primary Sentinel names; closing it closes the sentinels'."""
+
+    sentinels: Sentinel
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            await self.sentinels.aclose()
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """`redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db][?...]`."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    connection: dict[str, Any]  # for the data nodes (the primary, through the pool)
+    sentinel: dict[str, Any]  # for the sentinels
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Split a Sentinel URL; ValueError with a sentence for a malformed one.
+
+    The credentials before `@` are the data nodes'; `sentinel_username` and
+    `sentinel_password` in the query are the sentinels' (none by default). `rediss+sentinel`
+    speaks TLS to both, with the URL's `ssl_*` options. Other query options (`db`,
+    `socket_timeout`, `socket_connect_timeout`, ...) are redis-py's URL options for the
+    data nodes.
+    """
+    parts = urlsplit(url)
+    plain = SENTINEL_SCHEMES.get(parts.scheme)
+    if plain is None:
+        raise ValueError(f"not a Sentinel URL (redis+sentinel:// or rediss+sentinel://): {url!r}")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    sentinels = [_host_port(item, url) for item in hostlist.split(",") if item.strip()]
+    if not sentinels:
+        raise ValueError("REDIS_URL names no sentinel host: redis+sentinel://host:26379/service")
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError(
+            "REDIS_URL must name the Sentinel service (and optionally the db): "
+            f"redis+sentinel://host:26379/<service>[/<db>], got path {parts.path!r}"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    auth = {k: v for k, v in query if k in ("sentinel_username", "sentinel_password")}
+    rest = urlencode([(k, v) for k, v in query if k not in auth])
+    # redis-py parses the data nodes' options (types, credentials) as for redis://.
+    netloc = f"{userinfo}@sentinel" if userinfo else "sentinel"
+    db = f"/{path[1]}" if len(path) == 2 else ""
+    try:
+        connection: dict[str, Any] = dict(parse_url(urlunsplit((plain, netloc, db, rest, ""))))
+    except ValueError as exc:
+        raise ValueError(f"REDIS_URL: {exc}") from None
+    connection.pop("host", None)
+    connection.pop("port", None)
+    tls = connection.pop("connection_class", None) is not None  # SSLConnection for rediss
+    sentinel: dict[str, Any] = {
+        "socket_timeout": SENTINEL_TIMEOUT,
+        "socket_connect_timeout": SENTINEL_TIMEOUT,
+    }
+    if auth.get("sentinel_username"):
+        sentinel["username"] = auth["sentinel_username"]
+    if auth.get("sentinel_password"):
+        sentinel["password"] = auth["sentinel_password"]
+    if tls:
+        connection["ssl"] = True  # the pool picks its TLS connection class from this
+        sentinel["ssl"] = True
+        sentinel.update({k: v for k, v in connection.items() if k.startswith("ssl_")})
+    return SentinelURL(sentinels, path[0], connection, sentinel)
+
+
+def _host_port(item: str, url: str) -> tuple[str, int]:
+    item = item.strip()
+    host, port = item, ""
+    if item.startswith("["):  # [IPv6]:port
+        host, _, tail = item[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else ""
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    if not host or (port and not port.isdigit()):
+        raise ValueError(f"REDIS_URL: {item!r} is not host:port")
+    return host, int(port) if port else SENTINEL_PORT
+
+
+def sentinel_client(url: str) -> Redis:
+    """A pooled client of the primary that `url`'s sentinels name, whose commands time out
+    (see Deadlines). A connection that breaks reconnects to the primary named then, so
+    commands, pub/sub and legacy ingest follow a failover without anything else to do."""
+    parsed = parse_sentinel_url(url)
+    sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=parsed.sentinel)  # type: ignore[no-untyped-call]
+    seconds = parsed.connection.pop("socket_timeout", COMMAND_TIMEOUT)
+    options = {**parsed.connection, "max_connections": POOL_SIZE, "timeout": 10}
+    client = cast(
+        _SentinelClient,
+        sentinel.master_for(
+            parsed.service,
+            redis_class=_SentinelClient,
+            connection_pool_class=_SentinelPool,
+            socket_timeout=None,  # the deadline below replaces it
+            **options,
+        ),
+    )
+    client.sentinels = sentinel
+    client.deadlines = Deadlines(seconds if seconds else float("inf"))
+    return client
+
+
 @asynccontextmanager
 async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
-    """Yield a client: fakeredis without a URL, a cluster client for `redis+cluster://`."""
+    """Yield a client: fakeredis without a URL, a cluster client for `redis+cluster://`, the
+    Sentinel-named primary for `redis+sentinel://`."""
     client: AnyRedis
     if not url:
         import fakeredis
@@ -160,6 +284,8 @@ async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
                 await client.initialize()
             except RedisError as exc:
                 logger.warning("Redis Cluster not reachable at start (%s); retrying on use", exc)
+        elif parts.scheme in SENTINEL_SCHEMES:
+            client = sentinel_client(url)
         else:
             client = command_client(url)
         logger.info("using Redis at %s", _redact(url))
@@ -171,7 +297,11 @@ async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
 
 def _redact(url: str) -> str:
     parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        parts = parts._replace(netloc=userinfo.split(":", 1)[0] + ":***" + at + hosts)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any("password" in k for k, _ in query):
+        masked = [(k, "***" if "password" in k else v) for k, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)

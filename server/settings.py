@@ -66,8 +66,23 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.redis_url:
+            _check_redis_url(self.redis_url)
         if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
             raise ValueError(f"WORKERS must be a positive integer or 'auto', got {self.workers!r}")
+
+
+def _check_redis_url(url: str) -> None:
+    """A REDIS_URL this server can open, or ValueError with a sentence (before any I/O)."""
+    from .redis_client import SCHEMES, SENTINEL_SCHEMES, parse_sentinel_url
+
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"REDIS_URL must start with one of {', '.join(s + '://' for s in sorted(SCHEMES))}"
+        )
+    if scheme in SENTINEL_SCHEMES:
+        parse_sentinel_url(url)
 
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}

@@ -64,9 +64,10 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, command: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [
+            command
+            or [
                 "redis-server",
                 "--port",
                 str(self.port),
@@ -98,6 +99,10 @@ class RedisProcess:
         log = Path(self.logfile)
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise RuntimeError(f"redis-server on {self.port} did not start:\n{tail}")
+
+    def start_sentinel(self, conf: Path) -> None:
+        """Run as a sentinel (`redis-server <conf> --sentinel`) on this port instead."""
+        self.start(["redis-server", str(conf), "--sentinel"])
 
     @property
     def logfile(self) -> str:
@@ -313,3 +318,108 @@ class RedisClusterProcesses:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+class SentinelProcesses:
+    """A private primary, `replicas` replicas and `sentinels` sentinels on loopback ports
+    (nothing on disk but the sentinels' config files), so a failover can be staged by
+    SIGKILLing the primary. `down_after_ms` is the sentinels' down-after-milliseconds."""
+
+    SERVICE = "wfsse"
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.nodes = [RedisProcess(free_fixed_port()) for _ in range(1 + replicas)]
+        self.sentinels = [RedisProcess(free_fixed_port()) for _ in range(sentinels)]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def start(self) -> None:
+        primary, *replicas = self.nodes
+        primary.start()
+        for node in replicas:
+            node.extra = ["--replicaof", "127.0.0.1", str(primary.port)]
+            node.start()
+        for sentinel in self.sentinels:
+            conf = Path(sentinel.dir) / "sentinel.conf"
+            conf.write_text(
+                f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.dir}\n"
+                f"logfile {sentinel.logfile}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.SERVICE} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.SERVICE} {len(replicas)}\n"
+            )
+            sentinel.start_sentinel(conf)
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("sentinels did not see the primary and every replica")
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        """Every replica is synced and every sentinel knows the replicas and its peers."""
+        for node in self.nodes[1:]:
+            info = self.role(node)
+            if info.get("master_link_status") != "up" or info.get("master_sync_in_progress") != "0":
+                return False
+        want = len(self.nodes) - 1
+        for sentinel in self.sentinels:
+            out = self.cli(sentinel, "sentinel", "master", self.SERVICE).split()
+            fields = dict(zip(out[::2], out[1::2], strict=False))
+            if int(fields.get("num-slaves", -1)) < want:
+                return False
+            if int(fields.get("num-other-sentinels", -1)) < len(self.sentinels) - 1:
+                return False
+        return True
+
+    def cli(self, node: RedisProcess, *args: str) -> str:
+        """One redis-cli command against `node`, bounded in time; its output."""
+        return subprocess.run(
+            ["redis-cli", "-p", str(node.port), *args],
+            capture_output=True, text=True, timeout=5,
+        ).stdout  # fmt: skip
+
+    def role(self, node: RedisProcess) -> dict[str, str]:
+        """`INFO replication` of a live node as a dict."""
+        out = self.cli(node, "info", "replication")
+        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers names it (None: none does)."""
+        for sentinel in self.sentinels:
+            if sentinel.proc is None:
+                continue
+            out = self.cli(sentinel, "sentinel", "get-master-addr-by-name", self.SERVICE).split()
+            if len(out) == 2 and out[1].isdigit():
+                return int(out[1])
+        return None
+
+    def primary(self) -> RedisProcess:
+        port = self.primary_port()
+        for node in self.nodes:
+            if node.port == port and node.proc is not None:
+                return node
+        raise RuntimeError(f"the sentinels name {port}, which is not a live node")
+
+    def sigkill(self, node: RedisProcess) -> None:
+        """SIGKILL one node by its PID, as a crash would end it (no shutdown, no save)."""
+        if node.proc is None:
+            raise ValueError(f"node on {node.port} is not running")
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(10)
+        node.proc = None
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, *self.nodes]:
+            process.kill()
