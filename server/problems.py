@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .hub import HubUnavailable
-from .store import AppendConflict, AppendExpired, AppendUnknown
+from .store import AppendConflict, AppendExpired, AppendNotReplicated, AppendUnknown
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,16 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         detail = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         return problem_response(exc.status, detail, headers=headers)
+    except AppendNotReplicated as exc:
+        logger.warning("append not replicated for %s: %s", request.path, exc)
+        return problem_response(
+            503,
+            f"The events are {exc}, so a failover could still lose them. Retry with the same "
+            "idempotency_key on each event: nothing is stored twice, and the retry is "
+            "answered 201 once enough replicas hold them.",
+            headers={"Retry-After": "1"},
+            slug="outcome-unknown",
+        )
     except AppendUnknown as exc:
         logger.warning("append outcome unknown for %s: %s", request.path, exc)
         return problem_response(

@@ -158,6 +158,7 @@ def assemble(
         redis,
         maxlen=settings.history_maxlen,
         retention_seconds=settings.retention_seconds,
+        min_replicas_ack=settings.min_replicas_ack,
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
     publisher = Publisher(

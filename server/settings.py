@@ -52,6 +52,10 @@ class Settings:
     # hold 116 MiB per workflow for one stalled reader.
     client_queue_bytes: int = 16 * 1024 * 1024
     history_ttl_seconds: int = 30 * 86_400
+    # Replicas that must hold an append (Redis WAIT) before it is answered 201; fewer within
+    # the command deadline: 503 outcome-unknown, so the publisher retries with the same
+    # idempotency key. 0: answered once the primary has it (replication is asynchronous).
+    min_replicas_ack: int = 0
     demo: bool = False
     # The demo engine's speed: 0.05 runs its 30 nodes in a few seconds.
     demo_time_scale: float = 1.0
@@ -66,6 +70,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.min_replicas_ack < 0:
+            raise ValueError(f"MIN_REPLICAS_ACK must be 0 or more, got {self.min_replicas_ack}")
+        if self.min_replicas_ack and not self.redis_url:
+            raise ValueError("MIN_REPLICAS_ACK needs REDIS_URL: the embedded Redis has no replicas")
         if self.redis_url:
             _check_redis_url(self.redis_url)
         if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):

@@ -13,8 +13,16 @@ from typing import Any, NamedTuple
 
 import pydantic_core
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import progress
 from .models import Event, WorkflowPlanned, parse_event_id, to_json_bytes
@@ -183,6 +191,14 @@ SAVE_SHOWN_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'shown', ARGV[1]) end
 """
 
+# KEYS: progress. Re-sets the hash's expiry to what is left of it: a write that changes
+# nothing (the workflow lives no longer) but is replicated, so that a WAIT after it on the
+# same connection proves the replicas hold everything written before, events included.
+TOUCH_LUA = """
+local t = redis.call('PTTL', KEYS[1])
+if t > 0 then redis.call('PEXPIRE', KEYS[1], t) end
+"""
+
 # Fields of the progress hash besides `ver`, `last` and `shown`: the fold state in parts.
 META, PLAN, NODE = "meta", "plan", "n:"
 
@@ -249,6 +265,12 @@ class AppendUnknown(RedisError):
     """
 
 
+class AppendNotReplicated(AppendUnknown):
+    """The append is on the primary, but fewer replicas than MIN_REPLICAS_ACK confirmed it
+    in time (Redis WAIT): a failover now could lose it. A retry with the same idempotency
+    keys stores nothing twice and is answered once enough replicas hold the events."""
+
+
 class AppendExpired(RedisError):
     """Redis got to the append script only after its deadline and refused it: not stored."""
 
@@ -270,6 +292,9 @@ GROUP_EVENTS = 1_000  # events in one script at most (a request's own batch may 
 IDEMPOTENCY_KEYS = 10_000
 # After this many lost compare-and-sets to other processes, back off a little at random.
 CONFLICT_ATTEMPTS = 200
+# How long an append waits for MIN_REPLICAS_ACK replicas (Redis WAIT) without a command
+# deadline to fit in (Redis Cluster); with one, what the append script is given (4 of 5 s).
+REPLICA_WAIT_SECONDS = 4.0
 
 
 def id_key(event_id: str) -> tuple[int, int]:
@@ -419,6 +444,26 @@ def _prepare(
     return state, new_events, history, args, len(updates) // 2, len(deletes)
 
 
+def _node_of(cluster: RedisCluster, key: str) -> Any:
+    """The primary that holds `key`; a RedisError when no node owns its slot now."""
+    try:
+        node = cluster.get_node_from_key(key)
+    except RedisClusterException as exc:  # mid-failover
+        raise RedisConnectionError(f"no Redis Cluster node owns the slot of {key}: {exc}") from exc
+    if node is None:
+        raise RedisConnectionError(f"no Redis Cluster node owns the slot of {key}")
+    return node
+
+
+async def _refresh_slots(cluster: RedisCluster, failed: Any) -> None:
+    """Read the slot map again after a node failed or redirected us; quietly if none
+    answers yet (the next append tries again)."""
+    try:
+        await cluster.nodes_manager.initialize(last_failed_node_name=failed.name)
+    except (RedisError, RedisClusterException, OSError) as exc:
+        logger.info("cluster slots not refreshed after %s failed: %s", failed.name, exc)
+
+
 class RedisClock:
     """Deadlines for the append script in Redis's own clock.
 
@@ -483,6 +528,7 @@ class Store:
         maxlen: int,
         retention_seconds: int,
         cache_nodes: int = CACHE_NODES,
+        min_replicas_ack: int = 0,
     ) -> None:
         self.redis = redis
         self.maxlen = maxlen
@@ -498,6 +544,9 @@ class Store:
         self.publish_command = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._append = redis.register_script(APPEND_LUA)
         self._save_shown = redis.register_script(SAVE_SHOWN_LUA)
+        # MIN_REPLICAS_ACK: an append is answered once this many replicas hold it.
+        self.min_replicas_ack = min_replicas_ack
+        self.replica_wait_ms = max(1, int(1000 * (self.clock.budget or REPLICA_WAIT_SECONDS)))
 
     async def append(self, workflow_id: str, events: Sequence[Event]) -> Appended:
         """Store `events` atomically (all or none), publish them, advance the progress fold.
@@ -585,10 +634,18 @@ class Store:
                 # Every event is stored already (a retry, or legacy ingest by several
                 # processes): nothing to write, so nothing to compare-and-set.
                 self._keep(workflow_id, view)
+                if self.min_replicas_ack:
+                    # A retry after a 503: answered once the replicas hold what it retries.
+                    await self._replicated(workflow_id)
                 return _Written(
                     [known[e.idempotency_key] for e in events if e.idempotency_key], [], []
                 )
-            done = await self._try(workflow_id, events, touched, view, known, strict=strict)
+            try:
+                done = await self._try(workflow_id, events, touched, view, known, strict=strict)
+            except (AppendUnknown, AppendExpired):
+                # Perhaps a failover: the new primary's clock may differ from the old one's.
+                self.clock.offset = None
+                raise
             if isinstance(done, _Written):
                 return done
             view, known = done
@@ -717,9 +774,11 @@ class Store:
         if names is not None:
             args += names
         try:
-            reply = await self._append(keys=workflow_keys(workflow_id), args=args)
+            reply = await self._run_append(workflow_id, args)
         except ResponseError:
             raise  # Redis refused the script itself: it did not run
+        except AppendUnknown:
+            raise
         except (RedisError, OSError) as exc:
             raise AppendUnknown(f"Redis did not answer the append: {exc}") from exc
         ids_raw, added = reply[0], reply[1]
@@ -746,6 +805,75 @@ class Store:
             view.nodes |= touched
         self._keep(workflow_id, view)
         return _Written([_text(i) for i in ids_raw], new_events, history)
+
+    async def _run_append(self, workflow_id: str, args: list[Any]) -> Any:
+        """The append script; with MIN_REPLICAS_ACK, and WAIT for the replicas after it on
+        the same connection (WAIT counts that connection's writes), so a group of appends
+        costs one WAIT. Raises AppendNotReplicated when too few replicas confirmed."""
+        keys = workflow_keys(workflow_id)
+        if not self.min_replicas_ack:
+            return await self._append(keys=keys, args=args)
+        reply, acked = await self._waited(APPEND_LUA, keys, args)
+        if reply[1] > 0:
+            self._check_acked(acked)
+        elif reply[1] == 0 and reply[0]:
+            await self._replicated(workflow_id)  # every event was known: nothing written now
+        return reply
+
+    async def _replicated(self, workflow_id: str) -> None:
+        """Return once MIN_REPLICAS_ACK replicas hold everything written to the workflow so
+        far (a replicated no-op write, then WAIT); else raise AppendNotReplicated."""
+        keys = [progress_key(workflow_id)]
+        _, acked = await self._waited(TOUCH_LUA, keys, [])
+        self._check_acked(acked)
+
+    def _check_acked(self, acked: Any) -> None:
+        if isinstance(acked, Exception) or acked < self.min_replicas_ack:
+            got = f"failed ({acked})" if isinstance(acked, Exception) else f"{acked} confirmed"
+            raise AppendNotReplicated(
+                f"stored on the primary, but of the {self.min_replicas_ack} replicas "
+                f"MIN_REPLICAS_ACK asks for, {got} within {self.replica_wait_ms} ms"
+            )
+
+    async def _waited(self, script: str, keys: list[str], args: list[Any]) -> tuple[Any, Any]:
+        """EVAL then WAIT on one connection: the script's reply and the replicas WAIT counted
+        (or its error). EVAL, not EVALSHA: after a NOSCRIPT (a new primary has no scripts)
+        the WAIT sent with it would have waited its whole timeout for nothing. On Redis
+        Cluster both go to the node of the workflow's keys (redis-py would send a keyless
+        WAIT to every primary, and its cluster pipeline refuses scripts)."""
+        redis = self.redis
+        if isinstance(redis, RedisCluster):
+            return await self._waited_on_node(redis, script, keys, args)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.eval(script, len(keys), *keys, *args)
+            pipe.wait(self.min_replicas_ack, self.replica_wait_ms)
+            reply, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply, acked
+
+    async def _waited_on_node(
+        self, cluster: RedisCluster, script: str, keys: list[str], args: list[Any]
+    ) -> tuple[Any, Any]:
+        for attempt in range(2):
+            node = _node_of(cluster, keys[0])
+            commands = [
+                PipelineCommand(0, "EVAL", script, len(keys), *keys, *args),
+                PipelineCommand(1, "WAIT", self.min_replicas_ack, self.replica_wait_ms),
+            ]
+            try:
+                await node.execute_pipeline(commands)
+            except (RedisError, OSError):
+                await _refresh_slots(cluster, node)  # the node may be gone (a failover)
+                raise
+            reply, acked = commands[0].result, commands[1].result
+            if attempt == 0 and isinstance(reply, (AskError, TryAgainError, ClusterDownError)):
+                await _refresh_slots(cluster, node)  # not run there: the slot moved
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            return reply, acked
+        raise RedisConnectionError(f"the slot of {keys[0]} moved twice during an append")
 
     async def read_after(self, workflow_id: str, after: str | None, count: int) -> Page:
         """Up to `count` retained events after `after`, and what was trimmed, as one snapshot.
