@@ -875,13 +875,16 @@ class Store:
             return reply, acked
         raise RedisConnectionError(f"the slot of {keys[0]} moved twice during an append")
 
-    async def read_after(self, workflow_id: str, after: str | None, count: int) -> Page:
+    async def read_after(
+        self, workflow_id: str, after: str | None, count: int, *, inclusive: bool = False
+    ) -> Page:
         """Up to `count` retained events after `after`, and what was trimmed, as one snapshot.
 
         Reading both atomically is what makes gap announcements exact: the page holds every
         retained event after `after` exactly when nothing newer than `after` was trimmed.
+        `inclusive`: `after` itself too, when it is stored (so a reader learns whether it is).
         """
-        start = "-" if after is None else "(" + after
+        start = "-" if after is None else after if inclusive else "(" + after
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(trimmed_key(workflow_id))
             pipe.xrange(stream_key(workflow_id), min=start, max="+", count=count)

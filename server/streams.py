@@ -221,6 +221,7 @@ class EventStream:
         "on_sent",
         "progress",
         "read_once",
+        "sent_id",
         "sink",
         "store",
         "sub",
@@ -255,6 +256,7 @@ class EventStream:
         self.on_gap = on_gap
         self.on_live = on_live
         self.read_once = False
+        self.sent_id: str | None = None  # the newest id this stream sent (not the client's)
         self.check_finished = check_finished
         handle.wakeup = sub.wakeup
 
@@ -354,6 +356,7 @@ class EventStream:
         self.beat.wrote(now)
         last = live.frames[-1]
         self.last_id, self.last_key = last.id, last.key
+        self.sent_id = last.id
         self.on_sent(len(live.frames))
         if first := self.sub.first_writes(live):
             self.on_live(first)
@@ -371,8 +374,21 @@ class EventStream:
         """Send every retained event after the last sent id; True if the terminal was sent."""
         if self.last_key == LAST_KEY:
             return False  # nothing can follow the largest id, and Redis refuses "(" + it
+        # Is the last event this stream sent still stored? Not when Redis lost it: a failover
+        # to a replica it had not reached yet, a restart without persistence. The client
+        # saw an event nobody else will, and a retry of it may come under a new id: that is
+        # announced as a gap (read in the same snapshot, so it costs no round trip).
+        verify = self.sent_id is not None and self.sent_id == self.last_id
         while True:
-            page = await self.store.read_after(self.workflow_id, self.last_id, PAGE)
+            page = await self.store.read_after(
+                self.workflow_id, self.last_id, PAGE, inclusive=verify
+            )
+            if verify:
+                verify = False
+                stored = bool(page.entries) and page.entries[0].id == self.last_id
+                if not stored and (page.trimmed is None or id_key(page.trimmed) < self.last_key):
+                    await self._announce_gap(page)
+                    self.sent_id = None
             if page.trimmed is not None:
                 trimmed_key = id_key(page.trimmed)
                 if self.last_id is None and not self.read_once:
@@ -405,6 +421,7 @@ class EventStream:
                 continue
             chunk.append(self.sink.entry(entry))
             self.last_id, self.last_key = entry.id, entry.key
+            self.sent_id = entry.id
             if entry.terminal:
                 terminal = True
                 break
