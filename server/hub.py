@@ -437,9 +437,10 @@ class _Upstream:
                     await self._retire()
                     return
                 await asyncio.sleep(backoff)
-                # A cluster shard looks at the slot map again at least twice a second: a
-                # replica is promoted within seconds, and its streams wait for that look.
-                backoff = min(backoff * 2, 0.5 if self.sharded else 2.0)
+                # At least twice a second: a promoted replica (Cluster, Sentinel) is ready
+                # within seconds, and new streams get 503 until the hub is back. One
+                # connection attempt per process per half second costs Redis nothing.
+                backoff = min(backoff * 2, 0.5)
 
     async def _read(self) -> None:
         """Deliver what the connection says until it fails.
@@ -614,15 +615,16 @@ class Hub:
         if not self._cluster:
             return self.redis_down
         name = store.channel(workflow_id)
-        chan = self._channels.get(name)
-        if chan is not None:
-            return chan.upstream.down
         try:
             node: Any = self._redis.get_node_from_key(name)  # type: ignore[union-attr]
         except NO_OWNER:
             return True  # its slot has no owner right now
-        upstream = self._upstreams.get(node.name)
-        return upstream is not None and upstream.down
+        chan = self._channels.get(name)
+        # The slot map (refreshed by any command that met the failover) may already name the
+        # promoted node while the channel still waits on the dead one: the reader moves it
+        # within half a second, and the stream waits for the confirmation meanwhile.
+        upstream = chan.upstream if chan is not None else self._upstreams.get(node.name)
+        return upstream is not None and upstream.down and upstream.name == node.name
 
     async def attach(self, workflow_id: str) -> Subscription:
         """Register a reader and ask Redis for its channel. Its stream must wait for

@@ -166,7 +166,9 @@ async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_
     ids: list[str] = []
     try:
         async with aiohttp.ClientSession() as s:
-            while hub.channel_count == 0:  # the stalled stream is open and subscribed
+            # The stalled stream is open and its channel confirmed: every event from here
+            # on reaches the hub live.
+            while not any(c.ready.is_set() for c in hub._channels.values()):
                 await asyncio.sleep(0.01)
             for batch in [[big_event(i) for i in range(j, j + 50)] for j in range(0, 400, 50)] + [
                 [big_plan()] for _ in range(4)
