@@ -82,10 +82,6 @@ class Metrics:
             "slow_client_catchups", "Live queues overflowed and replaced by a read from Redis.",
             namespace=ns, registry=r,
         )  # fmt: skip
-        self.slow_client_drops_total = Counter(
-            "slow_client_drops", "Slow clients disconnected so they reconnect with their id.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
         self.redis_reconnects_total = Counter(
             "redis_reconnects", "Reconnects of the pub/sub connection to Redis.",
             namespace=ns, registry=r,

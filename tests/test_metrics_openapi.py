@@ -32,7 +32,6 @@ METRIC_NAMES = [
     "replays_total",
     "gaps_total",
     "slow_client_catchups_total",
-    "slow_client_drops_total",
     "redis_reconnects_total",
     "auth_failures_total",
     "legacy_ingest_invalid_total",
