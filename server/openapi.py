@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from .models import MAX_BATCH, State, event_adapter
+from .views import PAGE_DEFAULT, PAGE_MAX
 
 REF = "#/components/schemas/{model}"
 WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -70,6 +71,32 @@ class Gap(BaseModel):
     progress: Progress | None
 
 
+class StoredEvent(BaseModel):
+    """A stored event as a history page lists it: the Event object with its `id` first."""
+
+    # Open: the rest is one of the Event schemas, which forbid an `id` of their own.
+    model_config = ConfigDict(extra="allow", title="StoredEvent")
+
+    id: str = Field(pattern=EVENT_ID_PATTERN)
+    event_type: str
+
+
+class HistoryPage(BaseModel):
+    """A page of the retained history, oldest first."""
+
+    model_config = ConfigDict(extra="forbid", title="HistoryPage")
+
+    events: list[StoredEvent] = Field(max_length=PAGE_MAX)
+    next: str | None = Field(
+        pattern=EVENT_ID_PATTERN,
+        description="Pass as `after` for the next page; null when this page reached the end.",
+    )
+    earliest_available: str = Field(
+        pattern=EVENT_ID_PATTERN, description="The oldest retained event's id."
+    )
+    gap: bool = Field(description="Events after `after` were trimmed away (HISTORY_MAXLEN).")
+
+
 class Accepted(BaseModel):
     """The answer to a publish: the stored ids, in input order."""
 
@@ -107,7 +134,7 @@ _REASONS = {
     400: "Malformed JSON, a bad workflow id or a bad Last-Event-ID.",
     401: "Missing or invalid credentials.",
     403: "Valid credentials for another workflow.",
-    404: "Unknown workflow (no events, or expired).",
+    404: "Unknown workflow (no events, or expired), or a definition with no history.",
     413: "Body over MAX_BODY_BYTES.",
     415: "Content-Type is not application/json.",
     422: "Valid JSON that is not an event or a batch of 1 to 1,000 events.",
@@ -237,16 +264,43 @@ def _stream_operation() -> dict[str, Any]:
             "state."
         ),
         "security": _SUBSCRIBE_SECURITY,
-        "parameters": _start(_START_ID, "Resume after this id"),
+        "parameters": [*_start(_START_ID, "Resume after this id"), *_PAGE_PARAMETERS],
         "responses": {
             "200": {
-                "description": "The event stream; the schema describes one message.",
-                "content": {SSE: {"schema": {"$ref": REF.format(model="EventMessage")}}},
+                "description": (
+                    "The event stream (the schema describes one message); with Accept: "
+                    "application/json and no text/event-stream, a page of the history."
+                ),
+                "headers": {"Vary": {"schema": {"type": "string"}}},
+                "content": {
+                    SSE: {"schema": {"$ref": REF.format(model="EventMessage")}},
+                    "application/json": {"schema": {"$ref": REF.format(model="HistoryPage")}},
+                },
             },
             "204": {"description": "Already at or past the terminal event: stop reconnecting."},
-            **_problems(400, 401, 403, 503),
+            **_problems(400, 401, 403, 404, 503),
         },
     }
+
+
+_PAGE_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "description": "JSON page: events after this id (exclusive); absent: the beginning. "
+        "Checked in the stream form too.",
+        "schema": _START_ID,
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"JSON page: at most this many events (default {PAGE_DEFAULT}). "
+        "Checked in the stream form too.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_MAX, "default": PAGE_DEFAULT},
+    },
+]
 
 
 def _progress_operation() -> dict[str, Any]:
@@ -317,7 +371,7 @@ def _components() -> dict[str, Any]:
             # The model checks it in a validator, invisible to the generated schema.
             schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
     schemas["Event"] = {"title": "Event", **events}
-    for model in (Progress, RunningNode, Gap, Accepted):
+    for model in (Progress, RunningNode, Gap, Accepted, HistoryPage):
         generated = model.model_json_schema(ref_template=REF, mode="serialization")
         for name, schema in {**generated.pop("$defs", {}), model.__name__: generated}.items():
             _add(schemas, name, schema)

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from . import auth, connections, keys
 from .dashboard import static_dir
-from .hub import Subscription
+from .hub import Subscription, ws_text
 from .models import (
     PIECES_BYTES,
     Event,
@@ -26,8 +26,9 @@ from .models import (
 )
 from .problems import Problem
 from .publisher import Publisher
-from .store import Store, id_key
+from .store import Page, Store, id_key
 from .streams import (
+    LAST_KEY,
     SSE_HEADERS,
     EventStream,
     ProgressStream,
@@ -254,10 +255,15 @@ def event_stream(
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
-    """GET /workflows/{id}/events: replay after the client's id, then live."""
+    """GET /workflows/{id}/events: replay after the client's id, then live (or, asked for
+    JSON, a page of the retained history)."""
     workflow_id = workflow_id_of(request)
     authorize_subscribe(request, workflow_id)
     start = start_id_of(request)
+    # Checked in either form, as both start ids are: a malformed one is never ignored.
+    after, limit = page_params(request)
+    if wants_json(request):
+        return await history_page(request, workflow_id, after, limit)
     app = request.app
     store = app[keys.store_key]
 
@@ -283,6 +289,77 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         except (ConnectionResetError, RedisError):
             pass
         return response
+
+
+PAGE_DEFAULT, PAGE_MAX = 100, 1000  # events per JSON history page
+
+
+def wants_json(request: web.Request) -> bool:
+    """Accept names application/json and not text/event-stream: the history as a page."""
+    accept = request.headers.get("Accept", "").lower()
+    return "application/json" in accept and "text/event-stream" not in accept
+
+
+def page_params(request: web.Request) -> tuple[str | None, int]:
+    """`after` (an event id, exclusive; empty = absent) and `limit` (1..PAGE_MAX), or 400."""
+    after = request.query.get("after", "").strip(" \t") or None
+    if after is not None and parse_event_id(after) is None:
+        raise Problem(400, "after must look like <milliseconds>-<sequence>",
+                      errors=[{"loc": ["query", "after"], "msg": "not an event id"}],
+                      slug="bad-event-id")  # fmt: skip
+    raw = request.query.get("limit", "").strip(" \t")
+    if not raw:
+        return after, PAGE_DEFAULT
+    limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
+    if not 1 <= limit <= PAGE_MAX:
+        raise Problem(400, f"limit must be an integer from 1 to {PAGE_MAX}",
+                      errors=[{"loc": ["query", "limit"], "msg": f"expected 1 to {PAGE_MAX}"}],
+                      slug="bad-limit")  # fmt: skip
+    return after, limit
+
+
+async def history_page(
+    request: web.Request, workflow_id: str, after: str | None, limit: int
+) -> web.Response:
+    """Up to `limit` retained events after `after` as JSON: one read, two with `after`.
+
+    The events are the stored JSON with `"id"` first (the WebSocket's text), joined as they
+    are stored: no event is parsed or encoded again.
+    """
+    store = request.app[keys.store_key]
+    # One more than asked: whether a next page exists is known without another read.
+    if after is not None and id_key(after) == LAST_KEY:
+        page = Page(None, [])  # nothing follows the largest id (and Redis refuses "(" it)
+    else:
+        page = await store.read_after(workflow_id, after, limit + 1)
+    entries = page.entries
+    if after is None:
+        earliest = entries[0].id if entries else None
+    else:
+        first = (await store.read_after(workflow_id, None, 1)).entries
+        earliest = first[0].id if first else None
+    if earliest is None:
+        raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
+                      slug="unknown-workflow")  # fmt: skip
+    more = len(entries) > limit
+    entries = entries[:limit]
+    # Events newer than `after` were trimmed away: the same fact a stream's gap announces.
+    gap = after is not None and page.trimmed is not None and id_key(page.trimmed) > id_key(after)
+    body = "".join(
+        (
+            '{"events":[',
+            ",".join(ws_text(e.id, e.data) for e in entries),
+            '],"next":',
+            f'"{entries[-1].id}"' if more else "null",
+            ',"earliest_available":"',
+            earliest,
+            '","gap":',
+            "true" if gap else "false",
+            "}",
+        )
+    )
+    headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
+    return web.Response(text=body, content_type="application/json", headers=headers)
 
 
 def _etag_matches(header: str, etag: str) -> bool:
