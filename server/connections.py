@@ -38,7 +38,6 @@ import resource
 import socket
 import sys
 import termios
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -57,6 +56,7 @@ from aiohttp.web_server import Server
 from . import keys
 from .metrics import Metrics
 from .settings import Settings
+from .throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -71,33 +71,9 @@ MIN_SLOTS = 16  # the floor of either cap, however low the fd limit
 # client sees the answer instead of a reset; aiohttp's 10 s would extend every deadline.
 LINGER_SECONDS = 2.0
 KEEPALIVE_SECONDS = 75.0  # idle keep-alive, as under web.run_app; idle ones are evicted first
-LOG_INTERVAL = 10.0  # seconds between two log lines of one kind at a limit
 EVICT_SCAN = 16  # the oldest evictable connections looked at for one with nothing unread
 
 HEAD, REQUEST, BODY, STREAM = "head", "request", "body", "stream"  # a connection's phase
-
-
-class Throttle:
-    """At most one log line per kind per `interval`; the next says how many were held back."""
-
-    def __init__(self, log: logging.Logger, interval: float = LOG_INTERVAL) -> None:
-        self.log = log
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: Counter[str] = Counter()
-
-    def __call__(self, level: int, kind: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._held[kind] += 1
-            return
-        self._last[kind] = now
-        held = self._held.pop(kind, 0)
-        if held:
-            msg += " (and %d more like it in the last %.0f s)"
-            args = (*args, held, now - (last or now))
-        self.log.log(level, msg, *args)
 
 
 throttle = Throttle(logger)

@@ -21,8 +21,10 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from . import sse, store
 from .store import AnyRedis
+from .throttle import Throttle
 
 logger = logging.getLogger(__name__)
+_throttle = Throttle(logger)
 
 
 class HubUnavailable(Exception):
@@ -424,8 +426,11 @@ class _Upstream:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection loss and any parser surprise: reconnect
-                logger.warning(
-                    "hub lost Redis %s (%s: %s); retrying in %.2fs",
+                # Retried twice a second while Redis is away: one line per 10 s, cut short
+                # (redis-py's errors may quote a whole client's repr).
+                _throttle(
+                    logging.WARNING, f"lost {self.name}",
+                    "hub lost Redis %s (%s: %.300s); retrying in %.2fs",
                     self.name, type(exc).__name__, exc, backoff,
                 )  # fmt: skip
                 self.down = True
