@@ -57,6 +57,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
     app.router.add_get(f"/workflows/{WF}/ws", websocket.websocket_events)
     app.router.add_get("/api/v1/workflows/ws/{instance_id:[^/]+}", websocket.websocket_events)
     app.router.add_get(f"/workflows/{WF}/progress", views.get_progress)
+    app.router.add_get("/definitions/{definition_id:[^/]+}/stats", views.get_stats)
     app.router.add_get("/", views.index)
     app.router.add_static("/static/", static_dir(), append_version=True)
     app.router.add_get("/healthz", views.healthz)

@@ -34,7 +34,12 @@ CORS_EXPOSE_HEADERS = "ETag, Retry-After"
 CORS_MAX_AGE = "600"
 
 
-_SLUGS = {"missing": "missing-token", "expired": "expired-token", "forbidden": "forbidden-workflow"}
+_SLUGS = {
+    "missing": "missing-token",
+    "expired": "expired-token",
+    "forbidden": "forbidden-workflow",
+    "forbidden_definition": "forbidden-definition",
+}
 
 
 class AuthFailed(Problem):
@@ -151,6 +156,39 @@ def check_subscribe(
     """Raise 401 for a missing or invalid token, 403 when it does not name `workflow_id`."""
     if not secret:
         return
+    workflows = _claims(token, secret, now)[0]
+    if workflow_id not in workflows and ALL_WORKFLOWS not in workflows:
+        raise AuthFailed(
+            403,
+            f"the token does not grant workflow {workflow_id!r}",
+            kind="subscribe",
+            reason="forbidden",
+        )
+
+
+def check_stats(
+    token: str | None, secret: str | None, definition_id: str, *, now: float | None = None
+) -> None:
+    """Raise 401 for a missing or invalid token, 403 unless its `workflows` hold "*" or its
+    `definitions` claim lists `definition_id`."""
+    if not secret:
+        return
+    workflows, claims = _claims(token, secret, now)
+    definitions = claims.get("definitions", [])
+    if not isinstance(definitions, list) or not all(isinstance(d, str) for d in definitions):
+        raise _unauthorized("the 'definitions' claim must be a list of ids", "claims")
+    if ALL_WORKFLOWS not in workflows and definition_id not in definitions:
+        raise AuthFailed(
+            403,
+            f"the token does not grant the statistics of definition {definition_id!r} "
+            '(it needs "*" in workflows or the definition in definitions)',
+            kind="subscribe",
+            reason="forbidden_definition",
+        )
+
+
+def _claims(token: str | None, secret: str, now: float | None) -> tuple[list[str], dict[str, Any]]:
+    """The `workflows` list and all claims of a valid token, else 401."""
     if not token:
         raise _unauthorized(
             "reading needs a token (Authorization: Bearer, ?access_token= or the "
@@ -179,28 +217,39 @@ def check_subscribe(
     workflows = claims.get("workflows")
     if not isinstance(workflows, list) or not all(isinstance(w, str) for w in workflows):
         raise _unauthorized("the token needs a 'workflows' claim: a list of ids", "claims")
-    if workflow_id not in workflows and ALL_WORKFLOWS not in workflows:
-        raise AuthFailed(
-            403,
-            f"the token does not grant workflow {workflow_id!r}",
-            kind="subscribe",
-            reason="forbidden",
-        )
+    return workflows, claims
 
 
-def mint(secret: str, workflows: list[str], ttl_seconds: int, *, now: float | None = None) -> str:
-    """An HS256 token granting `workflows` (or "*") for `ttl_seconds`."""
+def mint(
+    secret: str,
+    workflows: list[str],
+    ttl_seconds: int,
+    *,
+    now: float | None = None,
+    definitions: list[str] | None = None,
+) -> str:
+    """An HS256 token granting `workflows` (or "*"), and the statistics of `definitions`,
+    for `ttl_seconds`."""
     if not secret:
         raise ValueError("a subscribe secret is needed to mint a token")
-    if not workflows:
-        raise ValueError("name at least one workflow id (or '*')")
+    if not workflows and not definitions:
+        raise ValueError("name at least one workflow id (or '*') or definition")
     bad = [w for w in workflows if w != ALL_WORKFLOWS and not is_workflow_id(w)]
     if bad:
         raise ValueError(f"not a workflow id: {bad[0]!r}")
     if ttl_seconds <= 0:
         raise ValueError(f"ttl must be positive, got {ttl_seconds}")
     issued = int(time.time() if now is None else now)
-    claims = {"workflows": list(workflows), "iat": issued, "exp": issued + ttl_seconds}
+    claims: dict[str, Any] = {
+        "workflows": list(workflows),
+        "iat": issued,
+        "exp": issued + ttl_seconds,
+    }
+    if definitions:
+        bad = [d for d in definitions if not is_workflow_id(d)]
+        if bad:
+            raise ValueError(f"not a definition id: {bad[0]!r}")
+        claims["definitions"] = list(definitions)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
         return jwt.encode(claims, secret, algorithm=ALGORITHM)
@@ -231,28 +280,36 @@ def log_posture(
 
 
 def token_main(argv: list[str], env: Mapping[str, str]) -> int:
-    """`python -m server token <workflow_id>... [--ttl S] [--subscribe-secret S]`."""
+    """`python -m server token <workflow_id>... [--definition ID]... [--ttl S]
+    [--subscribe-secret S]`."""
     parser = argparse.ArgumentParser(
         prog="python -m server token",
-        description="Print a subscriber token (JWT, HS256) for the given workflow ids.",
+        description="Print a subscriber token (JWT, HS256) for the given workflow ids "
+        "(and definitions, for their statistics).",
     )
-    parser.add_argument("workflow_ids", nargs="+", metavar="workflow_id",
+    parser.add_argument("workflow_ids", nargs="*", metavar="workflow_id",
                         help="a workflow id the token may read; '*' grants all")  # fmt: skip
     parser.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
                         help=f"lifetime in seconds (default {DEFAULT_TTL})")  # fmt: skip
+    parser.add_argument("--definition", action="append", default=[], metavar="ID",
+                        help="a definition whose statistics it may read (repeatable)")  # fmt: skip
     parser.add_argument("--subscribe-secret", default=None, metavar="S",
                         help="the signing secret (default: env SUBSCRIBE_SECRET)")  # fmt: skip
     try:
         ns = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if not ns.workflow_ids and not ns.definition:
+        print("error: name at least one workflow_id (or '*'), or a --definition",
+              file=sys.stderr)  # fmt: skip
+        return 2
     secret = ns.subscribe_secret or env.get("SUBSCRIBE_SECRET") or ""
     if not secret:
         print("error: no secret: pass --subscribe-secret or set SUBSCRIBE_SECRET",
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        token = mint(secret, ns.workflow_ids, ns.ttl)
+        token = mint(secret, ns.workflow_ids, ns.ttl, definitions=ns.definition)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

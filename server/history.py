@@ -1,11 +1,18 @@
-"""Duration history per (definition, node) and per node_type, kept in Redis as log-stats."""
+"""Duration history per (definition, node) and per node_type, kept in Redis.
+
+Two hashes per scope, written by one script: log-stats (count, mean, m2 of ln seconds),
+which the ETA reads, and the recent record (runs, failed attempts, last seen, the last
+KEEP_DURATIONS durations), which GET /definitions/{id}/stats reads for p50 and p90.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,55 +30,106 @@ MIN_SECONDS = 0.001
 # keep their history, one-off names wash out, and recording never fails or refuses.
 MAX_HISTORY_FIELDS = 10_000
 EVICTION_SAMPLES = 5
+# Durations kept per node (and per node type) for the percentiles: the last this many
+# completed runs, as integer microseconds (about 8 bytes each, so a field stays under half
+# a KiB and a full hash of 10,000 nodes under 5 MB).
+KEEP_DURATIONS = 50
+# An item's seconds when it records a failed attempt instead of a duration: the item shape
+# is store.HistoryItem's, (definition_id, node_id, node_type, seconds).
+FAILED_ATTEMPT = -1.0
+# Items per script call: a 10,000-node run's end would otherwise hold Redis for one long
+# script; each item is its own update, so splitting changes nothing but the stall.
+RECORD_CHUNK = 1_000
 
 RedisClient = Redis | RedisCluster
 
-# One key per script call, so the same script runs on Redis Cluster (no CROSSSLOT).
-# ARGV: ttl, max_count, max_fields, samples, then (field, log_duration) pairs; the fields
-# are client strings, which is fine in a hash field and never reaches a key name. The
-# field cap is checked in the script, so concurrent recorders cannot overshoot it.
+# Two keys per script call, the log-stats hash and its recent record, which share a slot
+# (recent_key puts the first's name in a hash tag), so the script runs on Redis Cluster.
+# ARGV: ttl, max_count, max_fields, samples, keep, now (ms), then per item 4 values: field,
+# log_duration ('' for a failed attempt), microseconds ('' for a failed attempt), node_type
+# ('' if unknown). The fields are client strings, fine in a hash field and never in a key
+# name. The field cap is checked in the script, so concurrent recorders cannot overshoot it.
+# A recent record is "<runs> <failed> <last seen ms> <us,us,...|-> <node_type>".
 _RECORD_LUA = """
 local ttl = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
 local max_fields = tonumber(ARGV[3])
 local samples = tonumber(ARGV[4])
+local keep = tonumber(ARGV[5])
+local now = ARGV[6]
+local function make_room(key, size, pattern)
+  while size >= max_fields do
+    -- Full: the sampled field with the fewest runs makes room (unreadable ones first).
+    local pick = redis.call('HRANDFIELD', key, samples, 'WITHVALUES')
+    local victim, fewest = nil, nil
+    for j = 1, #pick, 2 do
+      local a, b = string.match(pick[j + 1], pattern)
+      local runs = (tonumber(a) or 0) + (tonumber(b) or 0)
+      if fewest == nil or runs < fewest then
+        victim, fewest = pick[j], runs
+      end
+    end
+    size = size - redis.call('HDEL', key, victim)
+  end
+  return size + 1
+end
 local size = redis.call('HLEN', KEYS[1])
-for i = 5, #ARGV, 2 do
+local rsize = redis.call('HLEN', KEYS[2])
+for i = 7, #ARGV, 4 do
   local fld = ARGV[i]
-  local x = tonumber(ARGV[i + 1])
-  local n, mean, m2 = 0, 0.0, 0.0
-  local cur = redis.call('HGET', KEYS[1], fld)
+  local failed = ARGV[i + 1] == ''
+  if not failed then
+    local x = tonumber(ARGV[i + 1])
+    local n, mean, m2 = 0, 0.0, 0.0
+    local cur = redis.call('HGET', KEYS[1], fld)
+    if cur then
+      local a, b, c = string.match(cur, '^(%S+) (%S+) (%S+)$')
+      if a then
+        n, mean, m2 = tonumber(a), tonumber(b), tonumber(c)
+      end
+    else
+      size = make_room(KEYS[1], size, '^(%d+) ')
+    end
+    if n >= cap then
+      m2 = m2 * (cap - 1) / n
+      n = cap - 1
+    end
+    n = n + 1
+    local delta = x - mean
+    mean = mean + delta / n
+    m2 = m2 + delta * (x - mean)
+    redis.call('HSET', KEYS[1], fld, string.format('%d %.17g %.17g', n, mean, m2))
+  end
+  local runs, fails, ring, kind = 0, 0, '', ''
+  local cur = redis.call('HGET', KEYS[2], fld)
   if cur then
-    local a, b, c = string.match(cur, '^(%S+) (%S+) (%S+)$')
+    local a, b, _, d, t = string.match(cur, '^(%d+) (%d+) (%d+) (%S+) (.*)$')
     if a then
-      n, mean, m2 = tonumber(a), tonumber(b), tonumber(c)
+      runs, fails, kind = tonumber(a), tonumber(b), t
+      if d ~= '-' then ring = d end
     end
   else
-    while size >= max_fields do
-      -- Full: the sampled field with the fewest runs makes room (unreadable ones first).
-      local pick = redis.call('HRANDFIELD', KEYS[1], samples, 'WITHVALUES')
-      local victim, fewest = nil, nil
-      for j = 1, #pick, 2 do
-        local runs = tonumber(string.match(pick[j + 1], '^(%d+) ')) or 0
-        if fewest == nil or runs < fewest then
-          victim, fewest = pick[j], runs
-        end
-      end
-      size = size - redis.call('HDEL', KEYS[1], victim)
+    rsize = make_room(KEYS[2], rsize, '^(%d+) (%d+) ')
+  end
+  if ARGV[i + 3] ~= '' then kind = ARGV[i + 3] end
+  if failed then
+    fails = fails + 1
+  else
+    runs = runs + 1
+    local held = 0
+    if ring ~= '' then held = select(2, string.gsub(ring, ',', ',')) + 1 end
+    while held >= keep do
+      local comma = string.find(ring, ',', 1, true)
+      ring = comma and string.sub(ring, comma + 1) or ''
+      held = held - 1
     end
-    size = size + 1
+    ring = ring == '' and ARGV[i + 2] or ring .. ',' .. ARGV[i + 2]
   end
-  if n >= cap then
-    m2 = m2 * (cap - 1) / n
-    n = cap - 1
-  end
-  n = n + 1
-  local delta = x - mean
-  mean = mean + delta / n
-  m2 = m2 + delta * (x - mean)
-  redis.call('HSET', KEYS[1], fld, string.format('%d %.17g %.17g', n, mean, m2))
+  if ring == '' then ring = '-' end
+  redis.call('HSET', KEYS[2], fld, string.format('%d %d %s %s %s', runs, fails, now, ring, kind))
 end
 redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
@@ -162,6 +220,8 @@ class MemoryHistory:
     def record(self, items: Iterable[tuple[str | None, str, str | None, float]]) -> None:
         """Add each (definition_id, node_id, node_type, seconds) like record() does."""
         for definition_id, node_id, node_type, seconds in items:
+            if seconds < 0:
+                continue  # a failed attempt: no duration for the ETA
             x = log_seconds(seconds)
             if definition_id is not None:
                 key = (definition_id, node_id)
@@ -194,9 +254,15 @@ def types_key(*, prefix: str = "wfsse") -> str:
     return f"{prefix}:hist:types"
 
 
-async def _eval(redis: RedisClient, key: str, args: list[str]) -> None:
+def recent_key(key: str, *, prefix: str = "wfsse") -> str:
+    """Key of the recent record beside log-stats hash `key`: `key` is its hash tag, so the
+    two share a Redis Cluster slot (and one script call)."""
+    return f"{prefix}:hist:recent:{{{key}}}"
+
+
+async def _eval(redis: RedisClient, keys: list[str], args: list[str]) -> None:
     client: Any = redis
-    await client.eval(_RECORD_LUA, 1, key, *args)
+    await client.eval(_RECORD_LUA, len(keys), *keys, *args)
 
 
 async def record(
@@ -205,27 +271,38 @@ async def record(
     *,
     ttl_seconds: int,
     prefix: str = "wfsse",
+    now: float | None = None,
 ) -> None:
-    """Fold (definition_id, node_id, node_type, seconds) items into the stored stats."""
+    """Fold (definition_id, node_id, node_type, seconds) items into the stored history;
+    seconds FAILED_ATTEMPT (any negative) counts a failed attempt instead of a duration."""
     if ttl_seconds < 1:
         raise ValueError("ttl_seconds must be at least 1")
-    per_def: dict[str, list[str]] = {}
-    per_type: list[str] = []
+    per_def: dict[str, list[list[str]]] = {}
+    per_type: list[list[str]] = []
     for definition_id, node_id, node_type, seconds in items:
-        x = repr(log_seconds(seconds))
+        if seconds < 0:
+            x, micros = "", ""
+        else:
+            x, micros = repr(log_seconds(seconds)), str(round(seconds * 1_000_000))
         if definition_id is not None:
-            per_def.setdefault(definition_key(definition_id, prefix=prefix), []).extend(
-                (node_id, x)
-            )
+            key = definition_key(definition_id, prefix=prefix)
+            per_def.setdefault(key, []).append([node_id, x, micros, node_type or ""])
         if node_type is not None:
-            per_type.extend((node_type, x))
-    head = [str(ttl_seconds), str(MAX_COUNT), str(MAX_HISTORY_FIELDS), str(EVICTION_SAMPLES)]
-    # One atomic script per key: read-modify-write of Welford stats cannot be a plain
-    # HINCRBYFLOAT, and concurrent runs finishing together must not lose an update.
-    for key, args in per_def.items():
-        await _eval(redis, key, head + args)
+            per_type.append([node_type, x, micros, ""])
+    seen_ms = round((time.time() if now is None else now) * 1000)
+    head = [
+        str(ttl_seconds), str(MAX_COUNT), str(MAX_HISTORY_FIELDS), str(EVICTION_SAMPLES),
+        str(KEEP_DURATIONS), str(seen_ms),
+    ]  # fmt: skip
+    scopes = list(per_def.items())
     if per_type:
-        await _eval(redis, types_key(prefix=prefix), head + per_type)
+        scopes.append((types_key(prefix=prefix), per_type))
+    # One atomic script per key and chunk: read-modify-write of Welford stats cannot be a
+    # plain HINCRBYFLOAT, and concurrent runs finishing together must not lose an update.
+    for key, rows in scopes:
+        for start in range(0, len(rows), RECORD_CHUNK):
+            args = [value for row in rows[start : start + RECORD_CHUNK] for value in row]
+            await _eval(redis, [key, recent_key(key, prefix=prefix)], head + args)
 
 
 async def load(
@@ -253,3 +330,98 @@ async def load(
             if stats is not None:
                 types[node_type] = stats
     return HistoryView(definition_id, nodes, types)
+
+
+@dataclass(frozen=True)
+class Recent:
+    """A recent record: completed runs and failed attempts counted, the last durations."""
+
+    runs: int
+    failures: int
+    last_seen_ms: int
+    durations: tuple[float, ...]  # seconds, oldest first, at most KEEP_DURATIONS
+    node_type: str | None
+
+
+def decode_recent(raw: bytes | str | None) -> Recent | None:
+    """Parse a recent record; anything unreadable counts as no history."""
+    if raw is None:
+        return None
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    parts = text.split(" ", 4)
+    if len(parts) != 5 or not all(p.isascii() and p.isdigit() for p in parts[:3]):
+        return None
+    try:
+        durations = () if parts[3] == "-" else tuple(int(d) / 1e6 for d in parts[3].split(","))
+    except ValueError:
+        return None
+    runs, failures = int(parts[0]), int(parts[1])
+    if runs + failures < 1:
+        return None
+    return Recent(runs, failures, int(parts[2]), durations, parts[4] or None)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-quantile (0..1) by linear interpolation between order statistics, as numpy's
+    default and statistics.quantiles(method="inclusive") compute it; None with no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+async def load_recent(
+    redis: RedisClient, definition_id: str, *, prefix: str = "wfsse"
+) -> tuple[dict[str, Recent], dict[str, Recent]]:
+    """A definition's recent records per node, and those of its node types (across every
+    definition, as the ETA uses them): two round trips."""
+    client: Any = redis
+    raw = await client.hgetall(
+        recent_key(definition_key(definition_id, prefix=prefix), prefix=prefix)
+    )
+    nodes: dict[str, Recent] = {}
+    for name, value in raw.items():
+        found = decode_recent(value)
+        if found is not None:
+            nodes[name.decode(errors="replace") if isinstance(name, bytes) else name] = found
+    kinds = sorted({r.node_type for r in nodes.values() if r.node_type is not None})
+    types: dict[str, Recent] = {}
+    if kinds:
+        values = await client.hmget(recent_key(types_key(prefix=prefix), prefix=prefix), kinds)
+        for kind, value in zip(kinds, values, strict=True):
+            found = decode_recent(value)
+            if found is not None:
+                types[kind] = found
+    return nodes, types
+
+
+def figures(recent: Recent) -> dict[str, Any]:
+    """runs, failures, p50_seconds, p90_seconds, failure_rate and last_seen of a record."""
+    p50, p90 = percentile(recent.durations, 0.5), percentile(recent.durations, 0.9)
+    seen = datetime.fromtimestamp(recent.last_seen_ms / 1000, UTC)
+    return {
+        "runs": recent.runs,
+        "failures": recent.failures,
+        "p50_seconds": None if p50 is None else round(p50, 3),
+        "p90_seconds": None if p90 is None else round(p90, 3),
+        "failure_rate": round(recent.failures / (recent.runs + recent.failures), 4),
+        "last_seen": seen.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+
+
+def definition_stats(
+    definition_id: str, nodes: dict[str, Recent], types: dict[str, Recent]
+) -> dict[str, Any]:
+    """The body of GET /definitions/{id}/stats: per node and per node type, sorted by name."""
+    return {
+        "definition_id": definition_id,
+        "window": KEEP_DURATIONS,
+        "nodes": [
+            {"node_id": node_id, "node_type": nodes[node_id].node_type, **figures(nodes[node_id])}
+            for node_id in sorted(nodes)
+        ],
+        "node_types": [{"node_type": kind, **figures(types[kind])} for kind in sorted(types)],
+    }

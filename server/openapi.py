@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
+from .history import KEEP_DURATIONS
 from .models import MAX_BATCH, State, event_adapter
 from .views import PAGE_DEFAULT, PAGE_MAX
 
@@ -97,6 +98,47 @@ class HistoryPage(BaseModel):
     gap: bool = Field(description="Events after `after` were trimmed away (HISTORY_MAXLEN).")
 
 
+class _Figures(BaseModel):
+    """What the duration history knows of a node or a node type."""
+
+    runs: NonNegativeInt = Field(description="Completed runs recorded.")
+    failures: NonNegativeInt = Field(description="Failed attempts (node_failed) recorded.")
+    p50_seconds: float | None = Field(
+        ge=0, description=f"Median of the last {KEEP_DURATIONS} recorded durations."
+    )
+    p90_seconds: float | None = Field(ge=0, description="90th percentile of the same.")
+    failure_rate: float = Field(ge=0, le=1, description="failures / (runs + failures).")
+    last_seen: datetime = Field(description="When the history last recorded it.")
+
+
+class NodeStats(_Figures):
+    """One node of a definition."""
+
+    model_config = ConfigDict(extra="forbid", title="NodeStats")
+
+    node_id: str
+    node_type: str | None
+
+
+class NodeTypeStats(_Figures):
+    """One node type, across every definition (as the ETA uses it)."""
+
+    model_config = ConfigDict(extra="forbid", title="NodeTypeStats")
+
+    node_type: str
+
+
+class DefinitionStats(BaseModel):
+    """GET /definitions/{definition_id}/stats: per node and per node type, sorted by name."""
+
+    model_config = ConfigDict(extra="forbid", title="DefinitionStats")
+
+    definition_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
+    window: int = Field(description="How many recent durations the percentiles are of.")
+    nodes: list[NodeStats] = Field(min_length=1)
+    node_types: list[NodeTypeStats]
+
+
 class Accepted(BaseModel):
     """The answer to a publish: the stored ids, in input order."""
 
@@ -133,7 +175,7 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
 _REASONS = {
     400: "Malformed JSON, a bad workflow id or a bad Last-Event-ID.",
     401: "Missing or invalid credentials.",
-    403: "Valid credentials for another workflow.",
+    403: "Valid credentials for another workflow (or definition).",
     404: "Unknown workflow (no events, or expired), or a definition with no history.",
     413: "Body over MAX_BODY_BYTES.",
     415: "Content-Type is not application/json.",
@@ -334,6 +376,22 @@ def _progress_operation() -> dict[str, Any]:
     }
 
 
+def _stats_operation() -> dict[str, Any]:
+    return {
+        "operationId": "getDefinitionStats",
+        "summary": "What the duration history knows of a definition, per node and node type.",
+        "description": (
+            'With SUBSCRIBE_SECRET set, the token needs `"*"` in `workflows` or the '
+            "definition in a `definitions` claim."
+        ),
+        "security": _SUBSCRIBE_SECURITY,
+        "responses": {
+            "200": _json("The statistics.", {"$ref": REF.format(model="DefinitionStats")}),
+            **_problems(400, 401, 403, 404, 503),
+        },
+    }
+
+
 def _message(
     title: str, names: list[str], data: dict[str, Any], description: str
 ) -> dict[str, Any]:
@@ -371,7 +429,7 @@ def _components() -> dict[str, Any]:
             # The model checks it in a validator, invisible to the generated schema.
             schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
     schemas["Event"] = {"title": "Event", **events}
-    for model in (Progress, RunningNode, Gap, Accepted, HistoryPage):
+    for model in (Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats):
         generated = model.model_json_schema(ref_template=REF, mode="serialization")
         for name, schema in {**generated.pop("$defs", {}), model.__name__: generated}.items():
             _add(schemas, name, schema)
@@ -450,6 +508,16 @@ def openapi_document() -> dict[str, Any]:
             "/workflows/{workflow_id}/progress": {
                 "parameters": [_WORKFLOW_ID],
                 "get": _progress_operation(),
+            },
+            "/definitions/{definition_id}/stats": {
+                "parameters": [
+                    {
+                        **_WORKFLOW_ID,
+                        "name": "definition_id",
+                        "description": "The rules of a workflow id.",
+                    }
+                ],
+                "get": _stats_operation(),
             },
             "/workflows/{workflow_id}/ws": {
                 "parameters": [_WORKFLOW_ID],

@@ -18,7 +18,7 @@ Decisions the SPEC leaves open, made here:
   facts from events and are not rewritten by a terminal state (a run may be resumed).
 - Durations enter the history when the run reaches a terminal state (`history_items`),
   so the history holds previous runs only and this run's nodes are not compared with
-  themselves.
+  themselves; a failed attempt is counted as it happens (the ETA does not read it).
 - The ETA comes from simulated futures of the remaining sub-DAG (lognormal durations,
   drawn with common random numbers so polls do not jitter) and is their median weighted
   by 1 / total time: the answer with the least expected error as a share of the run's
@@ -43,7 +43,7 @@ from typing import Any, assert_never
 
 import pydantic_core
 
-from server.history import HistoryView, Stats, log_seconds
+from server.history import FAILED_ATTEMPT, HistoryView, Stats, log_seconds
 from server.models import (
     TERMINAL_STATES,
     Event,
@@ -347,9 +347,19 @@ def history_items(
 ) -> list[tuple[str | None, str, str | None, float]]:
     """Durations to pass to history.record() for `event`; call it before folding the event.
 
-    Non-empty only when `event` ends the run: every completed node not yet recorded, as
-    (definition_id, node_id, node_type, seconds).
+    When `event` ends the run: every completed node not yet recorded, as (definition_id,
+    node_id, node_type, seconds). For a `node_failed` (not a repeat of one): the failed
+    attempt, at once, with seconds FAILED_ATTEMPT (failures feed the statistics, not the
+    ETA, so they need not wait for the end of the run).
     """
+    if isinstance(event, NodeFailed):
+        before = state_before.nodes.get(event.node_id)
+        if before is not None and before.status == FAILED:
+            return []  # counted once, as fold counts failed_attempts
+        kind = event.node_type or (before.node_type if before is not None else None)
+        if state_before.definition_id is None and kind is None:
+            return []
+        return [(state_before.definition_id, event.node_id, kind, FAILED_ATTEMPT)]
     if not isinstance(event, WorkflowStateChanged) or not event.is_terminal:
         return []
     return [

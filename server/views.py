@@ -13,7 +13,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import RedisError
 
-from . import auth, connections, keys
+from . import auth, connections, history, keys
 from .dashboard import static_dir
 from .hub import Subscription, ws_text
 from .models import (
@@ -360,6 +360,42 @@ async def history_page(
     )
     headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
     return web.Response(text=body, content_type="application/json", headers=headers)
+
+
+def definition_id_of(request: web.Request) -> str:
+    """The URL's definition id, held to a workflow id's rules (SPEC), or 400."""
+    value = request.match_info.get("definition_id", "")
+    if not is_workflow_id(value):
+        raise Problem(
+            400,
+            "definition_id must be 1 to 128 characters of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit",
+            slug="bad-definition-id",
+        )
+    return value
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    """GET /definitions/{id}/stats: per node and node type, from the duration history."""
+    definition_id = definition_id_of(request)
+    try:
+        auth.check_stats(
+            auth.subscriber_token(request),
+            request.app[keys.settings_key].subscribe_secret,
+            definition_id,
+        )
+    except auth.AuthFailed as exc:
+        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        raise
+    tracker = request.app[keys.tracker_key]
+    nodes, types = await history.load_recent(
+        request.app[keys.redis_key], definition_id, prefix=tracker.history_prefix
+    )
+    if not nodes:
+        raise Problem(404, f"no history for definition {definition_id!r} (no finished run "
+                      "recorded, or expired)", slug="unknown-definition")  # fmt: skip
+    body = history.definition_stats(definition_id, nodes, types)
+    return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
 
 
 def _etag_matches(header: str, etag: str) -> bool:

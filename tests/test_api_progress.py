@@ -35,9 +35,11 @@ async def clean_history(redis: Any) -> AsyncIterator[list[str]]:
     used: list[str] = []
     yield used
     for name in used:
-        await redis.delete(history.definition_key(name))
+        defined = history.definition_key(name)
+        await redis.delete(defined, history.recent_key(defined))
     if used:
         await redis.hdel(history.types_key(), *used)
+        await redis.hdel(history.recent_key(history.types_key()), *used)
 
 
 async def get_progress(

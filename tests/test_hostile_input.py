@@ -374,17 +374,25 @@ async def test_the_node_type_hash_stays_under_its_cap_and_keeps_the_busy_types(
     cap = history.MAX_HISTORY_FIELDS
     key = history.types_key(prefix=prefix)
     # A hash already full of one-off types, as 10,000 workflows of junk publishers leave it.
+    recent = history.recent_key(key, prefix=prefix)
     await redis.hset(key, mapping={f"junk-{i}": "1 0.0 0.0" for i in range(cap)})
+    await redis.hset(recent, mapping={f"junk-{i}": "1 0 0 5 " for i in range(cap)})
     busy = [(None, "n", "busy", 2.0)] * 5
     await history.record(redis, busy, ttl_seconds=60, prefix=prefix)
     for batch in range(3):
         items = [(None, "n", f"new-{batch}-{i}", 1.0) for i in range(500)]
         await history.record(redis, items + busy, ttl_seconds=60, prefix=prefix)  # never raises
         assert await redis.hlen(key) <= cap
+        assert await redis.hlen(recent) <= cap
     view = await history.load(redis, None, [], ["busy", "new-2-499"], prefix=prefix)
     assert view.types["busy"].count == 20  # a type in use is not the one evicted
     assert "new-2-499" in view.types  # a new type still gets history once the hash is full
     assert await redis.ttl(key) > 0
+    # The recent records (the statistics' percentiles) are held to the same cap, the same way.
+    busy_recent = history.decode_recent(await redis.hget(recent, "busy"))
+    assert busy_recent is not None and busy_recent.runs == 20
+    assert await redis.hexists(recent, "new-2-499")
+    assert await redis.ttl(recent) > 0
 
 
 async def test_a_definition_hash_stays_under_its_cap_when_node_ids_never_repeat(
@@ -395,4 +403,6 @@ async def test_a_definition_hash_stays_under_its_cap_when_node_ids_never_repeat(
     for run in range(3):  # node ids made up per run: the definition would grow without end
         items = [("def-x", f"run{run}-n{i}", None, 1.0) for i in range(cap // 2 + 1)]
         await history.record(redis, items, ttl_seconds=60, prefix=prefix)
-    assert await redis.hlen(history.definition_key("def-x", prefix=prefix)) == cap
+    key = history.definition_key("def-x", prefix=prefix)
+    assert await redis.hlen(key) == cap
+    assert await redis.hlen(history.recent_key(key, prefix=prefix)) == cap

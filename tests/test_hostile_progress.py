@@ -102,8 +102,11 @@ async def test_four_pollers_of_a_ten_thousand_node_plan_do_not_stall_the_loop(
     finally:
         server.stop()
         # Nothing ends, so no history is recorded; delete it all the same should that change.
-        await redis.delete(history.definition_key(wf))
-        await redis.hdel(history.types_key(), *(f"hostile-{wf}-{i}" for i in range(40)))
+        defined, types = history.definition_key(wf), history.types_key()
+        await redis.delete(defined, history.recent_key(defined))
+        used = [f"hostile-{wf}-{i}" for i in range(40)]
+        await redis.hdel(types, *used)
+        await redis.hdel(history.recent_key(types), *used)
     assert polls >= 20 and len(health) >= 50
     # Before: every poll ran the estimate on the loop, so /healthz waited for whole
     # estimates (150-875 ms, a 2.5 s median with four pollers). Now an estimate is made

@@ -40,6 +40,7 @@ OPERATIONS = [
     "POST /workflows/{workflow_id}/events",
     "GET /workflows/{workflow_id}/events",
     "GET /workflows/{workflow_id}/progress",
+    "GET /definitions/{definition_id}/stats",
     "GET /workflows/{workflow_id}/ws",
     "GET /api/v1/workflows/ws/{instance_id}",
     "GET /healthz",
@@ -74,6 +75,8 @@ EXCLUDED: dict[str, list[Any]] = {
     "POST /workflows/{workflow_id}/events": [checks.positive_data_acceptance],
     # A schema-valid id of a workflow that has no events is a 404 by the SPEC.
     "GET /workflows/{workflow_id}/progress": [checks.positive_data_acceptance],
+    # Likewise a definition no finished run recorded ("def-1" has history).
+    "GET /definitions/{definition_id}/stats": [checks.positive_data_acceptance],
     # Plain HTTP cannot upgrade: a valid request to a WebSocket endpoint answers 426.
     "GET /workflows/{workflow_id}/ws": [checks.positive_data_acceptance],
     "GET /api/v1/workflows/ws/{instance_id}": [checks.positive_data_acceptance],
