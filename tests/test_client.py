@@ -15,6 +15,7 @@ import pytest
 
 from server.auth import mint
 from server.client import Event, Gap, ProblemError, Unavailable, WorkflowClient
+from server.client.workflow import _retry_after
 from server.publisher import connect
 from tests.conftest import REDIS_URL, Serve
 from tests.procs import ServerProcess, free_port
@@ -231,6 +232,9 @@ async def test_503_is_retried_after_retry_after_until_a_stream_slot_frees(
                     await read_all(client, wf, deadline=1)
                 refused = len(trace.seen)
                 assert refused >= 2 and {r["status"] for r in trace.seen} == {503}
+                # Retry-After (5 s) is honoured up to max_delay: neither a hot loop nor 5 s.
+                spacing = [b["at"] - a["at"] for a, b in itertools.pairwise(trace.seen)]
+                assert all(0.19 <= g < 1.0 for g in spacing), spacing
                 reader = asyncio.create_task(read_all(client, wf))
                 await trace.until(lambda seen: len(seen) >= refused + 2)  # refused again
                 holder.close()
@@ -240,6 +244,22 @@ async def test_503_is_retried_after_retry_after_until_a_stream_slot_frees(
             holder.close()
     assert [m.id for m in got if isinstance(m, Event)] == ids
     assert trace.seen[-1]["status"] == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("5", 5.0),
+        (" 12 ", 12.0),
+        (None, 3.0),
+        ("", 3.0),
+        ("soon", 3.0),
+        ("-1", 3.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: at once
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(header: str | None, seconds: float) -> None:
+    assert _retry_after(header, 3.0) == seconds
 
 
 def restartable(port: int, *args: str) -> ServerProcess:

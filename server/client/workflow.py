@@ -4,11 +4,12 @@ would (reconnect with Last-Event-ID, honour `retry:`, stop on 204), with loss su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -138,22 +139,25 @@ class WorkflowClient:
         last_event_id: str | None = None,
         *,
         deadline: float | None = None,
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """The workflow's events after `last_event_id` (None: all retained), replay then
         live, until the server ends the stream after the terminal event or answers 204.
 
         Reconnects like EventSource, so a dropped connection loses and repeats nothing.
         `deadline`: seconds of failing to reconnect (refused, 503) before `Unavailable`;
-        None retries for ever, as a browser does. A trimmed history yields a `Gap`."""
-        frames = self._stream(
-            self._url(workflow_id, "events"), last_event_id, deadline, ends=_is_terminal_frame
-        )
-        async for frame in frames:
-            if frame.event == "gap":
-                body = json.loads(frame.data)
-                yield Gap(body["requested"], body["earliest_available"], body["progress"])
-            else:
-                yield Event(frame.id, frame.event, json.loads(frame.data))
+        None retries for ever, as a browser does. A trimmed history yields a `Gap`.
+
+        Leaving the loop early keeps the connection open until the generator is collected:
+        wrap it in `contextlib.aclosing()` to close it at once."""
+        url = self._url(workflow_id, "events")
+        frames = self._stream(url, last_event_id, deadline, ends=_is_terminal_frame)
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                if frame.event == "gap":
+                    body = json.loads(frame.data)
+                    yield Gap(body["requested"], body["earliest_available"], body["progress"])
+                else:
+                    yield Event(frame.id, frame.event, json.loads(frame.data))
 
     async def progress(self, workflow_id: str) -> dict[str, Any]:
         """The workflow's progress object (SPEC "Progress"); unchanged since the last call
@@ -187,8 +191,9 @@ class WorkflowClient:
         then `TimeoutError`."""
         url = self._url(workflow_id, "progress")
         last: dict[str, Any] | None = None
-        async with asyncio.timeout(timeout):
-            async for frame in self._stream(url, None, deadline, ends=_is_final_frame):
+        frames = self._stream(url, None, deadline, ends=_is_final_frame)
+        async with asyncio.timeout(timeout), contextlib.aclosing(frames):
+            async for frame in frames:
                 if frame.event == "progress":
                     last = json.loads(frame.data)
                     if last is not None and is_final(last):
@@ -205,12 +210,12 @@ class WorkflowClient:
         deadline: float | None,
         *,
         ends: Callable[[ServerSentEvent], bool],
-    ) -> AsyncIterator[ServerSentEvent]:
+    ) -> AsyncGenerator[ServerSentEvent, None]:
         """The frames of `url` across reconnects, until a response that ends right after a
         frame for which `ends` is true, or a 204."""
         loop = asyncio.get_running_loop()
         retry_ms = DEFAULT_RETRY_MS
-        give_up = None if deadline is None else loop.time() + deadline
+        give_up: float | None = None  # set by the first failure since the last stream
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
         while True:
             headers = {**self._headers, "Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -229,7 +234,7 @@ class WorkflowClient:
                     elif not resp.content_type.startswith("text/event-stream"):
                         raise ClientError(f"{url} answered {resp.content_type}, not a stream")
                     else:
-                        give_up = None if deadline is None else loop.time() + deadline
+                        give_up = None
                         parser = EventStreamParser(last_event_id or "")
                         last: ServerSentEvent | None = None
                         async for chunk in resp.content.iter_any():
@@ -246,6 +251,8 @@ class WorkflowClient:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 logger.info("%s: %s; reconnecting in %.1f s", url, exc or type(exc).__name__, wait)
             wait = min(wait, self.max_delay) * (1 + self.jitter * random.random())
+            if give_up is None and deadline is not None:
+                give_up = loop.time() + deadline
             if give_up is not None and loop.time() + wait > give_up:
                 raise Unavailable(f"{url}: no stream within {deadline} s")
             await asyncio.sleep(wait)
