@@ -190,18 +190,15 @@ class WorkflowClient:
         An unknown workflow (no event yet) is a 404 `ProblemError`. `timeout`: seconds in all,
         then `TimeoutError`."""
         url = self._url(workflow_id, "progress")
-        last: dict[str, Any] | None = None
         frames = self._stream(url, None, deadline, ends=_is_final_frame)
         async with asyncio.timeout(timeout), contextlib.aclosing(frames):
             async for frame in frames:
                 if frame.event == "progress":
-                    last = json.loads(frame.data)
-                    if last is not None and is_final(last):
-                        return last
-        # 204: the final object was already seen on a previous connection of this call.
-        if last is None:
-            return await self.progress(workflow_id)
-        return last
+                    progress: dict[str, Any] = json.loads(frame.data)
+                    if is_final(progress):
+                        return progress
+        # A 204: the server says the final object was sent already; ask for it plainly.
+        return await self.progress(workflow_id)
 
     async def _stream(
         self,
