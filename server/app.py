@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, keys, legacy, openapi, views, websocket
+from . import auth, keys, legacy, openapi, views, watchers, websocket
 from .dashboard import static_dir
 from .hub import Hub
 from .metrics import Metrics
@@ -30,6 +30,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
     app[keys.settings_key] = settings
     app[keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
     app[keys.metrics_key] = metrics = Metrics()
+    app[keys.watchers_key] = watchers.WatcherCounts()
     auth.setup_cors(app, settings.cors_origins)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -44,6 +45,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
             await app[keys.hub_key].close()
 
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(watchers.reporter_ctx)  # after redis_ctx: it reports to Redis
     if settings.legacy_ingest:
         app.cleanup_ctx.append(legacy.legacy_ctx)  # after redis_ctx: it uses the publisher
     if settings.demo:

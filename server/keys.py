@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .store import AnyRedis, Store
     from .streams import StreamRegistry
     from .tracker import ProgressService
+    from .watchers import WatcherCounts
 
 settings_key = web.AppKey("settings", Settings)
 redis_key: web.AppKey[AnyRedis] = web.AppKey("redis")
@@ -24,3 +25,4 @@ publisher_key: web.AppKey[Publisher] = web.AppKey("publisher")
 streams_key: web.AppKey[StreamRegistry] = web.AppKey("streams")
 tracker_key: web.AppKey[ProgressService] = web.AppKey("tracker")
 metrics_key = web.AppKey("metrics", Metrics)
+watchers_key: web.AppKey[WatcherCounts] = web.AppKey("watchers")

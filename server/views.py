@@ -192,11 +192,13 @@ class StreamSlot:
             raise
         self.gauge = app[keys.metrics_key].open_streams.labels(self.kind)
         self.gauge.inc()
+        app[keys.watchers_key].opened(self.workflow_id)
         return self.handle, self.sub
 
     async def __aexit__(self, *exc_info: object) -> None:
         app = self.request.app
         self.gauge.dec()
+        app[keys.watchers_key].closed(self.workflow_id)
         # The slot is free before the UNSUBSCRIBE round trip, which a slow Redis may stretch.
         app[keys.streams_key].release(self.handle)
         connections.release_stream(self.request)
