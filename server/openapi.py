@@ -95,19 +95,19 @@ class HistoryPage(BaseModel):
     earliest_available: str = Field(
         pattern=EVENT_ID_PATTERN, description="The oldest retained event's id."
     )
-    gap: bool = Field(description="Events after `after` were trimmed away (HISTORY_MAXLEN).")
 
 
 class _Figures(BaseModel):
     """What the duration history knows of a node or a node type."""
 
     runs: NonNegativeInt = Field(description="Completed runs recorded.")
-    failures: NonNegativeInt = Field(description="Failed attempts (node_failed) recorded.")
     p50_seconds: float | None = Field(
         ge=0, description=f"Median of the last {KEEP_DURATIONS} recorded durations."
     )
     p90_seconds: float | None = Field(ge=0, description="90th percentile of the same.")
-    failure_rate: float = Field(ge=0, le=1, description="failures / (runs + failures).")
+    failure_rate: float = Field(
+        ge=0, le=1, description="Failed attempts (node_failed) / (runs + failed attempts)."
+    )
     last_seen: datetime = Field(description="When the history last recorded it.")
 
 
@@ -134,7 +134,6 @@ class DefinitionStats(BaseModel):
     model_config = ConfigDict(extra="forbid", title="DefinitionStats")
 
     definition_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
-    window: int = Field(description="How many recent durations the percentiles are of.")
     nodes: list[NodeStats] = Field(min_length=1)
     node_types: list[NodeTypeStats]
 

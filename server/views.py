@@ -345,8 +345,6 @@ async def history_page(
                       slug="unknown-workflow")  # fmt: skip
     more = len(entries) > limit
     entries = entries[:limit]
-    # Events newer than `after` were trimmed away: the same fact a stream's gap announces.
-    gap = after is not None and page.trimmed is not None and id_key(page.trimmed) > id_key(after)
     body = "".join(
         (
             '{"events":[',
@@ -355,9 +353,7 @@ async def history_page(
             f'"{entries[-1].id}"' if more else "null",
             ',"earliest_available":"',
             earliest,
-            '","gap":',
-            "true" if gap else "false",
-            "}",
+            '"}',
         )
     )
     headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
