@@ -473,8 +473,12 @@ async def test_with_min_replicas_ack_every_acknowledged_event_survives_exactly_o
     assert set(stored_ids) >= set(acked.values())
     total = 0
     for sub in f.subscribers:
+        # Usually the cut leaves phantoms (events streamed live that no replica got). But
+        # under load every engine may be blocked in the WAIT of a write from just before
+        # the cut, for all of CUT_SECONDS. Then nothing new reaches the subscribers. What
+        # this test guarantees holds either way; the default-mode test is the one that
+        # needs phantoms.
         phantoms = check_subscriber(sub, f.stored)
-        assert phantoms, "the cut left no event for the failover to lose"
         # A phantom was retried by its engine and stored once, under a new id.
         phantom_messages = [m.json()["message"] for m in sub.events if m.id in phantoms]
         assert all(messages.count(m) == 1 for m in phantom_messages)
