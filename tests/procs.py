@@ -208,6 +208,25 @@ class ServerProcess:
         return Path(self.log.name).read_text(errors="replace")
 
 
+def redis_cli(node: RedisProcess, *args: str) -> str:
+    """One redis-cli command against `node`, bounded in time; its output."""
+    return subprocess.run(
+        ["redis-cli", "-p", str(node.port), *args],
+        capture_output=True, text=True, timeout=5,
+    ).stdout  # fmt: skip
+
+
+def replication_info(node: RedisProcess) -> dict[str, str]:
+    """`INFO replication` of a live node as a dict (role, master_port, link status...)."""
+    out = redis_cli(node, "info", "replication")
+    return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+
+def replica_synced(info: dict[str, str]) -> bool:
+    """A replica's `INFO replication`: its link is up and no sync is in progress."""
+    return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
+
+
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (+10,000) is free too, both outside the ephemeral range."""
     return free_fixed_port((0, 10_000))
@@ -277,24 +296,15 @@ class RedisClusterProcesses:
                     raise RuntimeError(f"cluster not ready: {info}")
                 time.sleep(0.1)
 
-    def cli(self, node: RedisProcess, *args: str) -> str:
-        """One redis-cli command against `node`, bounded in time; its output."""
-        return subprocess.run(
-            ["redis-cli", "-p", str(node.port), *args],
-            capture_output=True, text=True, timeout=5,
-        ).stdout  # fmt: skip
-
-    def role(self, node: RedisProcess) -> dict[str, str]:
-        """`INFO replication` of a live node as a dict (role, master_port, link status...)."""
-        out = self.cli(node, "info", "replication")
-        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    cli = staticmethod(redis_cli)
+    role = staticmethod(replication_info)
 
     def _synced(self, node: RedisProcess) -> bool:
         """A master sees every replica online; a replica has its link up and is synced."""
         info = self.role(node)
         if info.get("role") == "master":
             return int(info.get("connected_slaves", "0")) >= self.replicas
-        return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
+        return replica_synced(info)
 
     def master_and_replica(self) -> tuple[RedisProcess, RedisProcess]:
         """A live master and a live replica of it (the node a failover would promote)."""
@@ -370,8 +380,7 @@ class SentinelProcesses:
     def _ready(self) -> bool:
         """Every replica is synced and every sentinel knows the replicas and its peers."""
         for node in self.nodes[1:]:
-            info = self.role(node)
-            if info.get("master_link_status") != "up" or info.get("master_sync_in_progress") != "0":
+            if not replica_synced(self.role(node)):
                 return False
         want = len(self.nodes) - 1
         for sentinel in self.sentinels:
@@ -383,17 +392,8 @@ class SentinelProcesses:
                 return False
         return True
 
-    def cli(self, node: RedisProcess, *args: str) -> str:
-        """One redis-cli command against `node`, bounded in time; its output."""
-        return subprocess.run(
-            ["redis-cli", "-p", str(node.port), *args],
-            capture_output=True, text=True, timeout=5,
-        ).stdout  # fmt: skip
-
-    def role(self, node: RedisProcess) -> dict[str, str]:
-        """`INFO replication` of a live node as a dict."""
-        out = self.cli(node, "info", "replication")
-        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    cli = staticmethod(redis_cli)
+    role = staticmethod(replication_info)
 
     def primary_port(self) -> int | None:
         """The primary's port as the first sentinel that answers names it (None: none does)."""

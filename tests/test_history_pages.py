@@ -14,6 +14,7 @@ import pytest
 
 from server import store
 from tests.conftest import Serve
+from tests.test_api_stream import publish, started
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
@@ -22,20 +23,6 @@ ACCEPT = {"Accept": "application/json"}
 SECRET = "sub-" + "s" * 60
 DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 MAX_ID = f"{2**64 - 1}-{2**64 - 1}"
-
-
-def started(node: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node, **extra}
-
-
-async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> list[str]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", data=json.dumps(events), headers=JSON) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
-        ids: list[str] = (await resp.json())["ids"]
-        return ids
 
 
 async def page(

@@ -23,8 +23,8 @@ from redis.asyncio.cluster import RedisCluster
 from server import store
 from tests.procs import RedisClusterProcesses, RedisProcess, ServerProcess
 from tests.sse_client import iter_messages
+from tests.test_sentinel import Engine
 
-PUBLISH_EVERY = 0.02  # seconds between publishes per workflow
 RECOVERY_SECONDS = 10.0  # what "within a few seconds of the promotion" is held to
 
 
@@ -38,49 +38,9 @@ async def cluster() -> AsyncIterator[RedisClusterProcesses]:
         procs.stop()
 
 
-@dataclass
-class Publisher:
-    """An engine publishing to one workflow with idempotency keys, retrying each event
-    (same key) until it gets a 201. Records every answer's status and when it came."""
-
-    base: str
-    workflow_id: str
-    answers: list[tuple[float, int]] = field(default_factory=list)
-    stored: list[str] = field(default_factory=list)  # ids answered 201, in order
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def publish(self, session: aiohttp.ClientSession, body: dict[str, object]) -> str:
-        url = f"{self.base}/workflows/{self.workflow_id}/events"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                async with session.post(url, json=body) as resp:
-                    self.answers.append((time.monotonic(), resp.status))
-                    if resp.status == 201:
-                        event_id: str = (await resp.json())["ids"][0]
-                        self.stored.append(event_id)
-                        return event_id
-            except (aiohttp.ClientError, TimeoutError):
-                self.answers.append((time.monotonic(), 0))
-            await asyncio.sleep(PUBLISH_EVERY)
-        raise AssertionError(f"{self.workflow_id}: no 201 for {body} within 30 s")
-
-    async def run(self, session: aiohttp.ClientSession) -> None:
-        for i in itertools.count():
-            if self.stop.is_set():
-                return
-            await self.publish(
-                session,
-                {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
-                 "message": str(i), "idempotency_key": f"p{i}"},
-            )  # fmt: skip
-            await asyncio.sleep(PUBLISH_EVERY)
-
-    def refused_after(self, t: float) -> list[int]:
-        return [status for at, status in self.answers if at >= t and status != 201]
-
-    def first_success_after(self, t: float) -> float | None:
-        return next((at for at, status in self.answers if at >= t and status == 201), None)
+def refused_after(engine: Engine, t: float) -> list[int]:
+    """The statuses other than 201 that `engine` got at or after `t` (0: no answer)."""
+    return [status for at, status in engine.answers if at >= t and status != 201]
 
 
 @dataclass
@@ -145,7 +105,7 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=timeout
         ) as session:
-            pubs = {wf: Publisher(server.url, wf) for wf in (victim, healthy)}
+            pubs = {wf: Engine(server.url, wf, prefix="p") for wf in (victim, healthy)}
             for pub in pubs.values():
                 await pub.publish(session, {"event_type": "workflow_planned",
                                             "nodes": [{"node_id": "n"}]})  # fmt: skip
@@ -183,16 +143,16 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
                 assert got[-1] == retained[-1]
                 # Every event acknowledged after the failover is there (before it, an
                 # acknowledged event may be lost to asynchronous replication: issue 14).
-                assert set(pubs[wf].stored[-5:]) <= set(retained)
+                assert set(list(pubs[wf].acked.values())[-5:]) <= set(retained)
         finally:
             await redis.aclose()
 
         # The healthy shard's publishes were never refused.
-        assert pubs[healthy].refused_after(killed) == []
+        assert refused_after(pubs[healthy], killed) == []
         print(
             f"promotion {promoted - killed:.1f} s after the kill; publishing to it back "
             f"{back - promoted:.1f} s after the promotion; "
-            f"victim refused {len(pubs[victim].refused_after(killed))} times"
+            f"victim refused {len(refused_after(pubs[victim], killed))} times"
         )
     except BaseException:
         print(server.output()[-6000:])  # what the server logged, for the failure's report
@@ -207,7 +167,7 @@ async def fail_over(
     replica: RedisProcess,
     base: str,
     session: aiohttp.ClientSession,
-    pubs: dict[str, Publisher],
+    pubs: dict[str, Engine],
     readers: dict[str, Reader],
 ) -> tuple[float, float, float]:
     """Kill `master` with both streams live; check the recovery; (killed, promoted, back)."""
