@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, keys, legacy, openapi, views, watchers, websocket
+from . import auth, keys, legacy, openapi, schedule, views, watchers, websocket
 from .dashboard import static_dir
 from .hub import Hub
 from .metrics import Metrics
@@ -59,6 +59,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
     app.router.add_get(f"/workflows/{WF}/ws", websocket.websocket_events)
     app.router.add_get("/api/v1/workflows/ws/{instance_id:[^/]+}", websocket.websocket_events)
     app.router.add_get(f"/workflows/{WF}/progress", views.get_progress)
+    app.router.add_get(f"/workflows/{WF}/schedule", schedule.get_schedule)
     app.router.add_get("/definitions/{definition_id:[^/]+}/stats", views.get_stats)
     app.router.add_get("/", views.index)
     app.router.add_static("/static/", static_dir(), append_version=True)

@@ -6,7 +6,7 @@ import copy
 import json
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
@@ -136,6 +136,47 @@ class DefinitionStats(BaseModel):
     definition_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
     nodes: list[NodeStats] = Field(min_length=1)
     node_types: list[NodeTypeStats]
+
+
+class ScheduledNode(BaseModel):
+    """One node's real times (from its events) and predicted ones (from the ETA's futures)."""
+
+    model_config = ConfigDict(extra="forbid", title="ScheduledNode")
+
+    node_id: str
+    node_name: str | None
+    node_type: str | None
+    depends_on: list[str]
+    status: Literal["pending", "running", "completed", "failed", "skipped"]
+    attempts: NonNegativeInt
+    started_at: datetime | None = Field(description="The latest attempt's start.")
+    finished_at: datetime | None = Field(description="Its end (completed, failed, skipped).")
+    expected_start_at: datetime | None = Field(
+        description="Predicted start: pending and failed nodes (a retry), while the run goes."
+    )
+    expected_end_at: datetime | None = Field(
+        description="Predicted end: pending, failed and running nodes, while the run goes."
+    )
+
+
+class Schedule(BaseModel):
+    """GET /workflows/{id}/schedule: the plan's nodes in plan order, then unplanned ones."""
+
+    model_config = ConfigDict(extra="forbid", title="Schedule")
+
+    workflow_id: str
+    state: State | None
+    last_event_id: str | None = Field(pattern=EVENT_ID_PATTERN)
+    started_at: datetime | None
+    elapsed_seconds: float | None = Field(ge=0)
+    estimated_remaining_seconds: float | None = Field(
+        ge=0, description="As /progress answers at `as_of` (smoothed)."
+    )
+    estimated_completion_at: datetime | None = Field(
+        description="The latest expected_end_at: the right edge of the schedule."
+    )
+    as_of: datetime = Field(description="The server's clock when it answered.")
+    nodes: list[ScheduledNode]
 
 
 class Accepted(BaseModel):
@@ -375,6 +416,23 @@ def _progress_operation() -> dict[str, Any]:
     }
 
 
+def _schedule_operation() -> dict[str, Any]:
+    return {
+        "operationId": "getSchedule",
+        "summary": "Each node's real and predicted start and end, from the ETA's own futures.",
+        "description": (
+            "Read from the simulated futures of the estimate that /progress shows (no second "
+            "simulation): per node the weighted median start and end, moved on to `as_of` "
+            "and stretched so that the latest end is `estimated_completion_at`."
+        ),
+        "security": _SUBSCRIBE_SECURITY,
+        "responses": {
+            "200": _json("The schedule.", {"$ref": REF.format(model="Schedule")}),
+            **_problems(400, 401, 403, 404, 503),
+        },
+    }
+
+
 def _stats_operation() -> dict[str, Any]:
     return {
         "operationId": "getDefinitionStats",
@@ -428,7 +486,7 @@ def _components() -> dict[str, Any]:
             # The model checks it in a validator, invisible to the generated schema.
             schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
     schemas["Event"] = {"title": "Event", **events}
-    for model in (Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats):
+    for model in (Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats, Schedule):
         generated = model.model_json_schema(ref_template=REF, mode="serialization")
         for name, schema in {**generated.pop("$defs", {}), model.__name__: generated}.items():
             _add(schemas, name, schema)
@@ -507,6 +565,10 @@ def openapi_document() -> dict[str, Any]:
             "/workflows/{workflow_id}/progress": {
                 "parameters": [_WORKFLOW_ID],
                 "get": _progress_operation(),
+            },
+            "/workflows/{workflow_id}/schedule": {
+                "parameters": [_WORKFLOW_ID],
+                "get": _schedule_operation(),
             },
             "/definitions/{definition_id}/stats": {
                 "parameters": [

@@ -799,13 +799,20 @@ def _weighted_median(values: list[float], weights: list[float]) -> float:
 
 
 def _simulate(
-    state: FoldState, rem: _Remaining, speed: list[float], slots: int | None
+    state: FoldState,
+    rem: _Remaining,
+    speed: list[float],
+    slots: int | None,
+    trace: list[tuple[list[float], list[float]]] | None = None,
 ) -> list[float]:
     """The remaining sub-DAG's makespan in each sampled future, list-scheduled on `slots`.
 
     Pending nodes draw lognormal durations (shifted by that future's speed factor when
     calibrated against history), running ones their time left given the time already
     run. Ready nodes start first-ready first, then in plan order, as engines commonly do.
+    With `trace`, each future's (start, end) of every node of `rem` is appended to it,
+    in seconds from now (a running node starts at 0): the schedule comes from the same
+    futures as the ETA.
     """
     k_samples = len(speed)
     strata = _strata(k_samples)
@@ -855,15 +862,19 @@ def _simulate(
                     if finish[i] > ready[c]:
                         ready[c] = finish[i]
             ends.append(max(finish, default=0.0))
+            if trace is not None:
+                trace.append((ready, finish))
             continue
         need = indegree.copy()
         busy = [(dur[i], rem.order[i], i) for i in rem.left]
         heapq.heapify(busy)
         ready_heap = roots.copy()
+        begin = [0.0] * n
         end = 0.0
         while True:
             while ready_heap and (slots is None or len(busy) < slots):
                 _, order_i, i = heapq.heappop(ready_heap)
+                begin[i] = end
                 heapq.heappush(busy, (end + dur[i], order_i, i))
             if not busy:
                 break
@@ -873,7 +884,47 @@ def _simulate(
                 if need[c] == 0:
                     heapq.heappush(ready_heap, (end, rem.order[c], c))
         ends.append(end)
+        if trace is not None:
+            trace.append((begin, [begin[i] + dur[i] for i in range(n)]))
     return ends
+
+
+@dataclass(slots=True)
+class Forecast:
+    """The ETA and the simulated futures it comes from, as of the `now` it was made at.
+
+    `futures` holds, per simulated future, every unfinished node's (start, end) in
+    seconds from that `now` (kept as the simulation made them, so an ETA costs no more
+    for it); schedule() reads the predicted schedule from them on demand.
+    """
+
+    remaining: float | None
+    ids: list[str] = field(default_factory=list)  # the nodes of `futures`, by index
+    running: frozenset[int] = frozenset()  # indexes of nodes already running
+    futures: list[tuple[list[float], list[float]]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # each future's, as for the ETA
+    _schedule: dict[str, tuple[float | None, float]] | None = None
+
+    def schedule(self) -> dict[str, tuple[float | None, float]]:
+        """Each unfinished node's predicted (start, end), seconds from the forecast's now.
+
+        The weighted medians over the same futures, with the same weights, as the ETA; a
+        running node's start is None (it has started). In each future a node starts after
+        its dependencies end and ends by the makespan, so the medians keep that order and
+        the latest end is at most `remaining` (up to the interpolation between futures).
+        Computed once per forecast.
+        """
+        if self._schedule is None:
+            out: dict[str, tuple[float | None, float]] = {}
+            for i, node_id in enumerate(self.ids):
+                end = _weighted_median([f[i] for _, f in self.futures], self.weights)
+                if i in self.running:
+                    out[node_id] = (None, end)
+                else:
+                    begin = _weighted_median([b[i] for b, _ in self.futures], self.weights)
+                    out[node_id] = (begin, end)
+            self._schedule = out
+        return self._schedule
 
 
 def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
@@ -883,8 +934,13 @@ def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
     error as a share of the total); an overdue node still has time left. Deterministic:
     the same state, history and `now` give the same answer.
     """
+    return forecast(state, history, now, keep=False).remaining
+
+
+def forecast(state: FoldState, history: HistoryView, now: float, *, keep: bool = True) -> Forecast:
+    """eta(), and with `keep` the simulated futures that give the predicted schedule."""
     if state.terminal:
-        return 0.0
+        return Forecast(0.0)
     now_us = round(now * _US)
     reference = _pooled_within(history)
     priors: dict[str, _Prior | None] = {}
@@ -905,7 +961,7 @@ def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
             ran[node_id] = max(now_us - node.started_us, 0) / _US
     with_history = [p for p in priors.values() if p is not None]
     if not done and not with_history:
-        return None
+        return Forecast(None)
 
     # This run's log speed factor versus its history, from its finished nodes and, as
     # lower bounds, its running ones (short nodes finish first: finished nodes alone make
@@ -975,17 +1031,21 @@ def eta(state: FoldState, history: HistoryView, now: float) -> float | None:
                 ]
         # Failed nodes are pending: they are expected to be retried while the run goes on.
     if not rem.ids:
-        return MIN_REMAINING
+        return Forecast(MIN_REMAINING)
     # The error that matters is a share of the run's total time (a minute is a lot on a
     # five-minute run, nothing on a two-hour one), so the answer is the weighted median
     # of the simulated remaining times, each future weighted by 1 / its total time: the
     # estimate with the least expected error relative to the total. The futures also
     # show that the latest of several parallel branches ends later than their expected
     # ends say (a max of random times), which a schedule of expected times misses.
-    ends = _simulate(state, rem, speed, _slots(state))
+    futures: list[tuple[list[float], list[float]]] | None = [] if keep else None
+    ends = _simulate(state, rem, speed, _slots(state), futures)
     spent = max(now_us - state.started_us, 0) / _US if state.started_us is not None else 0.0
-    makespan = _weighted_median(ends, [1.0 / (spent + e + MIN_REMAINING) for e in ends])
-    return max(makespan, MIN_REMAINING)
+    weights = [1.0 / (spent + e + MIN_REMAINING) for e in ends]
+    makespan = _weighted_median(ends, weights)
+    if futures is None:
+        return Forecast(max(makespan, MIN_REMAINING))
+    return Forecast(max(makespan, MIN_REMAINING), rem.ids, frozenset(rem.left), futures, weights)
 
 
 # ------------------------------------------------------------------------- snapshot
@@ -1017,6 +1077,11 @@ def loads_shown(b: bytes) -> Shown:
 
 def _iso_us(us: int | None) -> str | None:
     return None if us is None else format_timestamp(_EPOCH + timedelta(microseconds=us))
+
+
+def format_epoch(seconds: float) -> str:
+    """RFC 3339 UTC with milliseconds of an epoch time in seconds."""
+    return _iso(seconds)
 
 
 def _iso(seconds: float) -> str:
@@ -1117,3 +1182,60 @@ def snapshot(
         "last_event_id": last_event_id,
     }
     return progress, new
+
+
+def _node_started_us(node: NodeState) -> int | None:
+    if node.started_us is not None:
+        return node.started_us
+    if node.finished_us is not None and node.duration_us is not None:
+        return node.finished_us - node.duration_us  # completed with no start reported
+    return None
+
+
+def schedule_nodes(
+    state: FoldState, forecast: Forecast | None, made_at: float, now: float, remaining: float | None
+) -> list[dict[str, Any]]:
+    """Each node's real and predicted times as of `now`, planned nodes in plan order first.
+
+    `forecast` was made at `made_at`; `remaining` is the shown (smoothed) time left of the
+    progress object answered at `now`. The predicted times are moved on to `now` (what
+    should have started by now starts now) and stretched so that the latest predicted end
+    is exactly `now + remaining`, the progress object's `estimated_completion_at`: the
+    chart's right edge is the ETA the user reads.
+    """
+    plan = set(state.plan)
+    ids = [*state.plan, *(n for n in state.nodes if n not in plan)]
+    predicted: dict[str, tuple[float | None, float]] = {}
+    if forecast is not None and remaining is not None and not state.terminal:
+        shift = max(now - made_at, 0.0)
+        moved = {
+            node_id: (None if b is None else max(b - shift, 0.0), max(e - shift, 0.0))
+            for node_id, (b, e) in forecast.schedule().items()
+        }
+        latest = max((e for _, e in moved.values()), default=0.0)
+        scale = remaining / latest if latest > 0.0 else 0.0
+        for node_id, (b, e) in moved.items():
+            until = e * scale if latest > 0.0 else remaining
+            predicted[node_id] = (None if b is None else min(b * scale, until), until)
+    out: list[dict[str, Any]] = []
+    for node_id in ids:
+        node = state.nodes.get(node_id)
+        if node is None:
+            continue
+        times = predicted.get(node_id)
+        begin, end = (None, None) if times is None else times
+        out.append(
+            {
+                "node_id": node_id,
+                "node_name": node.node_name,
+                "node_type": node.node_type,
+                "depends_on": node.depends_on,
+                "status": node.status,
+                "attempts": node.attempts,
+                "started_at": _iso_us(_node_started_us(node)),
+                "finished_at": None if node.status == RUNNING else _iso_us(node.finished_us),
+                "expected_start_at": None if begin is None else _iso(now + begin),
+                "expected_end_at": None if end is None else _iso(now + end),
+            }
+        )
+    return out

@@ -36,15 +36,18 @@ class _Estimate:
     raw: float | None  # estimated_remaining_seconds at `at`, before smoothing
     at: float  # the service clock when `raw` was computed
     cost: float  # seconds of CPU the load and estimate took
+    # The futures `raw` comes from: the predicted schedule is read from them when asked
+    # for (GET /workflows/{id}/schedule), never simulated again.
+    forecast: progress.Forecast
 
 
 def _estimate(
     state: progress.FoldState, view: history.HistoryView, now: float
-) -> tuple[float | None, float]:
-    """The raw ETA and what it cost (pure; may run in a worker thread)."""
+) -> tuple[progress.Forecast, float]:
+    """The raw ETA with its futures, and what it cost (pure; may run in a worker thread)."""
     started = time.perf_counter()
-    raw = progress.eta(state, view, now)
-    return raw, time.perf_counter() - started
+    forecast = progress.forecast(state, view, now)
+    return forecast, time.perf_counter() - started
 
 
 class ProgressService:
@@ -70,6 +73,32 @@ class ProgressService:
 
     async def snapshot(self, workflow_id: str) -> dict[str, Any] | None:
         """The SPEC's progress object, or None for an unknown workflow."""
+        current = await self._current(workflow_id)
+        return None if current is None else current[1]
+
+    async def schedule(self, workflow_id: str) -> dict[str, Any] | None:
+        """Each node's real and predicted times, with the progress figures of the same
+        moment (the right edge is its `estimated_completion_at`); None when unknown."""
+        current = await self._current(workflow_id)
+        if current is None:
+            return None
+        estimate, snap, now = current
+        if len(estimate.forecast.ids) > THREAD_NODES:
+            await asyncio.to_thread(estimate.forecast.schedule)  # then cached in it
+        nodes = progress.schedule_nodes(
+            estimate.state, estimate.forecast, estimate.at, now,
+            snap["estimated_remaining_seconds"],
+        )  # fmt: skip
+        keys = ("workflow_id", "state", "last_event_id", "started_at", "elapsed_seconds",
+                "estimated_remaining_seconds", "estimated_completion_at")  # fmt: skip
+        return {
+            **{k: snap[k] for k in keys},
+            "as_of": progress.format_epoch(now),
+            "nodes": nodes,
+        }
+
+    async def _current(self, workflow_id: str) -> tuple[_Estimate, dict[str, Any], float] | None:
+        """The cached estimate (refreshed when due), the progress object from it, and now."""
         head = await self.store.progress_head(workflow_id)
         if head is None:
             return None
@@ -105,7 +134,7 @@ class ProgressService:
         )
         if new_shown != shown:
             await self.store.save_shown(workflow_id, progress.dumps_shown(new_shown))
-        return snap
+        return estimate, snap, now
 
     def _stale(self, cached: _Estimate, now: float) -> bool:
         if cached.raw is None or cached.state.terminal:
@@ -149,10 +178,12 @@ class ProgressService:
             )
             load_cost = time.perf_counter() - started
         if len(state.nodes) > THREAD_NODES:
-            raw, cost = await asyncio.to_thread(_estimate, state, view, now)
+            forecast, cost = await asyncio.to_thread(_estimate, state, view, now)
         else:
-            raw, cost = _estimate(state, view, now)
-        estimate = _Estimate(last_id, state, view, raw, now, cost + load_cost)
+            forecast, cost = _estimate(state, view, now)
+        estimate = _Estimate(
+            last_id, state, view, forecast.remaining, now, cost + load_cost, forecast
+        )
         self._cache[workflow_id] = estimate
         self._cache.move_to_end(workflow_id)
         while len(self._cache) > CACHE_WORKFLOWS:

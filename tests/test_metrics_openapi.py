@@ -135,6 +135,7 @@ def test_document_has_every_path_and_method(doc: dict[str, Any]) -> None:
     assert paths == {
         "/workflows/{workflow_id}/events": {"get", "post"},
         "/workflows/{workflow_id}/progress": {"get"},
+        "/workflows/{workflow_id}/schedule": {"get"},
         "/definitions/{definition_id}/stats": {"get"},
         "/workflows/{workflow_id}/ws": {"get"},
         "/api/v1/workflows/ws/{instance_id}": {"get"},
