@@ -15,7 +15,7 @@ from server.settings import Settings
 
 
 async def measure(redis: Redis, nodes: int, events: int, polls: int) -> tuple[float, float]:
-    _, tracker, publisher = assemble(Settings(), redis)
+    _, tracker, publisher, _ = assemble(Settings(), redis)
     wf = "bench-" + uuid.uuid4().hex[:8]
     plan = [{"node_id": f"n{i}", "node_type": "t"} for i in range(nodes)]
     try:

@@ -11,6 +11,7 @@ from . import auth, keys, legacy, openapi, schedule, views, watchers, websocket
 from .dashboard import static_dir
 from .hub import Hub
 from .metrics import Metrics
+from .overview_feed import OverviewFeed
 from .problems import problem_middleware
 from .publisher import assemble
 from .redis_client import open_redis
@@ -37,12 +38,12 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
         if redis is not None:
             await _wire(app, settings, redis)
             yield
-            await app[keys.hub_key].close()
+            await _unwire(app)
             return
         async with open_redis(settings.redis_url) as client:
             await _wire(app, settings, client)
             yield
-            await app[keys.hub_key].close()
+            await _unwire(app)
 
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(watchers.reporter_ctx)  # after redis_ctx: it reports to Redis
@@ -54,6 +55,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
         demo.setup_demo(app)
     app.on_shutdown.append(_end_streams)
 
+    app.router.add_get("/workflows", views.list_workflows)
     app.router.add_post(f"/workflows/{WF}/events", views.publish_events)
     app.router.add_get(f"/workflows/{WF}/events", views.stream_events)
     app.router.add_get(f"/workflows/{WF}/ws", websocket.websocket_events)
@@ -72,8 +74,11 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
 
 async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> None:
     metrics = app[keys.metrics_key]
-    store, tracker, publisher = assemble(
-        settings, redis, on_published=metrics.events_published_total.inc
+    store, tracker, publisher, index = assemble(
+        settings,
+        redis,
+        on_published=metrics.events_published_total.inc,
+        on_index_error=metrics.run_index_errors_total.inc,
     )
     hub = Hub(
         redis,
@@ -88,6 +93,13 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
     app[keys.hub_key] = hub
     app[keys.tracker_key] = tracker
     app[keys.publisher_key] = publisher
+    app[keys.runs_key] = index
+    app[keys.overview_key] = OverviewFeed(hub, index, tracker, redis)
+
+
+async def _unwire(app: web.Application) -> None:
+    await app[keys.overview_key].close()
+    await app[keys.hub_key].close()
 
 
 async def _end_streams(app: web.Application) -> None:

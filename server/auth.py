@@ -166,6 +166,16 @@ def check_subscribe(
         )
 
 
+def readable(
+    token: str | None, secret: str | None, *, now: float | None = None
+) -> list[str] | None:
+    """The workflows a token may read, for lists (None: all of them); 401 like the rest."""
+    if not secret:
+        return None
+    workflows = _claims(token, secret, now)[0]
+    return None if ALL_WORKFLOWS in workflows else list(dict.fromkeys(workflows))
+
+
 def check_stats(
     token: str | None, secret: str | None, definition_id: str, *, now: float | None = None
 ) -> None:

@@ -11,7 +11,9 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .hub import Hub
+    from .overview_feed import OverviewFeed
     from .publisher import Publisher
+    from .runs import RunIndex
     from .store import AnyRedis, Store
     from .streams import StreamRegistry
     from .tracker import ProgressService
@@ -26,3 +28,5 @@ streams_key: web.AppKey[StreamRegistry] = web.AppKey("streams")
 tracker_key: web.AppKey[ProgressService] = web.AppKey("tracker")
 metrics_key = web.AppKey("metrics", Metrics)
 watchers_key: web.AppKey[WatcherCounts] = web.AppKey("watchers")
+runs_key: web.AppKey[RunIndex] = web.AppKey("runs")
+overview_key: web.AppKey[OverviewFeed] = web.AppKey("overview")

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily
 from .hub import Frame
 
 NAMESPACE = "wfsse"
-STREAM_KINDS = ("events", "progress", "websocket")
+STREAM_KINDS = ("events", "progress", "websocket", "overview")
 # Publish (the Redis entry id's clock) to the write on a client's socket: 0.5 ms to 10 s.
 FANOUT_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -97,6 +97,11 @@ class Metrics:
         )  # fmt: skip
         self.requests_abandoned_total = Counter(
             "requests_abandoned", "Requests whose client left before their body was complete.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.run_index_errors_total = Counter(
+            "run_index_errors", "Run index writes that failed after their events were stored "
+            "(the run's next event writes it again).",
             namespace=ns, registry=r,
         )  # fmt: skip
         self.legacy_ingest_invalid_total = Counter(

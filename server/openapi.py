@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from .history import KEEP_DURATIONS
 from .models import MAX_BATCH, State, event_adapter
+from .runs import CURSOR_SECONDS
+from .runs import PAGE_DEFAULT as RUNS_PAGE_DEFAULT
+from .runs import PAGE_MAX as RUNS_PAGE_MAX
 from .views import PAGE_DEFAULT, PAGE_MAX
 
 REF = "#/components/schemas/{model}"
@@ -126,6 +129,39 @@ class NodeTypeStats(_Figures):
     model_config = ConfigDict(extra="forbid", title="NodeTypeStats")
 
     node_type: str
+
+
+class RunSummary(BaseModel):
+    """One run in GET /workflows and its overview stream: the figures /progress gives."""
+
+    model_config = ConfigDict(extra="forbid", title="RunSummary")
+
+    workflow_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
+    definition_id: str | None
+    state: State | None
+    total_nodes: NonNegativeInt
+    completed_nodes: NonNegativeInt
+    failed_nodes: NonNegativeInt
+    percentage: float = Field(ge=0, le=100)
+    estimated_remaining_seconds: float | None = Field(ge=0)
+    started_at: datetime | None
+    updated_at: datetime | None
+    watchers: NonNegativeInt = Field(
+        description="Event, progress and WebSocket streams open on the run, all processes "
+        "together (a few seconds behind)."
+    )
+
+
+class RunList(BaseModel):
+    """GET /workflows: the known runs, most recently updated first."""
+
+    model_config = ConfigDict(extra="forbid", title="RunList")
+
+    workflows: list[RunSummary] = Field(max_length=RUNS_PAGE_MAX)
+    next: str | None = Field(
+        description="Pass as `cursor` for the next page of the same walk (valid "
+        f"{CURSOR_SECONDS} s); null at the end."
+    )
 
 
 class DefinitionStats(BaseModel):
@@ -433,6 +469,69 @@ def _schedule_operation() -> dict[str, Any]:
     }
 
 
+_STATE_NAMES = ("CREATED", "PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED")
+_STATE_LIST = "(?:" + "|".join(_STATE_NAMES) + ")"
+
+
+def _list_operation() -> dict[str, Any]:
+    return {
+        "operationId": "listWorkflows",
+        "summary": "The known runs, most recently updated first; with Accept: "
+        "text/event-stream, the live overview.",
+        "description": (
+            "The stream form sends an `event: run` frame per summary of the first page, then "
+            "one per run whose summary changes (state, counts, ETA or watchers), at most 4 a "
+            "second per run; a reconnect gets the first page again. With SUBSCRIBE_SECRET "
+            "set, only the runs the token may read are listed."
+        ),
+        "security": _SUBSCRIBE_SECURITY,
+        "parameters": [
+            {
+                "name": "state",
+                "in": "query",
+                "required": False,
+                "description": "One or more states, comma-separated.",
+                "schema": {"type": "string", "pattern": f"^{_STATE_LIST}(?:,{_STATE_LIST})*$"},
+            },
+            {
+                "name": "definition_id",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "pattern": WORKFLOW_ID_PATTERN},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": RUNS_PAGE_MAX,
+                    "default": RUNS_PAGE_DEFAULT,
+                },
+            },
+            {
+                "name": "cursor",
+                "in": "query",
+                "required": False,
+                "description": "`next` of the previous page, as it was given (opaque; any "
+                "other value is a 400).",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "A page of runs, or the overview stream.",
+                "content": {
+                    "application/json": {"schema": {"$ref": REF.format(model="RunList")}},
+                    SSE: {"schema": {"$ref": REF.format(model="RunMessage")}},
+                },
+            },
+            **_problems(400, 401, 503),
+        },
+    }
+
+
 def _stats_operation() -> dict[str, Any]:
     return {
         "operationId": "getDefinitionStats",
@@ -486,7 +585,10 @@ def _components() -> dict[str, Any]:
             # The model checks it in a validator, invisible to the generated schema.
             schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
     schemas["Event"] = {"title": "Event", **events}
-    for model in (Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats, Schedule):
+    models = (
+        Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats, Schedule, RunList,
+    )  # fmt: skip
+    for model in models:
         generated = model.model_json_schema(ref_template=REF, mode="serialization")
         for name, schema in {**generated.pop("$defs", {}), model.__name__: generated}.items():
             _add(schemas, name, schema)
@@ -502,6 +604,12 @@ def _components() -> dict[str, Any]:
         ["progress"],
         {"$ref": REF.format(model="Progress")},
         "One `event: progress` message.",
+    )
+    schemas["RunMessage"] = _message(
+        "RunMessage",
+        ["run"],
+        {"$ref": REF.format(model="RunSummary")},
+        "One `event: run` message of the overview.",
     )
     for name, schema in schemas.items():
         if schema.get("title") != name:
@@ -557,6 +665,7 @@ def openapi_document() -> dict[str, Any]:
             "description": "Publish workflow events; stream them and their progress.",
         },
         "paths": {
+            "/workflows": {"get": _list_operation()},
             "/workflows/{workflow_id}/events": {
                 "parameters": [_WORKFLOW_ID],
                 "post": _publish_operation(),

@@ -6,14 +6,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
 from .models import MAX_BATCH, Event, EventRejected, is_workflow_id, validate_event
 from .redis_client import open_redis
+from .runs import RunIndex
 from .settings import Settings
-from .store import AnyRedis, Appended, Store
+from .store import AnyRedis, Appended, Store, id_key
 from .tracker import ProgressService
 
 logger = logging.getLogger(__name__)
@@ -147,13 +148,49 @@ class Publisher:
         return await self.publish(instance_id, event)
 
 
+class WritePath(NamedTuple):
+    store: Store
+    tracker: ProgressService
+    publisher: Publisher
+    runs: RunIndex
+
+
+def index_hook(index: RunIndex, on_error: Callable[[], None] = lambda: None) -> AfterAppend:
+    """After an append: the run index (when a field it sorts or filters by changed)."""
+
+    async def after(workflow_id: str, appended: Appended) -> None:
+        last = max(appended.ids, key=id_key)
+        try:
+            await index.note(workflow_id, last, appended.new_events)
+        except Exception:  # the events are stored: the index catches up with the next one
+            on_error()
+            raise
+
+    return after
+
+
+def chain(*hooks: AfterAppend) -> AfterAppend:
+    """Run after-append hooks in turn; one that fails does not stop the others."""
+
+    async def after(workflow_id: str, appended: Appended) -> None:
+        for hook in hooks:
+            try:
+                await hook(workflow_id, appended)
+            except Exception:
+                logger.exception("after-append hook %s failed for %s", hook, workflow_id)
+
+    return after
+
+
 def assemble(
     settings: Settings,
     redis: AnyRedis,
     *,
     on_published: Callable[[int], None] = lambda n: None,
-) -> tuple[Store, ProgressService, Publisher]:
-    """The write path as the server and an out-of-process engine both use it."""
+    on_index_error: Callable[[], None] = lambda: None,
+) -> WritePath:
+    """The write path as the server and an out-of-process engine both use it (the run
+    index included: a run an engine publishes in-process is listed like any other)."""
     store = Store(
         redis,
         maxlen=settings.history_maxlen,
@@ -161,13 +198,14 @@ def assemble(
         min_replicas_ack=settings.min_replicas_ack,
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
+    index = RunIndex(redis, retention_seconds=settings.retention_seconds)
     publisher = Publisher(
         store,
         max_event_bytes=settings.max_event_bytes,
-        after_append=tracker.record_history,
+        after_append=chain(tracker.record_history, index_hook(index, on_index_error)),
         on_published=on_published,
     )
-    return store, tracker, publisher
+    return WritePath(store, tracker, publisher, index)
 
 
 @asynccontextmanager

@@ -13,7 +13,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import RedisError
 
-from . import auth, connections, history, keys
+from . import auth, connections, history, keys, overview, overview_feed, runs
 from .dashboard import static_dir
 from .hub import Subscription, ws_text
 from .models import (
@@ -358,6 +358,74 @@ async def history_page(
     )
     headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
     return web.Response(text=body, content_type="application/json", headers=headers)
+
+
+STATES = ("CREATED", "PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED")
+
+
+def _query_problem(name: str, detail: str, msg: str, slug: str) -> Problem:
+    return Problem(400, detail, errors=[{"loc": ["query", name], "msg": msg}], slug=slug)
+
+
+def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.Cursor | None]:
+    """`state` (comma-separated), `definition_id`, `limit` (1..200) and `cursor`, or 400."""
+    query = request.query
+    states = [s.strip() for s in ",".join(query.getall("state", [])).split(",") if s.strip()]
+    bad = [s for s in states if s not in STATES]
+    if bad:
+        raise _query_problem("state", f"unknown state {bad[0]!r}; states are {', '.join(STATES)}",
+                             "not a workflow state", "bad-state")  # fmt: skip
+    definition_id = query.get("definition_id", "").strip(" \t") or None
+    if definition_id is not None and not is_workflow_id(definition_id):
+        raise _query_problem("definition_id", "definition_id must follow a workflow id's rules",
+                             "not a definition id", "bad-definition-id")  # fmt: skip
+    raw = query.get("limit", "").strip(" \t")
+    limit = runs.PAGE_DEFAULT
+    if raw:
+        limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
+        if not 1 <= limit <= runs.PAGE_MAX:
+            raise _query_problem("limit", f"limit must be an integer from 1 to {runs.PAGE_MAX}",
+                                 f"expected 1 to {runs.PAGE_MAX}", "bad-limit")  # fmt: skip
+    cursor = None
+    text = query.get("cursor", "").strip(" \t")
+    if text:
+        try:
+            cursor = runs.Cursor.decode(text, request.app[keys.runs_key].clock())
+        except runs.BadCursor as exc:
+            raise _query_problem("cursor", str(exc), "not a valid cursor", "bad-cursor") from None
+    return list(dict.fromkeys(states)), definition_id, limit, cursor
+
+
+def readable_of(request: web.Request) -> list[str] | None:
+    """The workflows the request's token may read (None: all), or 401."""
+    try:
+        return auth.readable(
+            auth.subscriber_token(request), request.app[keys.settings_key].subscribe_secret
+        )
+    except auth.AuthFailed as exc:
+        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        raise
+
+
+async def list_workflows(request: web.Request) -> web.StreamResponse:
+    """GET /workflows: the known runs, most recently updated first (or, asked for
+    text/event-stream, the live overview)."""
+    states, definition_id, limit, cursor = list_params(request)
+    readable = readable_of(request)
+    app = request.app
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await overview_feed.overview_stream(request, states, definition_id, limit, readable)
+    found, nxt = await overview.list_page(
+        app[keys.runs_key],
+        app[keys.tracker_key],
+        states=states,
+        definition_id=definition_id,
+        limit=limit,
+        cursor=cursor,
+        readable=readable,
+    )
+    body = {"workflows": found, "next": None if nxt is None else nxt.encode()}
+    return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
 
 
 def definition_id_of(request: web.Request) -> str:

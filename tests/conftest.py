@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from server import store
+from server import runs, store
 from server.app import create_app
 from server.settings import Settings
 from tests.procs import RedisClusterProcesses
@@ -114,6 +114,7 @@ async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     names = [k for wf in client.test_workflows for k in store.workflow_keys(wf)]
     if names:
         await client.delete(*names)
+        await runs.RunIndex(client, retention_seconds=1).forget(client.test_workflows)
     await client.aclose()
 
 

@@ -133,6 +133,7 @@ def test_document_is_valid_openapi_3_1(doc: dict[str, Any]) -> None:
 def test_document_has_every_path_and_method(doc: dict[str, Any]) -> None:
     paths = {p: set(ops) - {"parameters"} for p, ops in doc["paths"].items()}
     assert paths == {
+        "/workflows": {"get"},
         "/workflows/{workflow_id}/events": {"get", "post"},
         "/workflows/{workflow_id}/progress": {"get"},
         "/workflows/{workflow_id}/schedule": {"get"},

@@ -1,0 +1,166 @@
+"""Run summaries: the figures `GET /workflows` and its live overview give per run.
+
+A summary holds the same figures `/progress` gives, as of the answer. A finished run's come
+from the small `meta` part of its fold state (its ETA is 0), so a page of finished runs
+never loads a plan; a run still going is asked of the progress service, which shares its
+cached estimate with the run's pollers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from . import progress
+from .models import format_timestamp
+from .runs import Cursor, RunIndex
+from .store import META, AnyRedis, progress_key
+from .tracker import ProgressService
+from .watchers import watchers
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+SUMMARY_KEYS = (
+    "workflow_id",
+    "definition_id",
+    "state",
+    "total_nodes",
+    "completed_nodes",
+    "failed_nodes",
+    "percentage",
+    "estimated_remaining_seconds",
+    "started_at",
+    "updated_at",
+    "watchers",
+)
+
+
+def _iso_us(us: int | None) -> str | None:
+    return None if us is None else format_timestamp(_EPOCH + timedelta(microseconds=us))
+
+
+def _raw(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def finished_summary(
+    workflow_id: str, state: progress.FoldState, shown: progress.Shown | None
+) -> dict[str, Any]:
+    """A terminal run's summary from its meta part (pure): what its /progress says."""
+    total = state.total
+    done = state.counts[progress.COMPLETED] + state.counts[progress.SKIPPED]
+    counted = round(100.0 * done / total, 1) if total else 0.0
+    # As progress.snapshot(): the highest percentage shown under this plan is kept.
+    same_plan = shown is not None and state.plan_known and shown.plan_version == state.plan_version
+    floor = max(shown.percentage if same_plan and shown is not None else 0.0, counted)
+    return {
+        "workflow_id": workflow_id,
+        "definition_id": state.definition_id,
+        "state": state.state,
+        "total_nodes": total,
+        "completed_nodes": state.counts[progress.COMPLETED],
+        "failed_nodes": state.counts[progress.FAILED],
+        "percentage": 100.0 if state.state == "COMPLETED" else floor,
+        "estimated_remaining_seconds": 0.0,
+        "started_at": _iso_us(state.started_us),
+        "updated_at": _iso_us(state.updated_us),
+        "watchers": 0,
+    }
+
+
+def from_progress(snap: dict[str, Any], definition_id: str | None) -> dict[str, Any]:
+    """A summary from a /progress object (the definition is not one of its keys)."""
+    out = {k: snap.get(k) for k in SUMMARY_KEYS}
+    out["definition_id"] = definition_id
+    out["watchers"] = 0
+    return out
+
+
+async def summaries(
+    redis: AnyRedis, tracker: ProgressService, workflow_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Summaries of the runs that still exist, by id: a pipeline of the small parts, the
+    progress service for the runs still going, and the watcher counts (two round trips)."""
+    ids = list(dict.fromkeys(workflow_ids))
+    if not ids:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for w in ids:
+            pipe.hmget(progress_key(w), [META, "shown"])
+        rows = await pipe.execute()
+    out: dict[str, dict[str, Any]] = {}
+    going: list[tuple[str, str | None]] = []
+    for w, (meta, shown_raw) in zip(ids, rows, strict=True):
+        if not meta:
+            continue  # expired (or not created yet): not listed
+        state = progress.loads_parts(_raw(meta), None, {})
+        if state.terminal:
+            shown = progress.loads_shown(_raw(shown_raw)) if shown_raw else None
+            out[w] = finished_summary(w, state, shown)
+        else:
+            going.append((w, state.definition_id))
+    snaps = await asyncio.gather(*(tracker.snapshot(w) for w, _ in going))
+    for (w, definition_id), snap in zip(going, snaps, strict=True):
+        if snap is not None:
+            out[w] = from_progress(snap, definition_id)
+    counts = await watchers(redis, list(out))
+    for w, summary in out.items():
+        summary["watchers"] = counts.get(w, 0)
+    return {w: out[w] for w in ids if w in out}
+
+
+async def list_page(
+    index: RunIndex,
+    tracker: ProgressService,
+    *,
+    states: Sequence[str] = (),
+    definition_id: str | None = None,
+    limit: int,
+    cursor: Cursor | None = None,
+    readable: Sequence[str] | None = None,
+) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """A page of `GET /workflows`: summaries best first, and the cursor after them.
+
+    `readable`: the runs a token may read (None: all). A token lists its runs itself, so the
+    page costs the same whatever else the index holds.
+    """
+    if readable is None:
+        listed = await index.page(
+            states=states, definition_id=definition_id, limit=limit, cursor=cursor
+        )
+        ids, nxt = listed.workflow_ids, listed.next
+    else:
+        ids, nxt = await _readable_page(index, readable, states, definition_id, limit, cursor)
+    found = await summaries(index.redis, tracker, ids)
+    gone = [w for w in ids if w not in found]
+    if gone:  # keys expired before the index entry did: forget them now
+        await index.forget(gone)
+    return [found[w] for w in ids if w in found], nxt
+
+
+async def _readable_page(
+    index: RunIndex,
+    readable: Sequence[str],
+    states: Sequence[str],
+    definition_id: str | None,
+    limit: int,
+    cursor: Cursor | None,
+) -> tuple[list[str], Cursor | None]:
+    """A page of the runs a token names, from their index records, in the index's order."""
+    records = await index.records(readable) if readable else {}
+    rows = sorted(
+        (
+            (score, w)
+            for w, (score, state, definition) in records.items()
+            if (not states or state in states)
+            and (definition_id is None or definition == definition_id)
+            and (cursor is None or (score, w) < (cursor.score, cursor.workflow_id))
+        ),
+        reverse=True,
+    )
+    chosen = rows[:limit]
+    at = cursor.at if cursor is not None else int(index.clock() * 1000)
+    nxt = Cursor(at, *chosen[-1]) if len(rows) > limit and chosen else None
+    return [w for _, w in chosen], nxt
