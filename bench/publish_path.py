@@ -44,6 +44,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from server import runs
+
 from .fanout import finish_profiler, free_port, start_profiler
 from .loadgen import HttpConn, cpu_seconds, process_tree, raise_nofile
 
@@ -301,17 +303,22 @@ async def drive(
 
 
 async def cleanup(redis_url: str, tag: str) -> None:
-    """Delete every key of this run's workflows: `wf:{<tag>-<i>}:*`."""
+    """Delete every key of this run's workflows: `wf:{<tag>-<i>}:*`, and their entries in
+    the run index."""
     redis = Redis.from_url(redis_url)
     try:
         batch: list[bytes] = []
+        workflows: set[str] = set()
         async for key in redis.scan_iter(match=f"wf:{{{tag}-*", count=1000):
             batch.append(key)
+            workflows.add(key.decode().split("{", 1)[1].split("}", 1)[0])
             if len(batch) >= 500:
                 await redis.delete(*batch)
                 batch.clear()
         if batch:
             await redis.delete(*batch)
+        if workflows:
+            await runs.RunIndex(redis, retention_seconds=1).forget(sorted(workflows))
     finally:
         await redis.aclose()
 
