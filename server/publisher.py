@@ -198,11 +198,11 @@ def assemble(
         min_replicas_ack=settings.min_replicas_ack,
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
-    index = RunIndex(redis, retention_seconds=settings.retention_seconds)
+    index = RunIndex(redis, retention_seconds=settings.retention_seconds, on_error=on_index_error)
     publisher = Publisher(
         store,
         max_event_bytes=settings.max_event_bytes,
-        after_append=chain(tracker.record_history, index_hook(index, on_index_error)),
+        after_append=chain(tracker.record_history, index_hook(index)),
         on_published=on_published,
     )
     return WritePath(store, tracker, publisher, index)
@@ -217,4 +217,8 @@ async def connect(redis_url: str | None = None, **options: Any) -> AsyncIterator
     """
     settings = Settings(redis_url=redis_url, **options)
     async with open_redis(settings.redis_url) as redis:
-        yield assemble(settings, redis)[2]
+        path = assemble(settings, redis)
+        try:
+            yield path.publisher
+        finally:
+            await path.runs.close()

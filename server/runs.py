@@ -42,11 +42,12 @@ import logging
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from .models import Event, WorkflowPlanned, WorkflowStateChanged
 
@@ -63,6 +64,11 @@ PAGE_DEFAULT, PAGE_MAX = 50, 200
 # Workflows whose last indexed (state, definition, second) this process remembers, so that
 # an append that changes none of them costs no index write.
 CACHE_RUNS = 100_000
+# Runs that only moved on to a new second are written together this often, at most
+# FLUSH_RUNS to a script: a busy process writes the index a few times a second, not once
+# per event of each slow run.
+FLUSH_SECONDS = 0.2
+FLUSH_RUNS = 500
 
 # Shared by the scripts: the sets a record is in, and forgetting a run.
 _COMMON_LUA = """
@@ -90,16 +96,14 @@ end
 """
 
 # KEYS: the shard's `all` and `rec` (the filter sets are named from the same hash tag).
-# ARGV: tag, workflow id, event id, state ('' unchanged), definition set 0|1, definition,
-# now (ms), tie, retention (ms), cursor window (ms), publish command, notice channel,
-# moves kept at most.
-# Returns 1 when the index changed, else 0.
+# ARGV: tag, now (ms), retention (ms), cursor window (ms), publish command, notice channel,
+# moves kept at most; then per run 6: workflow id, event id, state ('' unchanged),
+# definition set 0|1, definition, tie. Returns how many records changed.
 _UPDATE_LUA = (
     _COMMON_LUA
     + """
-local tag, wf, id = ARGV[1], ARGV[2], ARGV[3]
-local now, tie = tonumber(ARGV[7]), tonumber(ARGV[8])
-local retention, window = tonumber(ARGV[9]), tonumber(ARGV[10])
+local tag, now = ARGV[1], tonumber(ARGV[2])
+local retention, window, kept = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
 local function idkey(s)
   local ms, seq = string.match(s, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -109,41 +113,49 @@ local function newer(a, b)
   local bm, bs = idkey(b)
   return am > bm or (am == bm and as > bs)
 end
-local raw = redis.call('HGET', KEYS[2], wf)
-local r = {s = '-', d = '', si = '0-0', di = '0-0', t = 0, h = {}}
-if raw then r = cjson.decode(raw) end
-local fresh = not raw
-local s, d = r.s, r.d
-if ARGV[4] ~= '' and newer(id, r.si) then s = ARGV[4]; r.si = id end
-if ARGV[5] == '1' and newer(id, r.di) then d = ARGV[6]; r.di = id end
--- Within the second of the last write only a new state or definition writes again.
-if not fresh and s == r.s and d == r.d and math.floor(now / 1000) <= math.floor(r.t / 1000) then
-  return 0
+local function update(wf, id, state, planned, def, tie)
+  local raw = redis.call('HGET', KEYS[2], wf)
+  local r = {s = '-', d = '', si = '0-0', di = '0-0', t = 0, h = {}}
+  if raw then r = cjson.decode(raw) end
+  local fresh = not raw
+  local s, d = r.s, r.d
+  if state ~= '' and newer(id, r.si) then s = state; r.si = id end
+  if planned == '1' and newer(id, r.di) then d = def; r.di = id end
+  -- Within the second of the last write only a new state or definition writes again.
+  if not fresh and s == r.s and d == r.d and math.floor(now / 1000) <= math.floor(r.t / 1000) then
+    return 0
+  end
+  local at = r.t
+  if now > at then at = now end
+  local score = num(at * B + tie)
+  if s ~= r.s or d ~= r.d then
+    for _, k in ipairs(sets(tag, r.s, r.d)) do redis.call('ZREM', k, wf) end
+  end
+  for _, k in ipairs(sets(tag, s, d)) do redis.call('ZADD', k, score, wf) end
+  local h = r.h
+  -- Every move is kept (a walk started between two of them needs the first), those older
+  -- than a cursor lives but the newest of them, and at most MOVES_KEPT.
+  h[#h + 1] = {at, s, d}
+  while #h > 1 and (h[2][1] <= now - window or #h > kept) do table.remove(h, 1) end
+  if fresh then r.c = at end
+  local moved = s ~= r.s or d ~= r.d or fresh
+  r.s, r.d, r.t, r.x, r.h = s, d, at, tie, h
+  redis.call('HSET', KEYS[2], wf, cjson.encode(r))
+  if moved then
+    redis.call(ARGV[5], ARGV[6], id .. ' run 0 ' .. cjson.encode({workflow_id = wf, state = s}))
+  end
+  return 1
 end
-local at = r.t
-if now > at then at = now end
-local score = num(at * B + tie)
-if s ~= r.s or d ~= r.d then
-  for _, k in ipairs(sets(tag, r.s, r.d)) do redis.call('ZREM', k, wf) end
+local changed = 0
+for i = 8, #ARGV, 6 do
+  changed = changed + update(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+                             tonumber(ARGV[i + 5]))
 end
-for _, k in ipairs(sets(tag, s, d)) do redis.call('ZADD', k, score, wf) end
-local h = r.h
--- Every move is kept (a walk started between two of them needs the first), those older
--- than a cursor lives but the newest of them, and at most MOVES_KEPT.
-h[#h + 1] = {at, s, d}
-while #h > 1 and (h[2][1] <= now - window or #h > tonumber(ARGV[13])) do table.remove(h, 1) end
-if fresh then r.c = at end
-local moved = s ~= r.s or d ~= r.d or fresh
-r.s, r.d, r.t, r.x, r.h = s, d, at, tie, h
-redis.call('HSET', KEYS[2], wf, cjson.encode(r))
 -- Two dead entries from the bottom per write: they leave as fast as new runs come.
 local bottom = num((now - retention) * B)
 local dead = redis.call('ZRANGE', KEYS[1], '-inf', bottom, 'BYSCORE', 'LIMIT', 0, 2)
 for _, m in ipairs(dead) do drop(tag, KEYS[2], m) end
-if moved then
-  redis.call(ARGV[11], ARGV[12], id .. ' run 0 ' .. cjson.encode({workflow_id = wf, state = s}))
-end
-return 1
+return changed
 """
 )
 
@@ -336,6 +348,7 @@ class RunIndex:
         retention_seconds: int,
         prefix: str = "wfsse",
         clock: Any = time.time,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds
@@ -351,6 +364,9 @@ class RunIndex:
         # workflow -> (state, definition, second) as this process last wrote them
         self._written: OrderedDict[str, tuple[str | None, str | None, int]] = OrderedDict()
         self._missed: dict[str, tuple[str | None, str | None, bool]] = {}
+        self._moves: dict[str, str] = {}  # runs that only moved on in time -> last id
+        self._flusher: asyncio.Task[None] | None = None
+        self.on_error = on_error
         self.writes = 0  # index writes made (for the metrics and the bench)
 
     def _keys(self, k: int) -> list[str]:
@@ -359,9 +375,10 @@ class RunIndex:
 
     async def note(self, workflow_id: str, last_id: str, events: Sequence[Event]) -> bool:
         """After an append of `events` (the last stored as `last_id`): write the index if a
-        field it sorts or filters by changed; True when a write was sent."""
-        from .store import channel
-
+        field it sorts or filters by changed. A new state, a plan or a run new to this
+        process is written before this returns; a run that only moved on to a new second
+        goes with the next flush (FLUSH_SECONDS), many runs to a script. True when a write
+        was sent or queued."""
         state, definition, planned = index_changes(events)
         missed = self._missed.pop(workflow_id, None)
         if missed is not None:  # what an index write that failed would have said
@@ -370,37 +387,25 @@ class RunIndex:
                 definition, planned = missed[1], True
         now = int(self.clock() * 1000)
         known = self._written.get(workflow_id)
-        if known is not None and state is None and not planned and known[2] == now // 1000:
+        if known is not None and state is None and not planned:
             self._written.move_to_end(workflow_id)
-            return False
-        # A state change or a plan always writes (another process may have written another
-        # state since); otherwise only a new second does.
+            if known[2] == now // 1000:
+                return False
+            self._written[workflow_id] = (known[0], known[1], now // 1000)
+            self._moves[workflow_id] = last_id
+            self._start_flusher()
+            return True
         k = shard_of(workflow_id, self.shards)
-        tag = shard_tag(k, prefix=self.prefix)
+        row = [workflow_id, last_id, state or "", "1" if planned else "0", definition or "",
+               tie(workflow_id)]  # fmt: skip
         try:
-            await self._update(
-                keys=self._keys(k),
-                args=[
-                    tag,
-                    workflow_id,
-                    last_id,
-                    state or "",
-                    "1" if planned else "0",
-                    definition or "",
-                    now,
-                    tie(workflow_id),
-                    self.retention_seconds * 1000,
-                    CURSOR_SECONDS * 1000,
-                    self.publish_command,
-                    channel(notice_channel_id(k, prefix=self.prefix)),
-                    MOVES_KEPT,
-                ],
-            )
+            await self._write(k, now, row)
         except BaseException:
             # Remembered for the next append's write, which may change nothing by itself.
             self._missed[workflow_id] = (state, definition, planned)
+            self.on_error()
             raise
-        self.writes += 1
+        self._moves.pop(workflow_id, None)  # written with the rest
         prev_state = known[0] if known is not None else None
         prev_def = known[1] if known is not None else None
         self._written[workflow_id] = (
@@ -412,6 +417,67 @@ class RunIndex:
         while len(self._written) > CACHE_RUNS:
             self._written.popitem(last=False)
         return True
+
+    async def _write(self, k: int, now: int, rows: list[Any]) -> None:
+        """One update script on shard k for runs given 6 values each (see _UPDATE_LUA)."""
+        from .store import channel
+
+        tag = shard_tag(k, prefix=self.prefix)
+        await self._update(
+            keys=self._keys(k),
+            args=[
+                tag,
+                now,
+                self.retention_seconds * 1000,
+                CURSOR_SECONDS * 1000,
+                self.publish_command,
+                channel(notice_channel_id(k, prefix=self.prefix)),
+                MOVES_KEPT,
+                *rows,
+            ],
+        )
+        self.writes += 1
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_SECONDS)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the queued moves now, one script per shard; on a failure they wait for the
+        next flush (a newer move of the same run replaces them)."""
+        moves, self._moves = self._moves, {}
+        if not moves:
+            return
+        by_shard: dict[int, list[Any]] = {}
+        for w, last_id in moves.items():
+            by_shard.setdefault(shard_of(w, self.shards), []).extend(
+                [w, last_id, "", "0", "", tie(w)]
+            )
+        now = int(self.clock() * 1000)
+        for k, rows in by_shard.items():
+            try:
+                for i in range(0, len(rows), 6 * FLUSH_RUNS):
+                    await self._write(k, now, rows[i : i + 6 * FLUSH_RUNS])
+            except (RedisError, OSError) as exc:
+                self.on_error()
+                logger.info("run index: %d moves not written (%s); next flush", len(rows) // 6, exc)
+                for j in range(0, len(rows), 6):
+                    self._moves.setdefault(rows[j], rows[j + 1])
+                self._start_flusher()
+
+    async def close(self) -> None:
+        """Write what is queued (a clean exit loses no move)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        try:
+            await self.flush()
+        except (RedisError, OSError) as exc:
+            logger.info("run index: queued moves not written at exit (%s)", exc)
 
     async def page(
         self,

@@ -227,3 +227,25 @@ async def test_bad_parameters_are_problems(serve: Serve, query: dict[str, str], 
         assert resp.content_type == "application/problem+json"
         body = await resp.json()
     assert body["errors"][0]["loc"] == ["query", loc]
+
+
+async def test_a_run_that_only_moves_on_in_time_rises_within_a_flush(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    """Node events in a new second move a run up without a state change (written with the
+    next flush of queued moves, many runs to a script)."""
+    base = await serve()
+    definition = "def-" + uuid.uuid4().hex[:8]
+    first, second = new_workflow(), new_workflow()
+    await publish(base, first, [plan(definition, "a"), state("RUNNING")])
+    await later()
+    await publish(base, second, [plan(definition, "a"), state("RUNNING")])
+    assert await walk(base, 10, definition_id=definition) == [second, first]
+    this_second = int(time.time())
+    while int(time.time()) == this_second:  # the index moves a run once a second at most
+        await asyncio.sleep(0.01)
+    await publish(base, first, [started("a")])
+    deadline = time.monotonic() + 3
+    while await walk(base, 10, definition_id=definition) != [first, second]:
+        assert time.monotonic() < deadline, "the move was not written"
+        await asyncio.sleep(0.05)
