@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .models import Event, WorkflowPlanned, WorkflowStateChanged
 
@@ -59,6 +59,9 @@ CURSOR_SECONDS = 300  # how long a walk's cursor stays valid
 # Moves a run's record keeps (those of the last CURSOR_SECONDS): a run that changes state
 # more often than this in that time may be listed out of its place in a walk.
 MOVES_KEPT = 1_000
+# Runs of a shard that moved since a walk began which a page looks up at most (each is a
+# record read in the page script): past it the walk is refused (400) rather than Redis held.
+MOVED_MAX = 2_000
 NO_STATE = "-"
 PAGE_DEFAULT, PAGE_MAX = 50, 200
 # Workflows whose last indexed (state, definition, second) this process remembers, so that
@@ -160,7 +163,8 @@ return changed
 )
 
 # One page of one shard. KEYS: `all`, `rec`. ARGV: tag, T (ms), cursor score ('' none),
-# cursor member, limit, now (ms), retention (ms), states (JSON list, [] any), definition.
+# cursor member, limit, now (ms), retention (ms), states (JSON list, [] any), definition,
+# the most runs moved since T that it looks at (more: an error reply STALE).
 # Returns a flat list of workflow id, score (as of T): at most limit + 1 runs, best first.
 _PAGE_LUA = (
     _COMMON_LUA
@@ -215,7 +219,9 @@ for _, z in ipairs(zsets) do
   end
 end
 -- Runs that moved above T during the walk: listed where they stood at T.
-local moved = redis.call('ZRANGE', KEYS[1], '(' .. num(top), '+inf', 'BYSCORE')
+local moved = redis.call('ZRANGE', KEYS[1], '(' .. num(top), '+inf', 'BYSCORE', 'LIMIT', 0,
+  tonumber(ARGV[10]) + 1)
+if #moved > tonumber(ARGV[10]) then return redis.error_reply('STALE') end
 for _, m in ipairs(moved) do
   local raw = redis.call('HGET', KEYS[2], m)
   if raw then
@@ -499,11 +505,20 @@ class RunIndex:
             self.retention_seconds * 1000,
             json.dumps(list(states)),
             definition_id or "",
+            MOVED_MAX,
         ]
 
         async def one(k: int) -> list[Any]:
             tag = shard_tag(k, prefix=self.prefix)
-            rows: list[Any] = await self._page(keys=self._keys(k), args=[tag, *args_tail])
+            try:
+                rows: list[Any] = await self._page(keys=self._keys(k), args=[tag, *args_tail])
+            except ResponseError as exc:
+                if "STALE" not in str(exc):
+                    raise
+                raise BadCursor(
+                    f"more than {MOVED_MAX} runs of a shard changed since this walk began: "
+                    "start it again without a cursor"
+                ) from None
             return rows
 
         replies = await asyncio.gather(*(one(k) for k in range(self.shards)))

@@ -415,15 +415,18 @@ async def list_workflows(request: web.Request) -> web.StreamResponse:
     app = request.app
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await overview_feed.overview_stream(request, states, definition_id, limit, readable)
-    found, nxt = await overview.list_page(
-        app[keys.runs_key],
-        app[keys.tracker_key],
-        states=states,
-        definition_id=definition_id,
-        limit=limit,
-        cursor=cursor,
-        readable=readable,
-    )
+    try:
+        found, nxt = await overview.list_page(
+            app[keys.runs_key],
+            app[keys.tracker_key],
+            states=states,
+            definition_id=definition_id,
+            limit=limit,
+            cursor=cursor,
+            readable=readable,
+        )
+    except runs.BadCursor as exc:
+        raise _query_problem("cursor", str(exc), "walk too old", "stale-cursor") from None
     body = {"workflows": found, "next": None if nxt is None else nxt.encode()}
     return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
 

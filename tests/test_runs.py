@@ -249,3 +249,38 @@ async def test_a_run_that_only_moves_on_in_time_rises_within_a_flush(
     while await walk(base, 10, definition_id=definition) != [first, second]:
         assert time.monotonic() < deadline, "the move was not written"
         await asyncio.sleep(0.05)
+
+
+async def test_a_walk_whose_runs_all_moved_is_refused_not_left_to_hold_redis(
+    redis: Any, new_workflow: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page looks up at most MOVED_MAX runs that moved since its walk began."""
+    monkeypatch.setattr(runs, "MOVED_MAX", 2)
+    clock = [1_800_000_000.0]
+    index = runs.RunIndex(redis, retention_seconds=3600, clock=lambda: clock[0])
+    wfs: list[str] = []
+    while len(wfs) < 5:  # all in one shard (a Cluster has 16)
+        wf = new_workflow()
+        if runs.shard_of(wf, index.shards) == 0:
+            wfs.append(wf)
+    for i, wf in enumerate(wfs):
+        await index.note(wf, f"{i + 1}-0", [_state_event("RUNNING")])
+        clock[0] += 0.01
+    page = await index.page(limit=2)
+    assert page.next is not None and len(page.workflow_ids) == 2
+    clock[0] += 2
+    for i, wf in enumerate(wfs[:2]):  # two moved: still served
+        await index.note(wf, f"{10 + i}-0", [_state_event("PAUSED")])
+    assert len((await index.page(limit=2, cursor=page.next)).workflow_ids) == 2
+    await index.note(wfs[2], "20-0", [_state_event("PAUSED")])  # a third: refused
+    with pytest.raises(runs.BadCursor, match="start it again"):
+        await index.page(limit=2, cursor=page.next)
+
+
+def _state_event(to: str) -> Any:
+    from datetime import UTC, datetime
+
+    from server.models import validate_event
+
+    event = {"event_type": "workflow_state_changed", "to_state": to}
+    return validate_event(event, "x", max_event_bytes=65536, now=datetime.now(UTC))
