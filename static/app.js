@@ -13,6 +13,12 @@
   const NO_PROGRESS_EVERY_MS = 3000; // while /progress answers 404 although events arrive
   const LOG_SIZE = 20;
   const MAX_BACKOFF_MS = 10000;
+  const SCHEDULE_EVERY_MS = 1000; // /schedule at most once a second, after a /progress answer
+  // A running node is "far past its usual time" beyond OVERDUE_FACTOR x its p90 (p50 when
+  // the history has no p90) and at least OVERDUE_MIN_S over it.
+  const OVERDUE_FACTOR = 2;
+  const OVERDUE_MIN_S = 1;
+  const Pictures = window.WfPictures;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -22,6 +28,9 @@
     count: $("count"), eta: $("eta"), runningLine: $("running-line"), notice: $("notice"),
     nodes: $("nodes"), events: $("events"), nodeTemplate: $("node-template"),
     summary: document.querySelector(".summary"),
+    graphPanel: $("graph-panel"), graph: $("graph"), graphCaption: $("graph-caption"),
+    timelinePanel: $("timeline-panel"), timeline: $("timeline"),
+    timelineCaption: $("timeline-caption"), picturesNote: $("pictures-note"),
   };
 
   // Every event id this page received, in arrival order, duplicates included: tests read it.
@@ -80,6 +89,18 @@
       complete: true, // every event since the first was folded here (false after a gap)
       nodes: new Map(), // node_id -> {id, name, type, status, ...}
       planOrder: [], // node ids of the plan, in plan order
+      deps: new Map(), // node_id -> depends_on, from the plan
+      order: [], // planned nodes in plan order, then the others: the pictures' rows
+      schedule: null, // the last /schedule answer
+      scheduleAt: 0, // performance.now() when it arrived
+      predicted: new Map(), // node_id -> {start, end} in ms of the server's clock
+      lastSchedule: -Infinity,
+      scheduling: false,
+      stats: null, // {nodes: Map, types: Map} of {p50, p90} from /definitions/{id}/stats
+      statsFor: null,
+      selected: null, // node id selected in any of the three views
+      shownFinish: null, // the timeline's right edge (ms), the ETA shown
+      startedAt: null, // the run's start (ms), from /progress
       definition: null,
       maxConcurrency: null,
       state: null,
@@ -105,8 +126,8 @@
     let node = w.nodes.get(nodeId);
     if (!node) {
       node = { id: nodeId, name: null, type: null, status: "pending", startedAt: null,
-               fraction: null, durationMs: null, error: null, lastError: null, attempts: 0,
-               reason: null, li: null };
+               finishedAt: null, fraction: null, durationMs: null, error: null,
+               lastError: null, attempts: 0, reason: null, li: null };
       w.nodes.set(nodeId, node);
     }
     if (name) node.name = name;
@@ -122,7 +143,11 @@
     switch (ev.event_type) {
       case "workflow_planned":
         w.planOrder = (ev.nodes || []).map((n) => n.node_id);
-        for (const n of ev.nodes || []) nodeOf(w, n.node_id, n.node_name, n.node_type);
+        w.deps = new Map();
+        for (const n of ev.nodes || []) {
+          nodeOf(w, n.node_id, n.node_name, n.node_type);
+          w.deps.set(n.node_id, Array.isArray(n.depends_on) ? n.depends_on : []);
+        }
         w.definition = ev.definition_id || null;
         w.maxConcurrency = ev.max_concurrency || null;
         return true; // the node list is redrawn in plan order
@@ -133,6 +158,7 @@
         const node = nodeOf(w, ev.node_id, ev.node_name, ev.node_type);
         node.status = "running";
         node.startedAt = ts;
+        node.finishedAt = null;
         node.fraction = null;
         node.attempts += 1;
         return node;
@@ -140,12 +166,14 @@
       case "node_progress": {
         const node = nodeOf(w, ev.node_id);
         node.fraction = ev.fraction;
-        if (node.status === "pending") node.status = "running";
+        if (node.status === "pending") { node.status = "running"; node.startedAt = ts; node.attempts += 1; }
         return node;
       }
       case "node_completed": {
         const node = nodeOf(w, ev.node_id, ev.node_name, ev.node_type);
         node.status = "completed";
+        node.finishedAt = ts;
+        node.attempts = Math.max(node.attempts, 1);
         node.durationMs = Number.isInteger(ev.duration_ms) ? ev.duration_ms
           : node.startedAt !== null ? ts - node.startedAt : null;
         return node;
@@ -153,6 +181,8 @@
       case "node_failed": {
         const node = nodeOf(w, ev.node_id, ev.node_name, ev.node_type);
         node.status = "failed";
+        node.finishedAt = ts;
+        node.attempts = Math.max(node.attempts, 1);
         node.error = ev.error;
         node.lastError = ev.error;
         node.durationMs = Number.isInteger(ev.duration_ms) ? ev.duration_ms
@@ -162,6 +192,7 @@
       case "node_skipped": {
         const node = nodeOf(w, ev.node_id);
         node.status = "skipped";
+        node.finishedAt = ts;
         node.reason = ev.reason || null;
         return node;
       }
@@ -215,7 +246,16 @@
     if (p && !w.progressMissing) {
       const state = terminal || p.state;
       let eta = p.estimated_remaining_seconds;
-      if (typeof eta === "number") eta = Math.max(0, eta - (performance.now() - w.progressAt) / 1000);
+      let etaAt = w.progressAt;
+      const s = w.schedule;
+      // A /schedule answer newer than /progress for the same event carries the same figure
+      // a moment later: the ETA shown and the timeline's right edge are one number.
+      if (s && w.scheduleAt >= w.progressAt && s.last_event_id === p.last_event_id
+          && typeof s.estimated_remaining_seconds === "number") {
+        eta = s.estimated_remaining_seconds;
+        etaAt = w.scheduleAt;
+      }
+      if (typeof eta === "number") eta = Math.max(0, eta - (performance.now() - etaAt) / 1000);
       const f = {
         state,
         percentage: state === "COMPLETED" ? 100 : (p.percentage || 0),
@@ -265,6 +305,11 @@
     el.percent.textContent = `${pct.toFixed(1)} %`;
     el.count.textContent = `${f.done} of ${f.total} nodes`;
     el.eta.textContent = etaText(w, f);
+    if (f.eta !== null && !TERMINAL.has(f.state)) {
+      el.eta.dataset.completionAt = String(Math.round(Date.now() + w.offsetMs + f.eta * 1000));
+    } else {
+      delete el.eta.dataset.completionAt;
+    }
     el.runningLine.textContent = f.running.length && !TERMINAL.has(f.state)
       ? `Running: ${f.running.join(", ")}` : "";
     el.runningLine.hidden = TERMINAL.has(f.state);
@@ -304,10 +349,101 @@
     }
   }
 
+  // ---------------------------------------------------------------- usual durations
+  function usual(w, node) {
+    if (!w.stats) return null;
+    const own = w.stats.nodes.get(node.id);
+    if (own && typeof own.p50 === "number") return own;
+    const kind = node.type ? w.stats.types.get(node.type) : null;
+    return kind && typeof kind.p50 === "number" ? kind : null;
+  }
+
+  function runningSeconds(w, node, now) {
+    return node.startedAt === null ? 0 : Math.max(0, now - node.startedAt) / 1000;
+  }
+
+  function overdue(w, node, now) {
+    if (node.status !== "running") return false;
+    const u = usual(w, node);
+    if (!u) return false;
+    const bound = typeof u.p90 === "number" ? u.p90 : u.p50;
+    const ran = runningSeconds(w, node, now);
+    return ran > OVERDUE_FACTOR * bound && ran - bound >= OVERDUE_MIN_S;
+  }
+
+  function usualText(w, node, now) {
+    const u = usual(w, node);
+    if (!u) return "";
+    const text = `usually ${formatDuration(u.p50)}`;
+    return overdue(w, node, now) ? `⚠ far past its usual ${formatDuration(u.p50)}` : text;
+  }
+
+  async function fetchStats(w) {
+    if (!w.definition || w.statsFor === w.definition) return;
+    w.statsFor = w.definition;
+    try {
+      const r = await fetch(`/definitions/${encodeURIComponent(w.definition)}/stats`,
+                            { headers: { Accept: "application/json" }, cache: "no-store" });
+      if (w !== current || r.status !== 200) return; // 404: nothing recorded yet
+      const body = await r.json();
+      const pick = (x) => ({ p50: x.p50_seconds, p90: x.p90_seconds });
+      w.stats = {
+        nodes: new Map((body.nodes || []).map((x) => [x.node_id, pick(x)])),
+        types: new Map((body.node_types || []).map((x) => [x.node_type, pick(x)])),
+      };
+      renderAllNodes(w);
+      renderPictures(w);
+    } catch (err) {
+      w.statsFor = null; // offline: try again after the next event
+    }
+  }
+
+  // ---------------------------------------------------------------- keyboard
+  function roveTo(items, target) {
+    if (!target) return;
+    for (const item of items) item.tabIndex = -1;
+    target.tabIndex = 0;
+    target.focus();
+  }
+
+  el.nodes.addEventListener("keydown", (e) => {
+    const li = e.target.closest("li.node");
+    if (!li) return;
+    const items = Array.from(el.nodes.children);
+    const i = items.indexOf(li);
+    let target = null;
+    if (e.key === "ArrowDown") target = items[i + 1];
+    else if (e.key === "ArrowUp") target = items[i - 1];
+    else if (e.key === "Home") target = items[0];
+    else if (e.key === "End") target = items[items.length - 1];
+    else if (e.key === "Enter" && pictures.dag && current && current.order.length <= Pictures.MAX_NODES) {
+      pictures.dag.focus(li.dataset.nodeId);
+    } else return;
+    e.preventDefault();
+    roveTo(items, target);
+  });
+
+  el.nodes.addEventListener("focusin", (e) => {
+    const li = e.target.closest("li.node");
+    if (li && current) select(current, li.dataset.nodeId, "list");
+  });
+
+  function select(w, id, from, jump) {
+    if (w !== current) return;
+    w.selected = id;
+    for (const node of w.nodes.values()) if (node.li) node.li.toggleAttribute("data-selected", node.id === id);
+    renderPictures(w);
+    if (jump) {
+      const node = w.nodes.get(id);
+      if (node && node.li) roveTo(Array.from(el.nodes.children), node.li);
+    }
+  }
+
   function renderNode(w, node) {
     if (!node.li) {
       node.li = el.nodeTemplate.content.firstElementChild.cloneNode(true);
       node.li.dataset.nodeId = node.id;
+      node.li.tabIndex = el.nodes.children.length ? -1 : 0;
       el.nodes.appendChild(node.li);
     }
     const li = node.li;
@@ -316,6 +452,10 @@
     li.querySelector(".node-type").textContent = node.type || "";
     li.querySelector(".node-status").textContent = node.status;
     li.querySelector(".node-detail").textContent = nodeDetail(w, node);
+    const now = Date.now() + w.offsetMs;
+    li.querySelector(".node-usual").textContent = usualText(w, node, now);
+    li.toggleAttribute("data-overdue", overdue(w, node, now));
+    li.toggleAttribute("data-retried", node.attempts > 1 && node.status !== "failed");
     const error = node.status === "failed" ? node.error
       : node.lastError && node.status !== "skipped" ? `earlier attempt failed: ${node.lastError}` : "";
     const errorEl = li.querySelector(".node-error");
@@ -338,6 +478,136 @@
       el.nodes.appendChild(node.li); // moves it into place
     }
   }
+
+  // ---------------------------------------------------------------- the pictures
+  const hooks = {
+    label: (n) => n.name || n.id,
+    short: (n, now) => {
+      switch (n.status) {
+        case "running": {
+          const parts = [formatDuration(runningSeconds(current, n, now))];
+          if (typeof n.fraction === "number") parts.push(`${Math.round(100 * n.fraction)} %`);
+          return parts.join(" · ");
+        }
+        case "completed": return n.durationMs !== null ? formatDuration(n.durationMs / 1000) : "done";
+        case "failed": return n.durationMs !== null ? `after ${formatDuration(n.durationMs / 1000)}` : "";
+        case "skipped": return "skipped";
+        default: {
+          const u = usual(current, n);
+          return u ? `usually ${formatDuration(u.p50)}` : "pending";
+        }
+      }
+    },
+    overdue: (n, now) => overdue(current, n, now),
+    // Reported by the engine when it says; else the share of the predicted duration run.
+    fraction: (n, now) => {
+      if (typeof n.fraction === "number") return n.fraction;
+      const p = current.predicted.get(n.id);
+      if (!p || p.end === null || n.startedAt === null || p.end <= n.startedAt) return null;
+      return Math.min(0.95, Math.max(0, (now - n.startedAt) / (p.end - n.startedAt)));
+    },
+    time: (ms) => localTime(new Date(ms).toISOString()),
+    duration: (s) => formatDuration(s),
+    select: (id, from, jump) => current && select(current, id, from, jump),
+  };
+  const pictures = {
+    dag: Pictures ? new Pictures.Dag(el.graph, el.graphCaption, hooks) : null,
+    timeline: Pictures ? new Pictures.Timeline(el.timeline, el.timelineCaption, hooks) : null,
+  };
+
+  function pictureOrder(w) {
+    const seen = new Set();
+    const order = [];
+    for (const id of w.planOrder) if (w.nodes.has(id) && !seen.has(id)) { order.push(id); seen.add(id); }
+    for (const id of w.nodes.keys()) if (!seen.has(id)) order.push(id);
+    return order;
+  }
+
+  function renderPictures(w) {
+    if (w !== current || !pictures.dag) return;
+    w.order = pictureOrder(w);
+    const count = w.order.length;
+    const fits = count > 0 && count <= Pictures.MAX_NODES;
+    el.graphPanel.hidden = count === 0;
+    el.timelinePanel.hidden = !fits;
+    el.graph.hidden = !fits;
+    el.graphPanel.querySelector(".legend").hidden = !fits;
+    el.picturesNote.hidden = fits;
+    el.picturesNote.textContent = fits ? "" :
+      `This run has ${count} nodes: above ${Pictures.MAX_NODES} the graph and the timeline give way to the node list below.`;
+    el.graphCaption.hidden = !fits;
+    if (!fits) return;
+    w.terminal = TERMINAL.has(w.state) || (w.progress && TERMINAL.has(w.progress.state));
+    const now = Date.now() + w.offsetMs;
+    if (w.progress && w.progress.started_at) w.startedAt = Date.parse(w.progress.started_at);
+    pictures.dag.render(w, now);
+    pictures.timeline.render(w, now, shownSchedule(w, now), w.terminal ? null : w.shownFinish);
+  }
+
+  // The schedule as of `now`, its latest end on the ETA the summary shows: what was due
+  // to start by now starts now, and the rest is stretched by (shown ETA) / (schedule's
+  // ETA), which stays 1 within a few ms while the schedule is fresh (see fetchSchedule).
+  function shownSchedule(w, now) {
+    w.shownFinish = null;
+    const f = figures(w);
+    if (w.terminal || f.eta === null || !w.predicted.size) return w.predicted;
+    const finish = now + f.eta * 1000;
+    let latest = null;
+    for (const p of w.predicted.values()) if (p.end !== null) latest = Math.max(latest ?? p.end, p.end);
+    if (latest === null) return w.predicted;
+    const k = latest - now > 1 ? (finish - now) / (latest - now) : 0;
+    const out = new Map();
+    for (const [id, p] of w.predicted) {
+      if (p.end === null) { out.set(id, p); continue; }
+      const end = k ? now + Math.max(p.end - now, 0) * k : finish;
+      const start = p.start === null ? null : Math.min(end, now + Math.max(p.start - now, 0) * k);
+      out.set(id, { start, end });
+    }
+    w.shownFinish = finish;
+    return out;
+  }
+
+  let picturesQueued = false;
+  function queuePictures(w) {
+    if (picturesQueued) return;
+    picturesQueued = true;
+    requestAnimationFrame(() => { picturesQueued = false; renderPictures(w); });
+  }
+
+  async function fetchSchedule(w) {
+    if (w.scheduling || w.finished || !pictures.dag || w.order.length > Pictures.MAX_NODES) return;
+    if (performance.now() - w.lastSchedule < SCHEDULE_EVERY_MS && w.schedule
+        && w.schedule.last_event_id === (w.progress && w.progress.last_event_id)) return;
+    w.scheduling = true;
+    w.lastSchedule = performance.now();
+    try {
+      const sent = Date.now();
+      const r = await fetch(`/workflows/${encodeURIComponent(w.id)}/schedule`,
+                            { headers: { Accept: "application/json" }, cache: "no-store" });
+      if (w !== current || r.status !== 200) return;
+      const body = await r.json();
+      const back = Date.now();
+      w.schedule = body;
+      w.scheduleAt = performance.now();
+      // The answer's clock is exact to the millisecond: the page's server time follows it.
+      if (body.as_of) w.offsetMs = Date.parse(body.as_of) - (sent + back) / 2;
+      w.predicted = new Map();
+      for (const n of body.nodes || []) {
+        w.predicted.set(n.node_id, {
+          start: n.expected_start_at ? Date.parse(n.expected_start_at) : null,
+          end: n.expected_end_at ? Date.parse(n.expected_end_at) : null,
+        });
+      }
+      renderSummary(w);
+      renderPictures(w);
+    } catch (err) {
+      // Offline: the pictures keep the last schedule.
+    } finally {
+      w.scheduling = false;
+    }
+  }
+
+  window.addEventListener("resize", () => current && queuePictures(current));
 
   // ---------------------------------------------------------------- the event log
   function logEvent(w, id, ev, text) {
@@ -403,7 +673,9 @@
       w.fetching = false;
       if (w === current) {
         renderSummary(w);
+        queuePictures(w);
         if (w.fetchAgain) scheduleProgress(w);
+        else if (!w.progressMissing && w.progress && !TERMINAL.has(w.progress.state)) fetchSchedule(w);
       }
     }
   }
@@ -430,6 +702,8 @@
     }
     logEvent(w, e.lastEventId, ev, describe(w, ev));
     renderSummary(w);
+    queuePictures(w);
+    if (ev.event_type === "workflow_planned") fetchStats(w);
     scheduleProgress(w);
     if (ev.event_type === "workflow_state_changed" && TERMINAL.has(ev.to_state)) finish(w);
   }
@@ -504,6 +778,7 @@
     setBadge("finished");
     for (const node of w.nodes.values()) if (node.li) renderNode(w, node);
     renderSummary(w);
+    renderPictures(w);
     scheduleProgress(w); // the final figures
   }
 
@@ -524,6 +799,11 @@
     el.title.textContent = id;
     el.nodes.replaceChildren();
     el.events.replaceChildren();
+    el.graph.replaceChildren();
+    el.timeline.replaceChildren();
+    el.graphPanel.hidden = true;
+    el.timelinePanel.hidden = true;
+    if (pictures.dag) { pictures.dag.shape = ""; pictures.timeline.shape = ""; }
     delete el.notice.dataset.kind;
     document.title = `${id} · Workflow progress`;
     renderSummary(current);
@@ -536,6 +816,7 @@
     if (!w) return;
     renderSummary(w);
     for (const node of w.nodes.values()) if (node.status === "running" && node.li) renderNode(w, node);
+    renderPictures(w); // the same tick as the ETA: the timeline's edge and it agree
   }, 1000);
 
   // ---------------------------------------------------------------- the controls
