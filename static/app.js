@@ -571,7 +571,9 @@
   function queuePictures(w) {
     if (picturesQueued) return;
     picturesQueued = true;
-    requestAnimationFrame(() => { picturesQueued = false; renderPictures(w); });
+    // Not requestAnimationFrame: a tab in the background gets none, and the pictures
+    // would trail the summary until the next tick.
+    setTimeout(() => { picturesQueued = false; renderPictures(w); }, 50);
   }
 
   async function fetchSchedule(w) {
@@ -673,7 +675,7 @@
       w.fetching = false;
       if (w === current) {
         renderSummary(w);
-        queuePictures(w);
+        renderPictures(w); // with the summary: a new ETA moves the timeline's edge at once
         if (w.fetchAgain) scheduleProgress(w);
         else if (!w.progressMissing && w.progress && !TERMINAL.has(w.progress.state)) fetchSchedule(w);
       }
