@@ -25,7 +25,8 @@ Scenarios of our server only (they ignore --systems):
       event, that every stream is told 204. The baselines keep no history (seed, bare)
       or only in the memory of the process that is restarted (Nchan): no replay to test.
   W2  S2 at --w2-rate events/s (--s2-streams streams) and S4, our server with
-      `--workers 1` and `--workers 2` in the same run; ratios of the two.
+      `--workers 1` and `--workers 2` in the same run; ratios of the two (W2S2 or W2S4
+      alone: only that half).
   RC  S2 at --rc-rate events/s (--s2-streams streams), our server on single Redis
       (--redis-url) and on a private local 3-master Redis Cluster (tests/procs.py), in the
       same run; p99 ratio.
@@ -518,7 +519,8 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
             await pub.warm()
             if profile:
-                spy = start_profiler(srv.proc.pid, args.s4_duration, profile)
+                spy = start_profiler(srv.proc.pid, args.s4_duration, profile,
+                                     children="--workers" in system.server_args)  # fmt: skip
             pids = srv.pids()
             spread = per_worker(srv)
             cpu0, me0 = cpu_seconds(pids), self_cpu_seconds()
@@ -743,7 +745,10 @@ async def redis_cluster(args: argparse.Namespace) -> AsyncIterator[str]:
 # py-spy
 
 
-def start_profiler(pid: int, seconds: float, path: str) -> subprocess.Popen[bytes] | None:
+def start_profiler(
+    pid: int, seconds: float, path: str, *, children: bool = False
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on `pid` (and, with `children`, its workers, in one profile)."""
     spy = shutil.which("py-spy")
     if spy is None:
         print("py-spy not installed: no profile", file=sys.stderr)
@@ -763,6 +768,7 @@ def start_profiler(pid: int, seconds: float, path: str) -> subprocess.Popen[byte
             "--pid",
             str(pid),
             "--nonblocking",
+            *(["--subprocesses"] if children else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -930,7 +936,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--systems", default="ours,seed,bare,nchan")
     p.add_argument("--scenarios", default=None,
-                   help="of S1,S2,S3,S4,S5,W2,RC; default S1-S4 (--quick: all)")  # fmt: skip
+                   help="of S1-S5,W2 (W2S2, W2S4),RC; default S1-S4 (--quick: all)")  # fmt: skip
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for our server, e.g. --server-arg=--workers=2")  # fmt: skip
@@ -990,7 +996,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         default=None,
-        help="py-spy raw output path: profile our server during S4 of run 1",
+        help="py-spy raw output path: profile our server during S4 of run 1 (W2S4: "
+        "PATH.ours-w1 and PATH.ours-w2, the workers together)",
     )
     p.add_argument("--parse", default="shared", choices=("shared", "each"),
                    help="shared: each distinct block of frames parsed once for all streams; "
@@ -1053,7 +1060,8 @@ async def _run_one(kind: str, param: int, system: System, args: argparse.Namespa
             return await live(system, args, tag="w2", workflows=1, per_workflow=args.s2_streams,
                               rate=param, duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
         if kind == "W2S4":
-            return await s4(system, args, None)
+            profile = f"{args.profile}.{system.name}" if args.profile and first_run else None
+            return await s4(system, args, profile)
         if kind == "RC":
             if not system.cluster:
                 return await live(system, args, tag="rc", workflows=1,
@@ -1103,11 +1111,12 @@ async def main_async(args: argparse.Namespace) -> int:
             cases.append((f"S5 reconnect storm ({sig.name}), {args.s5_streams:,} streams on "
                           f"{args.s5_workflows} workflows, {args.s5_rate:g} events/s",
                           "S5", int(sig), [SYSTEMS["ours"]]))  # fmt: skip
-    if "W2" in wanted:
-        workers = [VARIANTS["ours-w1"], VARIANTS["ours-w2"]]
+    workers = [VARIANTS["ours-w1"], VARIANTS["ours-w2"]]
+    if "W2" in wanted or "W2S2" in wanted:
         cases.append((f"W2S2 --workers 1 vs 2: S2, {args.s2_streams:,} streams, "
                       f"{args.w2_rate} events/s for {args.duration:g} s", "W2S2",
                       args.w2_rate, workers))  # fmt: skip
+    if "W2" in wanted or "W2S4" in wanted:
         cases.append((f"W2S4 --workers 1 vs 2: S4, {args.s4_streams} streams, "
                       f"{args.s4_duration:g} s", "W2S4", 0, workers))  # fmt: skip
     if "RC" in wanted:
