@@ -86,6 +86,7 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
         queue_bytes=settings.client_queue_bytes,
         on_reconnect=metrics.redis_reconnects_total.inc,
         on_overflow=metrics.slow_client_catchups_total.inc,
+        on_state=store.follow,
     )
     await hub.start()
     app[keys.redis_key] = redis

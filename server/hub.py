@@ -32,6 +32,8 @@ class HubUnavailable(Exception):
 
 
 DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024  # CLIENT_QUEUE_BYTES' default
+# The hub's reader yields to the event loop after this many live frames in a row.
+YIELD_FRAMES = 256
 
 # A cluster slot map that names no node for a key (mid-failover, or a node that is gone).
 NO_OWNER = (RedisError, RedisClusterException)
@@ -239,6 +241,11 @@ class _Channel:
         """Add a live frame; readers hear of it in flush(), once per event-loop pass."""
         ring, seq, size = self.ring, self.seq, frame.size
         if len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit:
+            if self.flush_due:
+                # A burst bigger than the ring within one loop pass (a group commit of 1,000
+                # events): hand the parked streams what came so far now, rather than send
+                # them all to catch up from Redis, one read each.
+                self.flush()
             self._trim()
             if ring and (len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit):
                 # The slowest readers are a whole ring behind: they catch up from Redis.
@@ -327,6 +334,11 @@ def parse_message(payload: bytes) -> Frame:
     event_id = raw_id.decode()
     frame = sse.encode_event(raw_id, event_type, raw)
     return Frame(store.id_key(event_id), event_id, frame, raw, terminal == b"1")
+
+
+def parse_messages(payload: bytes) -> list[Frame]:
+    """A live message: one event per line, in stored order (see store.APPEND_LUA)."""
+    return [parse_message(line) for line in payload.split(b"\n")]
 
 
 class _Upstream:
@@ -458,10 +470,16 @@ class _Upstream:
         """
         pubsub, hub = self.pubsub, self.hub
         read = pubsub.connection.read_response
+        unflushed = 0
         while True:
             response = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
             if isinstance(response, list) and response[0] in _MESSAGE_KINDS:
-                hub._deliver(response[1], response[2], self)
+                unflushed += hub._deliver(response[1], response[2], self)
+                if unflushed >= YIELD_FRAMES:
+                    # Messages already buffered are read without yielding: let the streams
+                    # take these first, so a backlog waits in the socket, not in the ring.
+                    unflushed = 0
+                    await asyncio.sleep(0)
                 continue
             message = await pubsub.handle_message(response)
             if message is not None:
@@ -508,8 +526,12 @@ class Hub:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         on_reconnect: Callable[[], None] | None = None,
         on_overflow: Callable[[], None] | None = None,
+        on_state: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self._redis = redis
+        # What an append wrote to the progress hash (a live message starting with `=`):
+        # for the store's cached fold state (store.Store.follow), not for the streams.
+        self._on_state = on_state or (lambda workflow_id, message: None)
         self._queue_limit = queue_limit
         self._queue_bytes = queue_bytes
         self._on_reconnect = on_reconnect or (lambda: None)
@@ -659,11 +681,18 @@ class Hub:
             del self._channels[name]
             await chan.upstream.unsubscribe(name)
 
-    def _deliver(self, raw_name: bytes, data: bytes, upstream: _Upstream) -> None:
-        """A live message (the common case, without PubSub's dict)."""
+    def _deliver(self, raw_name: bytes, data: bytes, upstream: _Upstream) -> int:
+        """A live message (the common case, without PubSub's dict); the frames pushed."""
         chan = self._channels.get(raw_name.decode())
-        if chan is not None and chan.upstream is upstream:
-            chan.push(parse_message(data))
+        if chan is None or chan.upstream is not upstream:
+            return 0
+        if data[:1] == b"=":
+            self._on_state(chan.workflow_id, data)
+            return 0
+        frames = parse_messages(data)
+        for frame in frames:
+            chan.push(frame)
+        return len(frames)
 
     def _dispatch(self, message: dict[str, Any], upstream: _Upstream) -> None:
         kind = message["type"]
@@ -673,7 +702,8 @@ class Hub:
         if chan is None or chan.upstream is not upstream:
             return  # not wanted any more, or moved to another node (cluster failover)
         if kind in ("message", "smessage"):
-            chan.push(parse_message(message["data"]))
+            self._deliver(raw_name if isinstance(raw_name, bytes) else name.encode(),
+                          message["data"], upstream)  # fmt: skip
         elif kind in ("subscribe", "ssubscribe"):
             if chan.outstanding > 0:
                 chan.outstanding -= 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import pydantic_core
@@ -24,12 +26,15 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from . import progress
+from . import progress, sse
 from .models import Event, WorkflowPlanned, parse_event_id, to_json_bytes
 
 logger = logging.getLogger(__name__)
 
 AnyRedis = Redis | RedisCluster
+
+# Live messages carry several events each, up to this many bytes (see APPEND_LUA).
+PUBLISH_BYTES = 64 * 1024
 
 # Every key of a workflow shares the hash tag `{<workflow_id>}`, so one Lua script can touch
 # them all and, on Redis Cluster, they live on one shard with the workflow's channel.
@@ -82,15 +87,24 @@ def workflow_keys(workflow_id: str) -> list[str]:
 #       idempotency key already known counts as a conflict), fields to read back R (-1: all),
 #       deadline (Redis time in ms after which the script refuses to run, {{}, -2}; 0: none),
 #       how many idempotency keys to keep (the newest; older ones are forgotten);
-#       then 4 per event (idempotency key or '', event_type, terminal 0|1, json); then the
-#       S field/value pairs as one JSON array of strings, flat; the D field names as one
-#       JSON array; then R field names.
+#       then the events: their byte lengths, 4 numbers per event (idempotency key or 0,
+#       event_type, terminal 0|1, json) separated by spaces, and the events' bytes
+#       concatenated (key, event_type, json each); then the S field/value pairs as one JSON
+#       array of strings, flat; the D field names as one JSON array; whether to publish
+#       them (1: the S fields are all that changed); then R field names.
 # Returns {ids, added, last}: `ids` in input order (a known idempotency key returns its first
 # id), `last` the newest id added. When the caller's view is stale (`ver` or `last` moved
 # since, or, if strict, a key is known) nothing is written and it returns {{}, -1, parts,
 # known}: the R fields of the progress hash (all of it, flat, when R = -1) and per event the
 # id its idempotency key was stored under (false if none), so the caller can fold again
 # without another round trip.
+# The events are published as `<id> <event_type> <terminal 0|1> <json>`, several to a
+# message, one per line (stored JSON holds no line break), up to PUBLISH_BYTES a message
+# (a bigger event goes alone): a subscriber pays its per-message cost per batch, not per
+# event. Then, when asked and small enough, what the append wrote to the progress hash:
+# `=<ver before> <last before or -> <ver> <last> <the S pairs>`, so that other processes
+# keep their cached fold state current (Store.follow) instead of losing their next
+# compare-and-set to this append.
 APPEND_LUA = """
 local deadline = tonumber(ARGV[12])
 if deadline > 0 then
@@ -102,11 +116,26 @@ end
 local cur = redis.call('HMGET', KEYS[4], 'ver', 'last')
 local ver = tonumber(cur[1] or '0')
 local n, nset, ndel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+-- One argument for all the events, not four each: redis-py packs each argument on its own
+-- (copying what it packed so far), which cost more than the rest of an append.
+local lens = {}
+for v in string.gmatch(ARGV[14], '%d+') do lens[#lens + 1] = tonumber(v) end
+local blob = ARGV[15]
+local iks, ts, xs, ds = {}, {}, {}, {}
+local pos = 1
+for i = 1, n do
+  local kl, tl, dl = lens[i * 4 - 3], lens[i * 4 - 2], lens[i * 4]
+  iks[i] = string.sub(blob, pos, pos + kl - 1)
+  ts[i] = string.sub(blob, pos + kl, pos + kl + tl - 1)
+  xs[i] = lens[i * 4 - 1] == 1 and '1' or '0'
+  pos = pos + kl + tl
+  ds[i] = string.sub(blob, pos, pos + dl - 1)
+  pos = pos + dl
+end
 local stale = ver ~= tonumber(ARGV[5]) or (ARGV[9] ~= '' and cur[2] ~= ARGV[9])
 if not stale and ARGV[10] == '1' then
-  for i = 0, n - 1 do
-    local ik = ARGV[14 + i * 4]
-    if ik ~= '' and redis.call('HEXISTS', KEYS[3], ik) == 1 then
+  for i = 1, n do
+    if iks[i] ~= '' and redis.call('HEXISTS', KEYS[3], iks[i]) == 1 then
       stale = true
       break
     end
@@ -118,39 +147,45 @@ if stale then
   if nread < 0 then
     parts = redis.call('HGETALL', KEYS[4])
   else
-    local r = 14 + n * 4 + 2
-    parts = redis.call('HMGET', KEYS[4], unpack(ARGV, r, r + nread - 1))
+    parts = redis.call('HMGET', KEYS[4], unpack(ARGV, 19, 19 + nread - 1))
   end
   local known = {}
-  for i = 0, n - 1 do
-    local ik = ARGV[14 + i * 4]
-    if ik ~= '' then known[i + 1] = redis.call('HGET', KEYS[3], ik) else known[i + 1] = false end
+  for i = 1, n do
+    if iks[i] ~= '' then known[i] = redis.call('HGET', KEYS[3], iks[i]) else known[i] = false end
   end
   return {{}, -1, parts, known}
 end
 local ids = {}
 local added = 0
 local last = false
-for i = 0, n - 1 do
-  local b = 14 + i * 4
-  local ik = ARGV[b]
+local out, outn = {}, 0
+local limit = PUBLISH_BYTES
+for i = 1, n do
+  local ik = iks[i]
   local known = false
   if ik ~= '' then known = redis.call('HGET', KEYS[3], ik) end
   if known then
     ids[#ids + 1] = known
   else
-    local t, x, d = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+    local t, x, d = ts[i], xs[i], ds[i]
     local id = redis.call('XADD', KEYS[1], '*', 't', t, 'x', x, 'd', d)
     if ik ~= '' then
       redis.call('HSET', KEYS[3], ik, id)
       redis.call('RPUSH', KEYS[5], ik)
     end
-    redis.call(ARGV[4], ARGV[1], id .. ' ' .. t .. ' ' .. x .. ' ' .. d)
+    local msg = id .. ' ' .. t .. ' ' .. x .. ' ' .. d
+    if outn > 0 and outn + #msg > limit then
+      redis.call(ARGV[4], ARGV[1], table.concat(out, '\\n'))
+      out, outn = {}, 0
+    end
+    out[#out + 1] = msg
+    outn = outn + #msg + 1
     ids[#ids + 1] = id
     added = added + 1
     last = id
   end
 end
+if outn > 0 then redis.call(ARGV[4], ARGV[1], table.concat(out, '\\n')) end
 if added > 0 then
   local maxlen = tonumber(ARGV[2])
   local len = redis.call('XLEN', KEYS[1])
@@ -163,13 +198,16 @@ if added > 0 then
   -- A plan's 10,000 nodes as 20,000 arguments cost redis-py 15-25 ms of packing on the
   -- client's event loop; as one JSON argument, one C call. Written 1,000 values a command
   -- (unpack() has a limit near 8,000).
-  local s = 14 + n * 4
-  local sets, dels = cjson.decode(ARGV[s]), cjson.decode(ARGV[s + 1])
+  local sets, dels = cjson.decode(ARGV[16]), cjson.decode(ARGV[17])
   for k = 1, 2 * nset, 1000 do
     redis.call('HSET', KEYS[4], unpack(sets, k, math.min(k + 999, 2 * nset)))
   end
   for k = 1, ndel, 1000 do
     redis.call('HDEL', KEYS[4], unpack(dels, k, math.min(k + 999, ndel)))
+  end
+  if ARGV[18] == '1' and #ARGV[16] <= limit then
+    redis.call(ARGV[4], ARGV[1], '=' .. ver .. ' ' .. (cur[2] or '-') .. ' ' .. (ver + added)
+      .. ' ' .. last .. ' ' .. ARGV[16])
   end
   local ttl = tonumber(ARGV[3])
   -- Idempotency keys are forgotten oldest first beyond the newest `keep` (a retry comes
@@ -184,7 +222,7 @@ if added > 0 then
   end
 end
 return {ids, added, last}
-"""
+""".replace("PUBLISH_BYTES", str(PUBLISH_BYTES))
 
 # KEYS: progress. ARGV: shown. Sets `shown` only on a hash that still exists.
 SAVE_SHOWN_LUA = """
@@ -220,6 +258,11 @@ class Entry:
     @property
     def key(self) -> tuple[int, int]:
         return id_key(self.id)
+
+    @cached_property
+    def sse(self) -> bytes:
+        """Its SSE frame, made once: streams that catch up together share the entry."""
+        return sse.encode_event(self.id.encode(), self.event_type.encode(), self.data.encode())
 
 
 @dataclass(frozen=True)
@@ -346,6 +389,38 @@ class _View:
     weight: int = 0  # its share of the cache budget, set when it is cached
 
 
+# Messages of other processes kept for a workflow while an append of ours holds its view.
+FOLLOW_BUFFER = 64
+
+
+def _apply(view: _View, message: bytes) -> bool:
+    """Fold a published write (`=<ver before> <last before> <ver> <last> <parts>`) into
+    `view`; False when it was written over a state other than the view's (one missed)."""
+    head = message[1:].split(b" ", 4)
+    if len(head) != 5:
+        return False
+    before, last_before, after, last, parts = head
+    ver = int(after)
+    if ver <= view.ver:
+        return True  # already in the view (our own append, or one it lost to)
+    if int(before) != view.ver or last_before.decode() != (view.last or "-"):
+        return False
+    flat = json.loads(parts)
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    meta = fields.pop(META, None)
+    if meta is None:
+        return False
+    nodes = {f[len(NODE) :]: v for f, v in fields.items() if f.startswith(NODE)}
+    state = progress.loads_parts(meta.encode(), None, nodes)
+    view.state.nodes.update(state.nodes)
+    state.nodes, state.plan = view.state.nodes, view.state.plan
+    view.state = state
+    if view.nodes is not None:
+        view.nodes.update(nodes)
+    view.ver, view.last = ver, last.decode()
+    return True
+
+
 def _touched(events: Sequence[Event]) -> set[str] | None:
     """The nodes these events' fold reads or changes; None when it needs the whole state."""
     wanted: set[str] = set()
@@ -422,26 +497,39 @@ def _fold(
     return state, new_events, history, updates, deletes
 
 
+def _encode(events: Sequence[Event]) -> list[bytes]:
+    """The events as the append script takes them: their lengths, and their bytes."""
+    lens: list[str] = []
+    parts: list[bytes] = []
+    for event in events:
+        key = (event.idempotency_key or "").encode()
+        kind = event.event_type.encode()
+        data = to_json_bytes(event)  # bytes: redis-py sends them as they are
+        lens.append(f"{len(key)} {len(kind)} {1 if event.is_terminal else 0} {len(data)}")
+        parts += (key, kind, data)
+    return [" ".join(lens).encode(), b"".join(parts)]
+
+
 def _prepare(
     state: progress.FoldState,
     events: Sequence[Event],
     known: dict[str, str],
     touched: set[str] | None,
+    wire: list[bytes] | None,
 ) -> tuple[progress.FoldState, list[Event], list[tuple[int, HistoryItem]], list[Any], int, int]:
     """_fold(), and the script's arguments from the events on: the new state, the new
-    events, their history items, those arguments, and how many fields to set and delete."""
+    events, their history items, those arguments, and how many fields to set and delete.
+    `wire`: the events already encoded (by an attempt that lost its compare-and-set)."""
     state, new_events, history, updates, deletes = _fold(state, events, known, touched)
-    args: list[Any] = []
-    for event in events:
-        args += [
-            event.idempotency_key or "",
-            event.event_type,
-            "1" if event.is_terminal else "0",
-            to_json_bytes(event),  # bytes: redis-py sends them as they are
-        ]
+    args: list[Any] = list(wire) if wire is not None else _encode(events)
     # Strings (field names) and bytes (parts, UTF-8 JSON) alike become JSON strings.
     args += [pydantic_core.to_json(updates), pydantic_core.to_json(deletes)]
     return state, new_events, history, args, len(updates) // 2, len(deletes)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _node_of(cluster: RedisCluster, key: str) -> Any:
@@ -538,6 +626,9 @@ class Store:
         self._views: OrderedDict[str, _View] = OrderedDict()
         self._weight = 0
         self._queues: dict[str, deque[_Pending]] = {}  # workflow -> appends of its writer
+        # What other processes wrote to workflows whose view an append of ours holds now.
+        self._news: dict[str, list[bytes]] = {}
+        self._reads: dict[tuple[str, str | None, int, bool], asyncio.Future[Page]] = {}
         self.clock = RedisClock(redis)
         self.idempotency_keys = max(maxlen, IDEMPOTENCY_KEYS)
         # Redis Cluster: sharded pub/sub keeps a channel on its workflow's shard.
@@ -588,6 +679,7 @@ class Store:
                 queue[0].done.set_result(None)  # the next one leads
             else:
                 del self._queues[workflow_id]
+                self._news.pop(workflow_id, None)
         for pending, result in zip(group[1:], results[1:], strict=True):
             if not pending.done.done():
                 pending.done.set_result(result)
@@ -623,6 +715,10 @@ class Store:
         (or come back in the script's conflict answer) and the fold is done again.
         """
         touched = _touched(events)
+        # The events as the script takes them. Encoded before the view is taken (but for a
+        # plan, which may go to a thread): the shorter the time from view to script, the
+        # less often another process's append gets in between.
+        wire: list[bytes] = [] if touched is None else _encode(events)
         view, usable = self._take(workflow_id, touched)
         strict = True  # a cached view knows nothing of idempotency keys: the script checks
         known: dict[str, str] = {}  # idempotency key -> the id it was stored under
@@ -641,7 +737,9 @@ class Store:
                     [known[e.idempotency_key] for e in events if e.idempotency_key], [], []
                 )
             try:
-                done = await self._try(workflow_id, events, touched, view, known, strict=strict)
+                done = await self._try(
+                    workflow_id, events, touched, view, known, wire, strict=strict
+                )
             except (AppendUnknown, AppendExpired):
                 # Perhaps a failover: the new primary's clock may differ from the old one's.
                 self.clock.offset = None
@@ -668,8 +766,37 @@ class Store:
         self._weight -= view.weight
         return view, view.nodes is None or (touched is not None and touched <= view.nodes)
 
+    def follow(self, workflow_id: str, message: bytes) -> None:
+        """What another process's append wrote to a workflow's progress hash, as its script
+        published it on the live channel (see APPEND_LUA), in stored order: folded into our
+        cached view, so that our next append's compare-and-set finds it current.
+
+        Applied only onto the exact state it was written over (same `ver` and `last`): a
+        missed message drops the view. Either way the script still compares `ver` and
+        `last`, so a view that is not current costs a retry, never a wrong state."""
+        view = self._views.get(workflow_id)
+        if view is not None:
+            if not _apply(view, message):
+                self._drop(workflow_id)
+            elif view.weight != 4 + len(view.state.nodes):
+                self._drop(workflow_id)
+                self._keep(workflow_id, view)
+        elif workflow_id in self._queues:  # an append holds the view: applied after it
+            news = self._news.setdefault(workflow_id, [])
+            if len(news) < FOLLOW_BUFFER:
+                news.append(message)
+
+    def _drop(self, workflow_id: str) -> None:
+        view = self._views.pop(workflow_id, None)
+        if view is not None:
+            self._weight -= view.weight
+
     def _keep(self, workflow_id: str, view: _View) -> None:
         """Cache the view written by an append; the least recently written go first."""
+        news = self._news.pop(workflow_id, None)
+        for message in news or ():  # what other processes wrote while our append ran
+            if not _apply(view, message):
+                return
         view.weight = 4 + len(view.state.nodes)  # about a node's worth per part
         if view.weight > self.cache_nodes:
             return
@@ -741,18 +868,26 @@ class Store:
         touched: set[str] | None,
         view: _View,
         known: dict[str, str],
+        wire: list[bytes],
         *,
         strict: bool,
     ) -> _Written | tuple[_View, dict[str, str]]:
-        """Fold into `view` and run the script: the result, or the fresh view on a conflict."""
+        """Fold into `view` and run the script: the result, or the fresh view on a conflict.
+
+        `wire` holds the events as encoded by the first attempt (it fills it): they do not
+        depend on the state, so an attempt after a lost compare-and-set only folds again."""
         if touched is None and _weight(view.state, events) > THREAD_NODES:
             # A big plan's fold and parts cost 100+ ms of CPU: in a worker thread the event
             # loop keeps serving the other streams meanwhile (the view is ours alone).
             # Its stored JSON is made there too (10 ms for a 4 MiB plan).
-            prepared = await asyncio.to_thread(_prepare, view.state, events, known, touched)
+            prepared = await asyncio.to_thread(
+                _prepare, view.state, events, known, touched, wire or None
+            )
         else:
-            prepared = _prepare(view.state, events, known, touched)
+            prepared = _prepare(view.state, events, known, touched, wire or None)
         state, new_events, history, tail, nset, ndel = prepared
+        if not wire:
+            wire += tail[:2]
         names = _read_fields(touched)
 
         args: list[Any] = [
@@ -770,6 +905,7 @@ class Store:
             await self.clock.deadline_ms(),
             self.idempotency_keys,
             *tail,
+            "0" if touched is None else "1",
         ]
         if names is not None:
             args += names
@@ -884,6 +1020,19 @@ class Store:
         retained event after `after` exactly when nothing newer than `after` was trimmed.
         `inclusive`: `after` itself too, when it is stored (so a reader learns whether it is).
         """
+        # Streams sent to catch up together (a hub ring overflow resyncs every stream of a
+        # workflow at once) ask the same: one read, not one per stream. Only a read not
+        # sent yet is shared, so each caller's read is sent after it asked.
+        request = (workflow_id, after, count, inclusive)
+        shared = self._reads.get(request)
+        if shared is None:
+            shared = self._reads[request] = asyncio.ensure_future(self._read_page(request))
+            shared.add_done_callback(_retrieved)  # every caller may have left meanwhile
+        return await asyncio.shield(shared)
+
+    async def _read_page(self, request: tuple[str, str | None, int, bool]) -> Page:
+        del self._reads[request]  # from now on a new caller sends a read of its own
+        workflow_id, after, count, inclusive = request
         start = "-" if after is None else after if inclusive else "(" + after
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(trimmed_key(workflow_id))

@@ -171,7 +171,7 @@ class SseSink:
         self.chunked = response.chunked
 
     def entry(self, entry: Entry) -> bytes:
-        return sse.encode(entry.data, id=entry.id, event=entry.event_type)
+        return entry.sse
 
     async def write(self, data: bytes) -> None:
         try:

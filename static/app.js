@@ -525,6 +525,7 @@
 
   function renderPictures(w) {
     if (w !== current || !pictures.dag) return;
+    renderSummary(w); // the ETA text and the timeline's edge are drawn at the same moment
     w.order = pictureOrder(w);
     const count = w.order.length;
     const fits = count > 0 && count <= Pictures.MAX_NODES;

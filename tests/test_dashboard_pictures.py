@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import history, store
+from server import history, runs, store
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.procs import ServerProcess, free_port
 from tests.sse_client import collect
@@ -230,9 +230,10 @@ def state(to: str, ts: float) -> dict[str, Any]:
 
 
 async def forget(redis: Any, workflows: list[str], definition: str) -> None:
-    """Delete every key the test's runs made: theirs, and the definition's history."""
+    """Delete every key the test's runs made: theirs, the run index's, the history's."""
     for wf in workflows:
         await redis.delete(*store.workflow_keys(wf))
+    await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
     defined = history.definition_key(definition)
     await redis.delete(defined, history.recent_key(defined))
     types = [f"{definition}-{n}" for n in DEPS]
