@@ -79,6 +79,7 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
         redis,
         on_published=metrics.events_published_total.inc,
         on_index_error=metrics.run_index_errors_total.inc,
+        on_index_write=metrics.run_index_writes_total.inc,
     )
     hub = Hub(
         redis,
@@ -95,7 +96,9 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
     app[keys.tracker_key] = tracker
     app[keys.publisher_key] = publisher
     app[keys.runs_key] = index
-    app[keys.overview_key] = OverviewFeed(hub, index, tracker, redis)
+    app[keys.overview_key] = OverviewFeed(
+        hub, index, tracker, redis, on_frame=metrics.overview_frames_total.inc
+    )
 
 
 async def _unwire(app: web.Application) -> None:

@@ -104,6 +104,14 @@ class Metrics:
             "(the run's next event writes it again).",
             namespace=ns, registry=r,
         )  # fmt: skip
+        self.run_index_writes_total = Tally(
+            f"{ns}_run_index_writes", "Run index update scripts sent (a new state, a plan, a "
+            "run new to the process, or a flush of runs that moved on in time).", r,
+        )  # fmt: skip
+        self.overview_frames_total = Tally(
+            f"{ns}_overview_frames", "`event: run` frames of changed runs queued to overview "
+            "streams (first pages not counted).", r,
+        )  # fmt: skip
         self.legacy_ingest_invalid_total = Counter(
             "legacy_ingest_invalid", "Legacy channel messages that were not valid events.",
             namespace=ns, registry=r,

@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ WATCHERS_SECONDS = 1.0  # how often watcher counts are read for the runs shown
 FOLLOW_MAX = 2_000  # runs still going whose live channels a feed follows at most
 SHOWN_MAX = 2_000  # runs whose last summary a feed remembers (to send changes only)
 CLIENT_FRAMES = 10_000  # frames a slow overview client may fall behind before it is ended
+DETACH_SECONDS = 1.0  # the longest a feed waits for an UNSUBSCRIBE
 GOING = ("CREATED", "PENDING", "RUNNING", "PAUSED")
 # Fields whose change is news; updated_at moves with every event, the ETA counts down.
 _COMPARED = (
@@ -94,7 +95,15 @@ class OverviewClient:
 class OverviewFeed:
     """Per process: follows the runs, computes changed summaries, hands out frames."""
 
-    def __init__(self, hub: Hub, index: RunIndex, tracker: ProgressService, redis: Any) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        index: RunIndex,
+        tracker: ProgressService,
+        redis: Any,
+        on_frame: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.on_frame = on_frame  # a changed summary handed to one client
         self.hub, self.index, self.tracker, self.redis = hub, index, tracker, redis
         self.clients: set[OverviewClient] = set()
         self._follows: dict[str, Subscription] = {}
@@ -106,7 +115,6 @@ class OverviewFeed:
         self._tasks: list[asyncio.Task[None]] = []
         self._kick = Wakeup()
         self._lock = asyncio.Lock()
-        self.frames_sent = 0
 
     @property
     def running(self) -> bool:
@@ -152,8 +160,7 @@ class OverviewFeed:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for sub in [*self._notices, *self._follows.values()]:
-            with contextlib.suppress(RedisError, OSError):
-                await self.hub.detach(sub)
+            await self._detach(sub)
         self._notices.clear()
         self._follows.clear()
         self._dirty.clear()
@@ -173,7 +180,13 @@ class OverviewFeed:
         sub = self._follows.pop(workflow_id, None)
         if sub is not None:
             sub.wakeup.set()  # its task sees it is no longer followed and ends
-            with contextlib.suppress(RedisError, OSError):
+            await self._detach(sub)
+
+    async def _detach(self, sub: Subscription) -> None:
+        """Detach, not waiting on a Redis that is away (the reader forgets it either way:
+        the hub's UNSUBSCRIBE is only the upstream's bookkeeping)."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(DETACH_SECONDS):
                 await self.hub.detach(sub)
 
     async def _watch(self, sub: Subscription) -> None:
@@ -268,7 +281,7 @@ class OverviewFeed:
         for client in self.clients:
             if client.wants(summary):
                 client.offer(frame)
-                self.frames_sent += 1
+                self.on_frame()
 
     def seen(self, summary: dict[str, Any]) -> None:
         """A summary a client got in its first page: changes are compared with it."""

@@ -188,6 +188,7 @@ def assemble(
     *,
     on_published: Callable[[int], None] = lambda n: None,
     on_index_error: Callable[[], None] = lambda: None,
+    on_index_write: Callable[[], None] = lambda: None,
 ) -> WritePath:
     """The write path as the server and an out-of-process engine both use it (the run
     index included: a run an engine publishes in-process is listed like any other)."""
@@ -198,7 +199,12 @@ def assemble(
         min_replicas_ack=settings.min_replicas_ack,
     )
     tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
-    index = RunIndex(redis, retention_seconds=settings.retention_seconds, on_error=on_index_error)
+    index = RunIndex(
+        redis,
+        retention_seconds=settings.retention_seconds,
+        on_error=on_index_error,
+        on_write=on_index_write,
+    )
     publisher = Publisher(
         store,
         max_event_bytes=settings.max_event_bytes,

@@ -355,6 +355,7 @@ class RunIndex:
         prefix: str = "wfsse",
         clock: Any = time.time,
         on_error: Callable[[], None] = lambda: None,
+        on_write: Callable[[], None] = lambda: None,
     ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds
@@ -373,7 +374,7 @@ class RunIndex:
         self._moves: dict[str, str] = {}  # runs that only moved on in time -> last id
         self._flusher: asyncio.Task[None] | None = None
         self.on_error = on_error
-        self.writes = 0  # index writes made (for the metrics and the bench)
+        self.on_write = on_write  # one update script sent
 
     def _keys(self, k: int) -> list[str]:
         tag = shard_tag(k, prefix=self.prefix)
@@ -442,7 +443,7 @@ class RunIndex:
                 *rows,
             ],
         )
-        self.writes += 1
+        self.on_write()
 
     def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():

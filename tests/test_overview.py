@@ -97,6 +97,13 @@ async def test_first_page_then_each_change_within_a_second(
         await publish(base, old, [state("COMPLETED")])
         summary = await feed.until(lambda s: s["workflow_id"] == old and s["state"] == "COMPLETED")
         assert summary["percentage"] == 100.0 and summary["estimated_remaining_seconds"] == 0.0
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    figures = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert float(figures["wfsse_overview_frames_total"]) >= 3
+    assert float(figures["wfsse_run_index_writes_total"]) >= 3
 
 
 async def test_frames_keep_to_the_filter_and_at_most_four_a_second_per_run(
