@@ -21,6 +21,9 @@ from .tracker import ProgressService
 from .watchers import watchers
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Runs still going whose progress a page computes at once: a page of 200 running runs does
+# not take all of the process's Redis connections (POOL_SIZE) for itself.
+SUMMARY_CONCURRENCY = 16
 
 SUMMARY_KEYS = (
     "workflow_id",
@@ -88,21 +91,31 @@ async def summaries(
         return {}
     async with redis.pipeline(transaction=False) as pipe:
         for w in ids:
-            pipe.hmget(progress_key(w), [META, "shown"])
+            pipe.hmget(progress_key(w), [META, "shown", "last"])
         rows = await pipe.execute()
     out: dict[str, dict[str, Any]] = {}
-    going: list[tuple[str, str | None]] = []
-    for w, (meta, shown_raw) in zip(ids, rows, strict=True):
+    going: list[tuple[str, str | None, tuple[str | None, bytes | None]]] = []
+    for w, (meta, shown_raw, last) in zip(ids, rows, strict=True):
         if not meta:
             continue  # expired (or not created yet): not listed
         state = progress.loads_parts(_raw(meta), None, {})
+        shown_bytes = _raw(shown_raw) if shown_raw else None
         if state.terminal:
-            shown = progress.loads_shown(_raw(shown_raw)) if shown_raw else None
+            shown = progress.loads_shown(shown_bytes) if shown_bytes else None
             out[w] = finished_summary(w, state, shown)
         else:
-            going.append((w, state.definition_id))
-    snaps = await asyncio.gather(*(tracker.snapshot(w) for w, _ in going))
-    for (w, definition_id), snap in zip(going, snaps, strict=True):
+            head = (_raw(last).decode() if last else None, shown_bytes)
+            going.append((w, state.definition_id, head))
+    # The head read above is passed on (no second read per run), and a list does not
+    # write what it showed: only polls advance the smoothing.
+    gate = asyncio.Semaphore(SUMMARY_CONCURRENCY)
+
+    async def one(w: str, head: tuple[str | None, bytes | None]) -> dict[str, Any] | None:
+        async with gate:
+            return await tracker.snapshot(w, head=head, save=False)
+
+    snaps = await asyncio.gather(*(one(w, head) for w, _, head in going))
+    for (w, definition_id, _), snap in zip(going, snaps, strict=True):
         if snap is not None:
             out[w] = from_progress(snap, definition_id)
     counts = await watchers(redis, list(out))

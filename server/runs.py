@@ -553,6 +553,28 @@ class RunIndex:
                     out[w] = (int(r["t"]) * TIE_BITS + int(r["x"]), str(r["s"]), str(r["d"]))
         return out
 
+    async def sweep(self) -> int:
+        """Forget every run whose keys are gone now (expiry does it lazily; a test suite
+        cleaning up after itself does it at once). Returns how many were forgotten."""
+        from .store import progress_key
+
+        gone: list[str] = []
+        for k in range(self.shards):
+            ids = [
+                m.decode() if isinstance(m, bytes) else str(m)
+                async for m in self.redis.hscan_iter(self._keys(k)[1], no_values=True)
+            ]
+            for i in range(0, len(ids), 1000):
+                chunk = ids[i : i + 1000]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for w in chunk:
+                        pipe.exists(progress_key(w))
+                    alive = await pipe.execute()
+                gone += [w for w, n in zip(chunk, alive, strict=True) if not n]
+        for i in range(0, len(gone), 1000):
+            await self.forget(gone[i : i + 1000])
+        return len(gone)
+
     async def forget(self, workflow_ids: Sequence[str]) -> None:
         """Remove runs from the index (their keys expired, or a test cleans up)."""
         by_shard: dict[int, list[str]] = {}

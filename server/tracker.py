@@ -71,9 +71,20 @@ class ProgressService:
         # One load or estimate per workflow at a time: concurrent pollers share it.
         self._inflight: dict[str, asyncio.Future[_Estimate | None]] = {}
 
-    async def snapshot(self, workflow_id: str) -> dict[str, Any] | None:
-        """The SPEC's progress object, or None for an unknown workflow."""
-        current = await self._current(workflow_id)
+    async def snapshot(
+        self,
+        workflow_id: str,
+        *,
+        head: tuple[str | None, bytes | None] | None = None,
+        save: bool = True,
+    ) -> dict[str, Any] | None:
+        """The SPEC's progress object, or None for an unknown workflow.
+
+        `head`: the last event id and what was last shown, when the caller read them already
+        (a run list reads them for a whole page in one pipeline). `save=False`: what is shown
+        is not remembered (a list is no poll: the next poll smooths from the last one).
+        """
+        current = await self._current(workflow_id, head=head, save=save)
         return None if current is None else current[1]
 
     async def schedule(self, workflow_id: str) -> dict[str, Any] | None:
@@ -97,9 +108,16 @@ class ProgressService:
             "nodes": nodes,
         }
 
-    async def _current(self, workflow_id: str) -> tuple[_Estimate, dict[str, Any], float] | None:
+    async def _current(
+        self,
+        workflow_id: str,
+        *,
+        head: tuple[str | None, bytes | None] | None = None,
+        save: bool = True,
+    ) -> tuple[_Estimate, dict[str, Any], float] | None:
         """The cached estimate (refreshed when due), the progress object from it, and now."""
-        head = await self.store.progress_head(workflow_id)
+        if head is None:
+            head = await self.store.progress_head(workflow_id)
         if head is None:
             return None
         last_id, shown_raw = head
@@ -132,7 +150,7 @@ class ProgressService:
             shown=shown,
             estimate=remaining,
         )
-        if new_shown != shown:
+        if save and new_shown != shown:
             await self.store.save_shown(workflow_id, progress.dumps_shown(new_shown))
         return estimate, snap, now
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -65,6 +66,22 @@ async def real_redis_or_skip() -> Redis:
             pytest.fail(f"REQUIRE_REDIS=1 but Redis at {REDIS_URL} does not answer: {exc}")
         pytest.skip(f"no Redis at {REDIS_URL}")
     return client
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The run index of the shared Redis forgets the runs the tests made and deleted (or
+    left to expire), so a test session leaves no entry behind."""
+
+    async def sweep() -> None:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            await runs.RunIndex(client, retention_seconds=1).sweep()
+        except (RedisError, OSError):
+            pass  # no real Redis in this session
+        finally:
+            await client.aclose()
+
+    asyncio.run(sweep())
 
 
 def pytest_configure(config: pytest.Config) -> None:
