@@ -267,7 +267,8 @@ class OverviewFeed:
         eta_moved = (finish is None) != (last_finish is None) or (
             finish is not None and last_finish is not None and abs(finish - last_finish) >= 0.5
         )
-        if not changed(self._shown.get(workflow_id), summary, eta_moved=eta_moved):
+        old = self._shown.get(workflow_id)
+        if not changed(old, summary, eta_moved=eta_moved):
             return
         self._shown[workflow_id] = summary
         self._shown.move_to_end(workflow_id)
@@ -279,7 +280,9 @@ class OverviewFeed:
         self._sent_at[workflow_id] = now
         frame = run_frame(summary)
         for client in self.clients:
-            if client.wants(summary):
+            # A run that leaves a client's filter (a RUNNING run that completes) is sent
+            # once more, so that a live list can drop it.
+            if client.wants(summary) or (old is not None and client.wants(old)):
                 client.offer(frame)
                 self.on_frame()
 

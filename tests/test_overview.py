@@ -129,6 +129,25 @@ async def test_frames_keep_to_the_filter_and_at_most_four_a_second_per_run(
         assert counts == sorted(counts)
 
 
+async def test_a_run_leaving_the_filter_is_sent_once_more_so_a_list_can_drop_it(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    """A stream filtered on RUNNING gets the COMPLETED summary of a run it listed (without
+    it, a live list of running runs would show a finished one as running for ever), and
+    nothing after that."""
+    base = await serve()
+    definition = "def-" + uuid.uuid4().hex[:8]
+    wf, other = new_workflow(), new_workflow()
+    await publish(base, wf, [plan(definition, "a", "b"), state("RUNNING")])
+    async with overview(base, definition_id=definition, state="RUNNING") as feed:
+        assert (await feed.next_run())["workflow_id"] == wf
+        await publish(base, wf, [state("COMPLETED")])
+        summary = await feed.next_run()
+        assert (summary["workflow_id"], summary["state"]) == (wf, "COMPLETED")
+        await publish(base, other, [plan(definition, "a"), state("RUNNING")])
+        assert (await feed.next_run())["workflow_id"] == other  # not wf again
+
+
 async def test_watchers_show_up_in_the_overview(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
