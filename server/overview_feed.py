@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .watchers import watchers
 logger = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.25  # SPEC: at most 4 frames per second per run
+ETA_REUSE_SECONDS = 5.0  # a run's ETA in the overview is re-estimated at most this often
 WATCHERS_SECONDS = 1.0  # how often watcher counts are read for the runs shown
 FOLLOW_MAX = 2_000  # runs still going whose live channels a feed follows at most
 SHOWN_MAX = 2_000  # runs whose last summary a feed remembers (to send changes only)
@@ -112,6 +114,7 @@ class OverviewFeed:
         self._etas: dict[str, float | None] = {}  # the ETA last sent, as a finish time
         self._shown: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._sent_at: dict[str, float] = {}
+        self._estimated_at: dict[str, float] = {}  # loop time of the last new estimate
         self._tasks: list[asyncio.Task[None]] = []
         self._kick = Wakeup()
         self._lock = asyncio.Lock()
@@ -167,6 +170,7 @@ class OverviewFeed:
         self._shown.clear()
         self._etas.clear()
         self._sent_at.clear()
+        self._estimated_at.clear()
 
     async def _follow(self, workflow_id: str) -> None:
         if workflow_id in self._follows or len(self._follows) >= FOLLOW_MAX:
@@ -244,8 +248,15 @@ class OverviewFeed:
                 await asyncio.sleep(max(soonest - now, 0.01))
                 continue
             self._dirty.difference_update(due)
+            # A run estimated within ETA_REUSE_SECONDS keeps that estimate's finish (counted
+            # down): a new estimate per event of 1,000 busy runs would take a core.
+            fresh = {
+                w: self._etas.get(w)
+                for w in due
+                if w in self._etas and self._estimated_at.get(w, -1e9) + ETA_REUSE_SECONDS > now
+            }
             try:
-                found = await summaries(self.redis, self.tracker, due)
+                found = await summaries(self.redis, self.tracker, due, finishes=fresh)
             except RedisError as exc:
                 logger.info("overview: summaries failed (%s); retrying", exc)
                 self._dirty.update(due)
@@ -256,13 +267,15 @@ class OverviewFeed:
                 if summary is None:
                     await self._unfollow(w)  # expired
                     continue
+                if w not in fresh:
+                    self._estimated_at[w] = now
                 self._publish(w, summary, loop.time())
                 if summary["state"] in TERMINAL_STATES:
                     await self._unfollow(w)
 
     def _publish(self, workflow_id: str, summary: dict[str, Any], now: float) -> None:
         eta = summary.get("estimated_remaining_seconds")
-        finish = None if eta is None else now + float(eta)
+        finish = None if eta is None else time.time() + float(eta)  # epoch: see summaries()
         last_finish = self._etas.get(workflow_id)
         eta_moved = (finish is None) != (last_finish is None) or (
             finish is not None and last_finish is not None and abs(finish - last_finish) >= 0.5
@@ -276,6 +289,7 @@ class OverviewFeed:
             gone, _ = self._shown.popitem(last=False)
             self._etas.pop(gone, None)
             self._sent_at.pop(gone, None)
+            self._estimated_at.pop(gone, None)
         self._etas[workflow_id] = finish
         self._sent_at[workflow_id] = now
         frame = run_frame(summary)
