@@ -776,7 +776,13 @@ class Store:
         `last`, so a view that is not current costs a retry, never a wrong state."""
         view = self._views.get(workflow_id)
         if view is not None:
-            if not _apply(view, message):
+            try:
+                applied = _apply(view, message)
+            except (ValueError, KeyError, TypeError, IndexError):
+                # Not what this version publishes (another version of the server in a
+                # rolling upgrade): forget the view rather than break the hub's reader.
+                applied = False
+            if not applied:
                 self._drop(workflow_id)
             elif view.weight != 4 + len(view.state.nodes):
                 self._drop(workflow_id)
@@ -795,8 +801,11 @@ class Store:
         """Cache the view written by an append; the least recently written go first."""
         news = self._news.pop(workflow_id, None)
         for message in news or ():  # what other processes wrote while our append ran
-            if not _apply(view, message):
-                return
+            try:
+                if not _apply(view, message):
+                    return
+            except (ValueError, KeyError, TypeError, IndexError):
+                return  # not cached: see follow()
         view.weight = 4 + len(view.state.nodes)  # about a node's worth per part
         if view.weight > self.cache_nodes:
             return

@@ -105,8 +105,11 @@ async def test_a_missed_write_drops_the_view_and_costs_a_retry_not_a_wrong_state
         await published.wait_for(3)
         a.follow(wf, published.messages[2])  # the second of b's, without the first
         assert wf not in a._views
+        await a.append(wf, [ev(4, "node_progress", node_id="x", fraction=0.5)])
+        a.follow(wf, b"=1 2 x")  # not this version's form: forgotten, the hub unharmed
+        assert wf not in a._views
         attempts = Attempts(a)
-        await a.append(wf, [ev(4, "node_completed", node_id="x")])
+        await a.append(wf, [ev(5, "node_completed", node_id="x")])
         assert attempts.lost == 0  # read afresh
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
     finally:
