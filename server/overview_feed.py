@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.25  # SPEC: at most 4 frames per second per run
 ETA_REUSE_SECONDS = 5.0  # a run's ETA in the overview is re-estimated at most this often
+ESTIMATES_PER_BATCH = 32  # runs re-estimated per summaries() call
 WATCHERS_SECONDS = 1.0  # how often watcher counts are read for the runs shown
 FOLLOW_MAX = 2_000  # runs still going whose live channels a feed follows at most
 SHOWN_MAX = 2_000  # runs whose last summary a feed remembers (to send changes only)
@@ -255,23 +256,36 @@ class OverviewFeed:
                 for w in due
                 if w in self._etas and self._estimated_at.get(w, -1e9) + ETA_REUSE_SECONDS > now
             }
-            try:
-                found = await summaries(self.redis, self.tracker, due, finishes=fresh)
-            except RedisError as exc:
-                logger.info("overview: summaries failed (%s); retrying", exc)
-                self._dirty.update(due)
-                await asyncio.sleep(MIN_INTERVAL)
+            # The runs that need no new estimate first, in one batch; the others in small
+            # ones, so that frames keep flowing while estimates are made.
+            stale = [w for w in due if w not in fresh]
+            step = ESTIMATES_PER_BATCH
+            batches = [list(fresh), *(stale[i : i + step] for i in range(0, len(stale), step))]
+            for batch in batches:
+                if batch:
+                    await self._summarize(batch, fresh, now)
+
+    async def _summarize(
+        self, batch: list[str], fresh: dict[str, float | None], now: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            found = await summaries(self.redis, self.tracker, batch, finishes=fresh)
+        except RedisError as exc:
+            logger.info("overview: summaries failed (%s); retrying", exc)
+            self._dirty.update(batch)
+            await asyncio.sleep(MIN_INTERVAL)
+            return
+        for w in batch:
+            summary = found.get(w)
+            if summary is None:
+                await self._unfollow(w)  # expired
                 continue
-            for w in due:
-                summary = found.get(w)
-                if summary is None:
-                    await self._unfollow(w)  # expired
-                    continue
-                if w not in fresh:
-                    self._estimated_at[w] = now
-                self._publish(w, summary, loop.time())
-                if summary["state"] in TERMINAL_STATES:
-                    await self._unfollow(w)
+            if w not in fresh:
+                self._estimated_at[w] = now
+            self._publish(w, summary, loop.time())
+            if summary["state"] in TERMINAL_STATES:
+                await self._unfollow(w)
 
     def _publish(self, workflow_id: str, summary: dict[str, Any], now: float) -> None:
         eta = summary.get("estimated_remaining_seconds")
