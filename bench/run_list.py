@@ -38,10 +38,10 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from server import runs
 from server.publisher import assemble
 from server.settings import Settings
 
+from . import publish_path
 from .fanout import free_port
 from .loadgen import HttpConn, raise_nofile
 
@@ -91,22 +91,10 @@ async def seed(redis_url: str, tag: str, n: int, running_share: float) -> list[s
 
 
 async def cleanup(redis_url: str, tag: str) -> None:
+    """The run's workflow keys and index entries (as publish_path does), and its history."""
+    await publish_path.cleanup(redis_url, tag)
     redis = Redis.from_url(redis_url)
     try:
-        names: set[str] = set()
-        batch: list[bytes] = []
-        async for key in redis.scan_iter(match=f"wf:{{{tag}-*", count=2000):
-            batch.append(key)
-            names.add(key.decode().split("{", 1)[1].split("}", 1)[0])
-            if len(batch) >= 1000:
-                await redis.delete(*batch)
-                batch.clear()
-        if batch:
-            await redis.delete(*batch)
-        ordered = sorted(names)
-        index = runs.RunIndex(redis, retention_seconds=1)
-        for i in range(0, len(ordered), 1000):
-            await index.forget(ordered[i : i + 1000])
         async for key in redis.scan_iter(match=f"wfsse:hist:*{tag}*", count=2000):
             await redis.delete(key)
     finally:
