@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 
 from server import keys, store
-from server.hub import Frame, Hub, Live, Subscription, _Channel, parse_message
+from server.hub import Frame, Hub, Live, Subscription, _Channel, parse_message, parse_messages
 from server.redis_client import open_redis
 from tests.conftest import Serve
 from tests.sse_client import Parser, collect, iter_messages
@@ -351,3 +351,16 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
     stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
     assert [m.id for m in msgs if m.id] == stored and len(stored) == 6
     assert msgs[-1].event == "workflow_state_changed"
+
+
+def test_a_batched_live_message_frames_each_line_as_a_single_message_would() -> None:
+    lines = [
+        b'1769077817000-0 node_started 0 {"node_id":"\xed\x92\x88\xec\xa7\x88"}',
+        b'1769077817000-1 node_progress 0 {"m":"a\rb"}',  # a CR: encode()'s slow path
+        b"1769077817001-12 workflow_state_changed 1 {}",
+    ]
+    got = parse_messages(b"\n".join(lines))
+    want = [parse_message(line) for line in lines]
+    fields = [(f.key, f.id, f.data, f.json, f.terminal) for f in got]
+    assert fields == [(f.key, f.id, f.data, f.json, f.terminal) for f in want]
+    assert got[2].key == (1769077817001, 12) and got[2].terminal
