@@ -267,7 +267,7 @@ async def _eval(redis: RedisClient, keys: list[str], args: list[str]) -> None:
 
 async def record(
     redis: RedisClient,
-    items: list[tuple[str | None, str, str | None, float]],
+    items: Iterable[tuple[str | None, str, str | None, float]],
     *,
     ttl_seconds: int,
     prefix: str = "wfsse",

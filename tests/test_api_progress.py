@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -187,7 +187,7 @@ async def test_progress_stream_rejects_a_malformed_last_event_id_and_ignores_an_
 
 async def run_chain(
     base: str, wf: str, definition: str, node_type: str, durations: list[float],
-    at_half: Callable[[], Any] | None = None,
+    at_half: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run a sequential plan in real time over HTTP; return the progress seen after each step."""
     seen: list[dict[str, Any]] = []
@@ -203,7 +203,7 @@ async def run_chain(
 
         async def snap() -> dict[str, Any]:
             status, _, body = await get_progress(s, base, wf)
-            assert status == 200
+            assert status == 200 and isinstance(body, dict)
             seen.append(body)
             return body
 
@@ -279,7 +279,8 @@ async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
     ]
 
     def run(start: float, nodes: range) -> list[dict[str, Any]]:
-        events, at = [], start
+        events: list[dict[str, Any]] = []
+        at = start
         for i in nodes:
             events.append({"event_type": "node_started", "node_id": f"n{i}", "timestamp": _iso(at)})
             at += durations[i]

@@ -173,7 +173,7 @@ async def test_terminal_ends_stream_and_reconnect_at_terminal_is_204(
 
 
 async def test_when_redis_cannot_say_whether_to_answer_204_the_stream_decides_later(
-    serve: Serve, new_workflow: Callable[[], str]
+    serve: Serve, new_workflow: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An overloaded Redis at reconnect time gives a 200 (a 503 would end an EventSource for
     good); the stream then ends at once if the client already had the terminal event."""
@@ -183,14 +183,14 @@ async def test_when_redis_cannot_say_whether_to_answer_204_the_stream_decides_la
     real_last_entry = the_store.last_entry
     failures = 0
 
-    async def overloaded_once(workflow_id: str) -> Any:
+    async def overloaded_once(workflow_id: str) -> store.Entry | None:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise RedisConnectionError("No connection available.")
         return await real_last_entry(workflow_id)
 
-    the_store.last_entry = overloaded_once
+    monkeypatch.setattr(the_store, "last_entry", overloaded_once)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{base}/workflows/{wf}/events", headers={"Last-Event-ID": ids[1]}) as r:
             assert r.status == 200

@@ -26,7 +26,7 @@ MAX_ID = f"{2**64 - 1}-{2**64 - 1}"
 
 
 async def page(
-    base: str, wf: str, headers: dict[str, str] | None = None, **query: str
+    base: str, wf: str, headers: dict[str, str] | None = None, /, **query: str
 ) -> tuple[int, dict[str, str], Any]:
     async with (
         aiohttp.ClientSession() as s,

@@ -27,6 +27,7 @@ async def test_a_burst_larger_than_the_pool_waits_and_every_command_succeeds() -
     await (await real_redis_or_skip()).aclose()
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     async with redis_client.open_redis(url) as client:
+        assert isinstance(client, redis_client._Client)  # a plain URL: no cluster client
         pool = client.connection_pool
         assert isinstance(pool, redis_client._Pool)
         results = await asyncio.gather(*(client.blpop(["no-such-list"], 0.05) for _ in range(150)))
@@ -114,6 +115,7 @@ def test_the_command_client_takes_its_timeout_from_the_url_and_arms_no_socket_ti
     assert client.deadlines.seconds == 0.75
     assert client.connection_pool.connection_kwargs["socket_timeout"] is None
     plain = redis_client.command_client("redis://127.0.0.1:6379/0")
+    assert isinstance(plain, redis_client._Client)
     assert plain.deadlines.seconds == redis_client.COMMAND_TIMEOUT
 
 
@@ -138,7 +140,9 @@ async def test_a_frozen_redis_fails_commands_and_publishes_in_time_then_recovers
                 await client.ping()
             with pytest.raises(RedisTimeoutError):
                 async with client.pipeline(transaction=True) as pipe:
-                    await pipe.get("a").get("b").execute()
+                    pipe.get("a")
+                    pipe.get("b")
+                    await pipe.execute()
             assert time.monotonic() - t0 < 2 * (0.5 + redis_client.SWEEP_SECONDS) + 1
             t0 = time.monotonic()
             async with s.post(f"{base}/workflows/{wf}/events", json=event) as resp:

@@ -40,7 +40,7 @@ def state(to: str) -> dict[str, Any]:
 
 
 async def listing(
-    base: str, headers: dict[str, str] | None = None, **query: str
+    base: str, headers: dict[str, str] | None = None, /, **query: str
 ) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as s,
