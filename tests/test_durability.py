@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from server import store
 from tests.procs import RedisClusterProcesses, ServerProcess, server_env
+from tests.redis_reads import node_port, stream_entries
 from tests.test_sentinel import Engine, wait_until
 
 RECOVERY_SECONDS = 15.0  # the promotion, then the old master back and synced as a replica
@@ -39,9 +40,7 @@ async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledg
         await client.initialize()
         try:
             ids = (f"durable-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
-            wf = next(
-                w for w in ids if client.get_node_from_key(store.channel(w)).port == master.port
-            )
+            wf = next(w for w in ids if node_port(client, store.channel(w)) == master.port)
         finally:
             await client.aclose()
 
@@ -82,7 +81,7 @@ async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledg
 
         redis = RedisCluster.from_url(f"redis://127.0.0.1:{replica.port}/0")
         try:
-            rows = await redis.xrange(store.stream_key(wf))
+            rows = await stream_entries(redis, store.stream_key(wf))
         finally:
             await redis.aclose()
         stored = {i.decode(): json.loads(f[b"d"]).get("message") for i, f in rows}

@@ -18,6 +18,7 @@ from server.app import create_app
 from server.settings import Settings
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.procs import RedisProcess, ServerProcess
+from tests.redis_reads import stream_ids
 from tests.sse_client import Message, iter_messages
 
 
@@ -89,7 +90,7 @@ async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicat
             await asyncio.wait_for(reader, 20)  # the stream stayed open and ends at terminal
             resp.release()
 
-        stored = [eid.decode() for eid, _ in await client.xrange(store.stream_key(wf))]
+        stored = await stream_ids(client, store.stream_key(wf))
         # Redis kept nothing: the stream says so (its last id is gone) before the new events.
         gaps = [m for m in received if m.event == "gap"]
         assert [m.json()["requested"] for m in gaps] == [received[4].id]
@@ -182,7 +183,7 @@ async def test_client_reconnects_to_second_server_after_sigkill_and_gets_every_e
                     if msg.id:
                         received.append(msg.id)
             await pub
-        stored = [eid.decode() for eid, _ in await real.xrange(store.stream_key(wf))]
+        stored = await stream_ids(real, store.stream_key(wf))
         assert received == stored  # every event exactly once, in order, across the kill
         assert len(received) > cut
     finally:

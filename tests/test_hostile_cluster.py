@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from server import store
 from tests.procs import RedisClusterProcesses, RedisProcess, ServerProcess
+from tests.redis_reads import node_port, stream_ids
 from tests.sse_client import iter_messages
 from tests.test_sentinel import Engine
 
@@ -92,9 +93,8 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
     await client.initialize()
     try:
         ids = (f"failover-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
-        on_victim = lambda wf: client.get_node_from_key(store.channel(wf)).port == master.port  # noqa: E731
-        victim = next(wf for wf in ids if on_victim(wf))
-        healthy = next(wf for wf in ids if not on_victim(wf))
+        victim = next(wf for wf in ids if node_port(client, store.channel(wf)) == master.port)
+        healthy = next(wf for wf in ids if node_port(client, store.channel(wf)) != master.port)
     finally:
         await client.aclose()
 
@@ -134,7 +134,7 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
         redis = RedisCluster.from_url(f"redis://127.0.0.1:{replica.port}/0")
         try:
             for wf, reader in readers.items():
-                retained = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+                retained = await stream_ids(redis, store.stream_key(wf))
                 got = reader.ids
                 # No duplicate, in order, and nothing the stream retains was missed.
                 assert got == sorted(set(got), key=store.id_key), wf

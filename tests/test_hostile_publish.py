@@ -19,6 +19,7 @@ from server.app import create_app
 from server.settings import Settings
 from tests.conftest import Serve
 from tests.procs import RedisProcess
+from tests.redis_reads import stream_entries
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
@@ -140,7 +141,7 @@ async def test_a_publish_answered_503_by_a_frozen_redis_is_not_stored_when_it_th
                 assert await client.xlen(store.stream_key(wf)) == 1
                 async with s.post(events_url, json=retried) as resp:  # the client's retry
                     assert resp.status == 201
-                rows = await client.xrange(store.stream_key(wf))
+                rows = await stream_entries(client, store.stream_key(wf))
             assert [json.loads(f[b"d"])["event_type"] for _, f in rows] == [
                 "node_started", "node_completed"
             ]  # fmt: skip

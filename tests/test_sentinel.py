@@ -31,6 +31,7 @@ from server.app import create_app
 from server.redis_client import parse_sentinel_url
 from server.settings import Settings, from_sources
 from tests.procs import RedisProcess, SentinelProcesses, ServerProcess, server_env
+from tests.redis_reads import stream_entries
 from tests.sse_client import Message, iter_messages
 
 RECOVERY_SECONDS = 10.0  # "within 10 s of the promotion"
@@ -361,7 +362,7 @@ async def fail_over(
 
     redis = Redis(port=new_primary.port)
     try:
-        rows = await redis.xrange(store.stream_key(wf))
+        rows = await stream_entries(redis, store.stream_key(wf))
     finally:
         await redis.aclose()
     stored = [(i.decode(), _message(f)) for i, f in rows]
