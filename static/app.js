@@ -31,6 +31,7 @@
     graphPanel: $("graph-panel"), graph: $("graph"), graphCaption: $("graph-caption"),
     timelinePanel: $("timeline-panel"), timeline: $("timeline"),
     timelineCaption: $("timeline-caption"), picturesNote: $("pictures-note"),
+    back: $("back"),
   };
 
   // Every event id this page received, in arrival order, duplicates included: tests read it.
@@ -794,6 +795,8 @@
 
   function watch(id) {
     stop(current);
+    if (home) home.hide();
+    el.back.href = homeUrl();
     current = newWatch(id);
     window.__seenIds = [];
     el.input.value = id;
@@ -813,6 +816,23 @@
     connect(current);
   }
 
+  // The home: the live list of runs, with the filters of the URL.
+  function goHome() {
+    stop(current);
+    current = null;
+    el.view.hidden = true;
+    document.title = "Runs · Workflow progress";
+    setBadge("idle");
+    if (home) home.show(window.location.href);
+  }
+
+  // The page's URL without the workflow: the home with the filters it was opened from.
+  function homeUrl() {
+    const url = new URL(window.location.href);
+    url.searchParams.delete("workflow");
+    return url.pathname + url.search;
+  }
+
   // Between events: the ETA counts down and running nodes' elapsed times go up.
   setInterval(() => {
     const w = current;
@@ -823,6 +843,24 @@
   }, 1000);
 
   // ---------------------------------------------------------------- the controls
+  const home = window.WfHome ? new window.WfHome.Home({
+    section: $("home"), caption: $("home-caption"), filters: $("filters"), state: $("f-state"),
+    definition: $("f-definition"), definitions: $("f-definitions"), clear: $("f-clear"),
+    error: $("home-error"), list: $("runs"), empty: $("runs-empty"), template: $("run-template"),
+  }, {
+    open: (id) => { setUrl(id, false); watch(id); },
+    badge: (text) => setBadge(text),
+    duration: (seconds) => formatDuration(seconds),
+    when: (ts) => {
+      const d = new Date(ts);
+      if (Number.isNaN(d.getTime())) return "";
+      const today = d.toDateString() === new Date().toDateString();
+      return today ? localTime(ts) : d.toLocaleString([], { month: "short", day: "numeric",
+        hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    },
+    setUrl: (query) => history.replaceState(null, "", `/${query}`),
+  }) : null;
+
   function setUrl(id, replace) {
     const url = new URL(window.location.href);
     url.searchParams.set("workflow", id);
@@ -861,25 +899,32 @@
     }
   });
 
-  window.addEventListener("popstate", () => {
-    const id = new URL(window.location.href).searchParams.get("workflow");
-    if (id && ID_RE.test(id) && (!current || current.id !== id)) watch(id);
+  el.back.addEventListener("click", (e) => {
+    if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+    e.preventDefault();
+    history.pushState(null, "", el.back.getAttribute("href") || "/");
+    goHome();
   });
 
-  async function start() {
+  function route() {
     const id = new URL(window.location.href).searchParams.get("workflow");
-    if (id && ID_RE.test(id)) watch(id);
+    if (id && ID_RE.test(id)) {
+      if (!current || current.id !== id) watch(id);
+    } else {
+      goHome();
+    }
+  }
+
+  window.addEventListener("popstate", route);
+
+  async function start() {
+    route();
     // The demo routes exist only with --demo: 200 shows the button, 404 hides it.
     try {
       const r = await fetch("/demo/workflows", { headers: { Accept: "application/json" } });
       if (!r.ok) return;
-      const info = await r.json();
       el.demo.hidden = false;
-      document.body.dataset.demo = "on";
-      if (!current && info.current && ID_RE.test(info.current)) {
-        setUrl(info.current, true); // a first visit follows the demo run in progress
-        watch(info.current);
-      }
+      document.body.dataset.demo = "on"; // the home lists the demo's runs as they start
     } catch (err) {
       // No demo: the id box is all there is.
     }
