@@ -210,7 +210,12 @@ async def test_filters_keyboard_and_text_only(browser: Any) -> None:
         assert (listed[c]["state"], listed[c]["icon"], listed[c]["pct"]) == ("COMPLETED", "✓", 100)
         assert listed[c]["eta"] == ""
 
-        await page.select_option("#f-state", "RUNNING")
+        # A filter reopens the stream with the query; EventSource asks for the stream itself.
+        async with page.expect_request(lambda r: "/workflows?" in r.url) as opened:
+            await page.select_option("#f-state", "RUNNING")
+        request = await opened.value
+        assert request.url == f"{srv.url}/workflows?state=RUNNING&definition_id={mine}"
+        assert request.headers["accept"] == "text/event-stream"
         await rows_are(page, [a])
         assert page.url == f"{srv.url}/?state=RUNNING&definition_id={mine}"
         # a completes: it leaves the list; d starts: it joins; e (another definition) not.
