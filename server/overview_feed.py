@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +61,26 @@ _COMPARED = (
 def run_frame(summary: dict[str, Any]) -> bytes:
     data = json.dumps(summary, ensure_ascii=False, separators=(",", ":"))
     return b"event: run\ndata: " + data.encode() + b"\n\n"
+
+
+def _updated(summary: dict[str, Any]) -> datetime:
+    try:
+        return datetime.fromisoformat(summary["updated_at"])
+    except (KeyError, TypeError, ValueError):
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def not_older(frames: list[bytes], first: Sequence[dict[str, Any]]) -> list[bytes]:
+    """The frames queued while a first page was read, less those older than the page's
+    summary of their run (written after the page, they would move a list back)."""
+    floor = {s["workflow_id"]: _updated(s) for s in first}
+    kept = []
+    for frame in frames:
+        summary = json.loads(frame.split(b"data: ", 1)[1])
+        shown = floor.get(summary["workflow_id"])
+        if shown is None or _updated(summary) >= shown:
+            kept.append(frame)
+    return kept
 
 
 def changed(old: dict[str, Any] | None, new: dict[str, Any], *, eta_moved: bool) -> bool:
@@ -376,6 +397,7 @@ async def overview_stream(
             feed.seen(summary)
         if first:
             await response.write(b"".join(run_frame(s) for s in first))
+        client.frames = not_older(client.frames, first)
         beat = Heartbeat(client.wakeup, app[keys.settings_key].heartbeat_seconds)
         while not handle.stopping and not client.overflowed:
             client.wakeup.clear()

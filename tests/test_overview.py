@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth
+from server import auth, keys, overview_feed
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
 from tests.test_runs import SECRET, plan, state
@@ -146,6 +147,40 @@ async def test_a_run_leaving_the_filter_is_sent_once_more_so_a_list_can_drop_it(
         assert (summary["workflow_id"], summary["state"]) == (wf, "COMPLETED")
         await publish(base, other, [plan(definition, "a"), state("RUNNING")])
         assert (await feed.next_run())["workflow_id"] == other  # not wf again
+
+
+async def test_a_frame_queued_while_the_first_page_is_read_never_follows_it_older(
+    serve: Serve, new_workflow: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change the feed queues for a new stream while its first page is being read is
+    written after that page: when the page already holds a later state of the run, the
+    queued frame is older and must not follow it (a list's bar would move back)."""
+    base = await serve()
+    app = serve.apps[-1]
+    definition = "def-" + uuid.uuid4().hex[:8]
+    wf = new_workflow()
+    done = lambda n: {"event_type": "node_completed", "node_id": n}  # noqa: E731
+    await publish(base, wf, [plan(definition, "a", "b", "c"), state("RUNNING")])
+    real = overview_feed.list_page
+
+    async def first_page_after_two_changes(*args: Any, **kwargs: Any) -> Any:
+        client = next(iter(app[keys.overview_key].clients))
+        await publish(base, wf, [started("a"), done("a")])
+        async with asyncio.timeout(3):
+            while not client.frames:  # the feed has queued "1 of 3" for this stream
+                await asyncio.sleep(0.01)
+        await publish(base, wf, [started("b"), done("b")])
+        return await real(*args, **kwargs)  # "2 of 3"
+
+    monkeypatch.setattr(overview_feed, "list_page", first_page_after_two_changes)
+    async with overview(base, definition_id=definition) as feed:
+        first = await feed.next_run()
+        assert first["completed_nodes"] == 2
+        with contextlib.suppress(TimeoutError):
+            while True:
+                await feed.next_run(timeout=1.0)
+    counts = [s["completed_nodes"] for s in feed.frames]
+    assert counts == sorted(counts), counts
 
 
 async def test_watchers_show_up_in_the_overview(
