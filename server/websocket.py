@@ -164,10 +164,13 @@ async def serve(ws: web.WebSocketResponse, stream: EventStream) -> None:
         await asyncio.wait({streaming, reading}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         await _cancel(streaming)
+        # The reader goes first: a close() while it waits in receive() hands it a CLOSING
+        # message, and aiohttp then cuts the transport at once instead of waiting for the
+        # client's answer, so a client that was not reading at that moment saw 1006.
+        await _cancel(reading)
         # After the terminal event: 1000. After goodbye (1001) or a client that left, the
         # socket is closed already and this does nothing.
         await close(ws, WSCloseCode.OK, "finished")
-        await _cancel(reading)
     if not streaming.cancelled() and (exc := streaming.exception()) is not None:
         if not isinstance(exc, RedisError):  # Redis outages are retried inside the stream
             logger.error("websocket stream of %s failed", stream.workflow_id, exc_info=exc)

@@ -325,3 +325,19 @@ async def test_ws_stalled_socket_stays_bounded_and_then_gets_everything_once(
         await fast.close()
     catchups = app[keys.metrics_key].slow_client_catchups_total._value.get()
     assert catchups >= 1
+
+
+async def test_a_client_busy_when_the_run_ends_still_gets_a_clean_1000(
+    serve: Serve, new_workflow: Callable[[], str]
+) -> None:
+    """The server waits for the close handshake: a client that reads its socket only some
+    time after the terminal event (busy elsewhere) must not find it cut (1006)."""
+    base, wf = await serve(), new_workflow()
+    await publish(serve, wf, [started("a")])
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(base, wf)) as ws:
+        assert len(await receive(ws, 1)) == 1
+        await publish(serve, wf, [DONE])
+        await asyncio.sleep(0.3)  # the client is busy: the close frame waits in its buffer
+        rest, code = await until_closed(ws)
+    assert [m["event_type"] for m in rest] == ["workflow_state_changed"]
+    assert code == 1000
