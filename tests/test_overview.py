@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from server import auth, keys, overview_feed
+from server.overview import list_page
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
 from tests.test_runs import SECRET, plan, state
@@ -22,6 +23,10 @@ from tests.test_runs import SECRET, plan, state
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
 SSE = {"Accept": "text/event-stream"}
+
+
+def completed(node: str) -> dict[str, Any]:
+    return {"event_type": "node_completed", "node_id": node}
 
 
 class Overview:
@@ -159,17 +164,16 @@ async def test_a_frame_queued_while_the_first_page_is_read_never_follows_it_olde
     app = serve.apps[-1]
     definition = "def-" + uuid.uuid4().hex[:8]
     wf = new_workflow()
-    done = lambda n: {"event_type": "node_completed", "node_id": n}  # noqa: E731
     await publish(base, wf, [plan(definition, "a", "b", "c"), state("RUNNING")])
-    real = overview_feed.list_page
+    real = list_page  # the one overview_feed imported
 
     async def first_page_after_two_changes(*args: Any, **kwargs: Any) -> Any:
         client = next(iter(app[keys.overview_key].clients))
-        await publish(base, wf, [started("a"), done("a")])
+        await publish(base, wf, [started("a"), completed("a")])
         async with asyncio.timeout(3):
             while not client.frames:  # the feed has queued "1 of 3" for this stream
                 await asyncio.sleep(0.01)
-        await publish(base, wf, [started("b"), done("b")])
+        await publish(base, wf, [started("b"), completed("b")])
         return await real(*args, **kwargs)  # "2 of 3"
 
     monkeypatch.setattr(overview_feed, "list_page", first_page_after_two_changes)
