@@ -9,8 +9,9 @@ workflows do; a single Redis holds one shard. Per shard:
   none yet);
 - `rec`: a hash, workflow id -> its index record (JSON): state, definition, score, the
   event id each was last set by, and its recent moves (see below).
-The score is the time (ms) of the run's last index write, times 2^11, plus an 11-bit hash
-of its id: one order over all shards (Redis orders equal scores by id).
+The score is the time (ms, Redis's clock as the script runs) of the run's last index write,
+times 2^11, plus an 11-bit hash of its id: one order over all shards (Redis orders equal
+scores by id).
 
 Writes. An append costs the index nothing unless a field the index sorts or filters by
 changes: the run's state, its definition, or the second of its last event (so a run
@@ -93,19 +94,26 @@ local function drop(tag, rec, m)
   end
   redis.call('ZREM', tag .. ':all', m)
 end
+-- Redis's own clock: scores are times of the writes as Redis ran them, so a write that
+-- lands after a walk's first page always scores above the walk's T (a client's clock
+-- taken before an append's round trip would not).
+local function redis_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function num(x)  -- a 16-digit score as Redis reads it (Lua would print 14 digits)
   return string.format('%.0f', x)
 end
 """
 
 # KEYS: the shard's `all` and `rec` (the filter sets are named from the same hash tag).
-# ARGV: tag, now (ms), retention (ms), cursor window (ms), publish command, notice channel,
-# moves kept at most; then per run 6: workflow id, event id, state ('' unchanged),
+# ARGV: tag, '' (the time is Redis's), retention (ms), cursor window (ms), publish command,
+# notice channel, moves kept at most; then per run 6: workflow id, event id, state ('' unchanged),
 # definition set 0|1, definition, tie. Returns how many records changed.
 _UPDATE_LUA = (
     _COMMON_LUA
     + """
-local tag, now = ARGV[1], tonumber(ARGV[2])
+local tag, now = ARGV[1], redis_ms()
 local retention, window, kept = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
 local function idkey(s)
   local ms, seq = string.match(s, '^(%d+)-(%d+)$')
@@ -162,16 +170,20 @@ return changed
 """
 )
 
-# One page of one shard. KEYS: `all`, `rec`. ARGV: tag, T (ms), cursor score ('' none),
+# One page of one shard. KEYS: `all`, `rec`. ARGV: tag, T (ms; '' now), cursor score ('' none),
 # cursor member, limit, now (ms), retention (ms), states (JSON list, [] any), definition,
 # the most runs moved since T that it looks at (more: an error reply STALE).
-# Returns a flat list of workflow id, score (as of T): at most limit + 1 runs, best first.
+# Returns T, then a flat list of workflow id, score (as of T): at most limit + 1 runs, best
+# first.
 _PAGE_LUA = (
     _COMMON_LUA
     + """
-local tag, T = ARGV[1], tonumber(ARGV[2])
+local tag = ARGV[1]
+local now = redis_ms()
+local T = now
+if ARGV[2] ~= '' then T = tonumber(ARGV[2]) end
 local cs, cm = ARGV[3], ARGV[4]
-local limit, now, retention = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[7])
 local states, def = cjson.decode(ARGV[8]), ARGV[9]
 local top = (T + 1) * B - 1
 local cscore = nil
@@ -238,10 +250,10 @@ for _, m in ipairs(moved) do
   end
 end
 table.sort(found, function(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end)
-local out = {}
+local out = {string.format('%.0f', T)}
 local seen = {}
 for _, f in ipairs(found) do
-  if #out >= 2 * (limit + 1) then break end
+  if #out >= 2 * (limit + 1) + 1 then break end
   if not seen[f[2]] then
     seen[f[2]] = true
     out[#out + 1] = f[2]
@@ -262,6 +274,12 @@ for i = 2, #ARGV do drop(tag, KEYS[2], ARGV[i]) end
 return 1
 """
 )
+
+# Redis's clock on the node of a shard (ms). KEYS: the shard's `all`.
+_TIME_LUA = """
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
 
 # Records of given runs. KEYS: `rec`. ARGV: workflow ids. Returns their raw records.
 _RECORDS_LUA = """
@@ -368,6 +386,7 @@ class RunIndex:
         self._page = redis.register_script(_PAGE_LUA)
         self._forget = redis.register_script(_FORGET_LUA)
         self._records = redis.register_script(_RECORDS_LUA)
+        self._time = redis.register_script(_TIME_LUA)
         # workflow -> (state, definition, second) as this process last wrote them
         self._written: OrderedDict[str, tuple[str | None, str | None, int]] = OrderedDict()
         self._missed: dict[str, tuple[str | None, str | None, bool]] = {}
@@ -406,7 +425,7 @@ class RunIndex:
         row = [workflow_id, last_id, state or "", "1" if planned else "0", definition or "",
                tie(workflow_id)]  # fmt: skip
         try:
-            await self._write(k, now, row)
+            await self._write(k, row)
         except BaseException:
             # Remembered for the next append's write, which may change nothing by itself.
             self._missed[workflow_id] = (state, definition, planned)
@@ -425,7 +444,7 @@ class RunIndex:
             self._written.popitem(last=False)
         return True
 
-    async def _write(self, k: int, now: int, rows: list[Any]) -> None:
+    async def _write(self, k: int, rows: list[Any]) -> None:
         """One update script on shard k for runs given 6 values each (see _UPDATE_LUA)."""
         from .store import channel
 
@@ -434,7 +453,7 @@ class RunIndex:
             keys=self._keys(k),
             args=[
                 tag,
-                now,
+                "",
                 self.retention_seconds * 1000,
                 CURSOR_SECONDS * 1000,
                 self.publish_command,
@@ -464,11 +483,10 @@ class RunIndex:
             by_shard.setdefault(shard_of(w, self.shards), []).extend(
                 [w, last_id, "", "0", "", tie(w)]
             )
-        now = int(self.clock() * 1000)
         for k, rows in by_shard.items():
             try:
                 for i in range(0, len(rows), 6 * FLUSH_RUNS):
-                    await self._write(k, now, rows[i : i + 6 * FLUSH_RUNS])
+                    await self._write(k, rows[i : i + 6 * FLUSH_RUNS])
             except (RedisError, OSError) as exc:
                 self.on_error()
                 logger.info("run index: %d moves not written (%s); next flush", len(rows) // 6, exc)
@@ -495,14 +513,23 @@ class RunIndex:
         cursor: Cursor | None = None,
     ) -> Listed:
         """One page of the walk `cursor` continues (a new walk without one)."""
-        now = int(self.clock() * 1000)
-        at = cursor.at if cursor is not None else now
+        if cursor is not None:
+            at: int | str = cursor.at
+        elif self.shards == 1:
+            at = ""  # the page script takes Redis's time as the walk's T
+        else:
+            # The earliest of the shards' clocks: a write after this scores above it on
+            # every shard, so it is a move in this walk, never a new place.
+            times = await asyncio.gather(
+                *(self._time(keys=self._keys(k)[:1]) for k in range(self.shards))
+            )
+            at = min(int(t) for t in times)
         args_tail = [
             at,
             "" if cursor is None else cursor.score,
             "" if cursor is None else cursor.workflow_id,
             limit,
-            now,
+            "",
             self.retention_seconds * 1000,
             json.dumps(list(states)),
             definition_id or "",
@@ -523,15 +550,16 @@ class RunIndex:
             return rows
 
         replies = await asyncio.gather(*(one(k) for k in range(self.shards)))
+        walk_at = min(int(rows[0]) for rows in replies)
         found: list[tuple[int, str]] = []
         for rows in replies:
-            for i in range(0, len(rows), 2):
+            for i in range(1, len(rows), 2):
                 m = rows[i].decode() if isinstance(rows[i], bytes) else str(rows[i])
                 found.append((int(rows[i + 1]), m))
         found.sort(reverse=True)
         chosen = found[:limit]
         more = len(found) > limit
-        nxt = Cursor(at, chosen[-1][0], chosen[-1][1]) if more and chosen else None
+        nxt = Cursor(walk_at, chosen[-1][0], chosen[-1][1]) if more and chosen else None
         return Listed([m for _, m in chosen], nxt)
 
     async def records(self, workflow_ids: Sequence[str]) -> dict[str, tuple[int, str, str]]:

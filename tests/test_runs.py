@@ -256,8 +256,7 @@ async def test_a_walk_whose_runs_all_moved_is_refused_not_left_to_hold_redis(
 ) -> None:
     """A page looks up at most MOVED_MAX runs that moved since its walk began."""
     monkeypatch.setattr(runs, "MOVED_MAX", 2)
-    clock = [1_800_000_000.0]
-    index = runs.RunIndex(redis, retention_seconds=3600, clock=lambda: clock[0])
+    index = runs.RunIndex(redis, retention_seconds=3600)
     wfs: list[str] = []
     while len(wfs) < 5:  # all in one shard (a Cluster has 16)
         wf = new_workflow()
@@ -265,10 +264,10 @@ async def test_a_walk_whose_runs_all_moved_is_refused_not_left_to_hold_redis(
             wfs.append(wf)
     for i, wf in enumerate(wfs):
         await index.note(wf, f"{i + 1}-0", [_state_event("RUNNING")])
-        clock[0] += 0.01
+        await later()
     page = await index.page(limit=2)
     assert page.next is not None and len(page.workflow_ids) == 2
-    clock[0] += 2
+    await later()  # moves from here on score above the walk's time (Redis's clock)
     for i, wf in enumerate(wfs[:2]):  # two moved: still served
         await index.note(wf, f"{10 + i}-0", [_state_event("PAUSED")])
     assert len((await index.page(limit=2, cursor=page.next)).workflow_ids) == 2
@@ -284,3 +283,25 @@ def _state_event(to: str) -> Any:
 
     event = {"event_type": "workflow_state_changed", "to_state": to}
     return validate_event(event, "x", max_event_bytes=65536, now=datetime.now(UTC))
+
+
+async def test_a_walk_holds_when_a_writer_s_clock_is_behind(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """Scores are Redis's time at the write, not the writer's: a write timed by a clock
+    50 ms behind (as one taken before a round trip that lands after the walk's first page)
+    must not put a run between the walk's cursor and its start, where no page lists it."""
+    index = runs.RunIndex(redis, retention_seconds=3600)
+    behind = runs.RunIndex(redis, retention_seconds=3600, clock=lambda: time.time() - 0.05)
+    old, new = new_workflow(), new_workflow()
+    await index.note(old, "1-0", [_state_event("RUNNING")])
+    await later()
+    await index.note(new, "2-0", [_state_event("RUNNING")])
+    start = time.time()
+    while time.time() - start < 0.1:  # the cursor will stand 100 ms before the walk's time
+        await asyncio.sleep(0.01)
+    page = await index.page(limit=1)
+    assert page.workflow_ids == [new] and page.next is not None
+    await behind.note(old, "3-0", [_state_event("PAUSED")])
+    rest = await index.page(limit=1, cursor=page.next)
+    assert rest.workflow_ids == [old], "the moved run was skipped"
