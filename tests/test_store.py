@@ -80,7 +80,7 @@ class CountingReads:
             self.reads += 1
             return await inner(*args)
 
-        s._read = counted  # type: ignore[method-assign]
+        s._read = counted  # type: ignore[method-assign,assignment]
 
 
 async def test_a_cached_append_reads_nothing_first_and_the_fold_is_exact(

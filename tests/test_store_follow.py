@@ -153,7 +153,7 @@ async def test_reads_asked_together_share_one_round_trip(
         pipelines += 1
         return inner(*args, **kw)
 
-    s.redis = type("Counted", (), {"pipeline": staticmethod(counted)})()  # type: ignore[assignment]
+    s.redis = type("Counted", (), {"pipeline": staticmethod(counted)})()
     pages = await asyncio.gather(*(s.read_after(wf, ids[4], 100) for _ in range(5)))
     assert pipelines == 1
     assert all([e.id for e in p.entries] == ids[5:] for p in pages)
@@ -210,8 +210,11 @@ async def test_two_server_processes_appending_to_one_workflow_at_once_store_it_e
                     batch = []
                     for j in range(rnd.randrange(1, 8)):
                         kind = rnd.choice(["node_started", "node_progress", "node_completed"])
-                        event = {"event_type": kind, "node_id": f"n{rnd.randrange(12)}",
-                                 "idempotency_key": f"L{k}-{i}-{j}"}  # fmt: skip
+                        event: dict[str, Any] = {
+                            "event_type": kind,
+                            "node_id": f"n{rnd.randrange(12)}",
+                            "idempotency_key": f"L{k}-{i}-{j}",
+                        }
                         if kind == "node_progress":
                             event["fraction"] = 0.5
                         batch.append(event)
