@@ -116,6 +116,15 @@ async def test_home_lists_a_demo_run_within_a_second_and_its_bar_moves_live(
         states = [r["state"] for r in await rows(page)]
         assert states == sorted(states, key=lambda s: s != "RUNNING")
 
+        # Someone watching the run is counted in its row (a few seconds behind),
+        # while the run still goes: a finished run's viewer leaves at once.
+        viewer, viewer_errors = await open_page(browser, f"{srv.url}/?workflow={wf}")
+        await page.wait_for_function(
+            "row => document.querySelector(row + ' .run-watchers').textContent === '1 watcher'",
+            arg=row, timeout=WAIT_MS,
+        )  # fmt: skip
+        await viewer.close()
+
         # The bar moves without a reload, and the ETA counts down between frames.
         await page.wait_for_function(
             "([row, pct]) => Number(document.querySelector(row).dataset.percentage) > pct",
@@ -135,14 +144,6 @@ async def test_home_lists_a_demo_run_within_a_second_and_its_bar_moves_live(
         assert nav == 1
         bar = await page.eval_on_selector(f"{row} .run-bar-fill", "b => b.style.width")
         assert float(bar.rstrip("%")) > first["pct"]
-
-        # Someone watching the run is counted in its row (a few seconds behind).
-        viewer, viewer_errors = await open_page(browser, f"{srv.url}/?workflow={wf}")
-        await page.wait_for_function(
-            "row => document.querySelector(row + ' .run-watchers').textContent === '1 watcher'",
-            arg=row, timeout=WAIT_MS,
-        )  # fmt: skip
-        await viewer.close()
 
         await audit(page)  # mid-run, desktop and phone
         await audit(phone)
