@@ -43,7 +43,7 @@ from .watchers import watchers
 logger = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.25  # SPEC: at most 4 frames per second per run
-ETA_REUSE_SECONDS = 5.0  # a run's ETA in the overview is re-estimated at most this often
+ETA_REUSE_SECONDS = 15.0  # a run's ETA in the overview is re-estimated at most this often
 ESTIMATES_PER_BATCH = 32  # runs re-estimated per summaries() call
 WATCHERS_SECONDS = 1.0  # how often watcher counts are read for the runs shown
 FOLLOW_MAX = 2_000  # runs still going whose live channels a feed follows at most
