@@ -171,7 +171,7 @@ return changed
 )
 
 # One page of one shard. KEYS: `all`, `rec`. ARGV: tag, T (ms; '' now), cursor score ('' none),
-# cursor member, limit, now (ms), retention (ms), states (JSON list, [] any), definition,
+# cursor member, limit, '' (Redis's time), retention (ms), states (JSON list, [] any), definition,
 # the most runs moved since T that it looks at (more: an error reply STALE).
 # Returns T, then a flat list of workflow id, score (as of T): at most limit + 1 runs, best
 # first.
