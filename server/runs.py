@@ -185,7 +185,9 @@ if ARGV[2] ~= '' then T = tonumber(ARGV[2]) end
 local cs, cm = ARGV[3], ARGV[4]
 local limit, retention = tonumber(ARGV[5]), tonumber(ARGV[7])
 local states, def = cjson.decode(ARGV[8]), ARGV[9]
-local top = (T + 1) * B - 1
+-- What happened at T's own millisecond counts as after the walk began: a write in that
+-- millisecond may have landed after this page was read.
+local top = T * B - 1
 local cscore = nil
 if cs ~= '' then cscore = tonumber(cs) end
 local function before(score, m)  -- strictly after the cursor in the walk's order
@@ -239,8 +241,8 @@ for _, m in ipairs(moved) do
   if raw then
     local r = cjson.decode(raw)
     local at = nil
-    for _, e in ipairs(r.h) do if e[1] <= T then at = e end end
-    if at == nil and r.c ~= nil and r.c <= T then
+    for _, e in ipairs(r.h) do if e[1] < T then at = e end end
+    if at == nil and r.c ~= nil and r.c < T then
       at = {r.c, r.h[1][2], r.h[1][3]}  -- its moves before T are gone (MOVES_KEPT)
     end
     if at ~= nil and matches(at[2], at[3]) then

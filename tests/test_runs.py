@@ -276,13 +276,16 @@ async def test_a_walk_whose_runs_all_moved_is_refused_not_left_to_hold_redis(
         await index.page(limit=2, cursor=page.next)
 
 
-def _state_event(to: str) -> Any:
+def _event(event: dict[str, Any]) -> Any:
     from datetime import UTC, datetime
 
     from server.models import validate_event
 
-    event = {"event_type": "workflow_state_changed", "to_state": to}
     return validate_event(event, "x", max_event_bytes=65536, now=datetime.now(UTC))
+
+
+def _state_event(to: str) -> Any:
+    return _event({"event_type": "workflow_state_changed", "to_state": to})
 
 
 async def test_a_walk_holds_when_a_writer_s_clock_is_behind(
@@ -294,14 +297,16 @@ async def test_a_walk_holds_when_a_writer_s_clock_is_behind(
     index = runs.RunIndex(redis, retention_seconds=3600)
     behind = runs.RunIndex(redis, retention_seconds=3600, clock=lambda: time.time() - 0.05)
     old, new = new_workflow(), new_workflow()
-    await index.note(old, "1-0", [_state_event("RUNNING")])
+    definition = "def-" + uuid.uuid4().hex[:8]  # other runs in a shared Redis stay out
+    planned = _event(plan(definition, "a"))
+    await index.note(old, "1-0", [planned, _state_event("RUNNING")])
     await later()
-    await index.note(new, "2-0", [_state_event("RUNNING")])
+    await index.note(new, "2-0", [planned, _state_event("RUNNING")])
     start = time.time()
     while time.time() - start < 0.1:  # the cursor will stand 100 ms before the walk's time
         await asyncio.sleep(0.01)
-    page = await index.page(limit=1)
+    page = await index.page(limit=1, definition_id=definition)
     assert page.workflow_ids == [new] and page.next is not None
     await behind.note(old, "3-0", [_state_event("PAUSED")])
-    rest = await index.page(limit=1, cursor=page.next)
+    rest = await index.page(limit=1, definition_id=definition, cursor=page.next)
     assert rest.workflow_ids == [old], "the moved run was skipped"
