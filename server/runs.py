@@ -590,9 +590,10 @@ class RunIndex:
 
         gone: list[str] = []
         for k in range(self.shards):
+            # Pairs, not NOVALUES: that needs Redis 7.4.
             ids = [
                 m.decode() if isinstance(m, bytes) else str(m)
-                async for m in self.redis.hscan_iter(self._keys(k)[1], no_values=True)
+                async for m, _ in self.redis.hscan_iter(self._keys(k)[1], count=1000)
             ]
             for i in range(0, len(ids), 1000):
                 chunk = ids[i : i + 1000]

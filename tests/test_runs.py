@@ -310,3 +310,15 @@ async def test_a_walk_holds_when_a_writer_s_clock_is_behind(
     await behind.note(old, "3-0", [_state_event("PAUSED")])
     rest = await index.page(limit=1, definition_id=definition, cursor=page.next)
     assert rest.workflow_ids == [old], "the moved run was skipped"
+
+
+async def test_sweep_forgets_runs_whose_keys_are_gone(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    index = runs.RunIndex(redis, retention_seconds=3600)
+    gone, kept = new_workflow(), new_workflow()
+    for i, wf in enumerate((gone, kept)):
+        await index.note(wf, f"{i + 1}-0", [_state_event("RUNNING")])
+    await redis.set(store.progress_key(kept), b"x")  # stands for a live run's keys
+    assert await index.sweep() >= 1
+    assert set(await index.records([gone, kept])) == {kept}
