@@ -6,7 +6,7 @@ import copy
 import json
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
@@ -469,8 +469,7 @@ def _schedule_operation() -> dict[str, Any]:
     }
 
 
-_STATE_NAMES = ("CREATED", "PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED")
-_STATE_LIST = "(?:" + "|".join(_STATE_NAMES) + ")"
+_STATE_LIST = "(?:" + "|".join(get_args(State)) + ")"
 
 
 def _list_operation() -> dict[str, Any]:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, get_args
 
 from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
@@ -20,6 +20,7 @@ from .models import (
     PIECES_BYTES,
     Event,
     EventRejected,
+    State,
     decode_body,
     is_workflow_id,
     parse_event_id,
@@ -360,7 +361,7 @@ async def history_page(
     return web.Response(text=body, content_type="application/json", headers=headers)
 
 
-STATES = ("CREATED", "PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED")
+STATES: tuple[str, ...] = get_args(State)  # the SPEC's states, as the models name them
 
 
 def _query_problem(name: str, detail: str, msg: str, slug: str) -> Problem:
