@@ -26,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
 
 from server import progress
-from server.history import HistoryView, MemoryHistory
 from server.models import (
     Event,
     NodeCompleted,
@@ -36,6 +35,7 @@ from server.models import (
     WorkflowPlanned,
     WorkflowStateChanged,
 )
+from server.progress.history import HistoryView, MemoryHistory
 
 WF = "bench"
 EPOCH = datetime(2026, 1, 22, 10, 0, tzinfo=UTC)

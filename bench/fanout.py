@@ -28,7 +28,7 @@ Scenarios of our server only (they ignore --systems):
       `--workers 1` and `--workers 2` in the same run; ratios of the two (W2S2 or W2S4
       alone: only that half).
   RC  S2 at --rc-rate events/s (--s2-streams streams), our server on single Redis
-      (--redis-url) and on a private local 3-master Redis Cluster (tests/procs.py), in the
+      (--redis-url) and on a private local 3-master Redis Cluster (testing/procs.py), in the
       same run; p99 ratio.
 
 Publishing is over HTTP for every system, from this process, on keep-alive connections.
@@ -70,6 +70,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from redis.asyncio import Redis
+
+from testing import procs
 
 from . import cpu_quota
 from .loadgen import (
@@ -572,22 +574,13 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
                 await cleanup_keys(args, [wf])
 
 
-def test_procs() -> Any:
-    """tests/procs.py (private redis-server processes, ports outside the ephemeral range)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import tests.procs
-
-    return tests.procs
-
-
 async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
     """Reconnect storm: stop our server under load, start a new one, measure the catch-up.
 
     A stream counts as caught up once it is back (a 200 after the stop) and has every event
     of its workflow published until the backlog was flushed; one caught up before the flush
     (it came back that early) is stamped at the flush, at most `backlog_flush_s` late."""
-    free_fixed_port = test_procs().free_fixed_port  # outside the ephemeral range: see there
+    free_fixed_port = procs.free_fixed_port  # outside the ephemeral range: see there
 
     system = SYSTEMS["ours"]
     n, w, rate = args.s5_streams, args.s5_workflows, args.s5_rate
@@ -729,8 +722,8 @@ async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
 
 @contextlib.asynccontextmanager
 async def redis_cluster(args: argparse.Namespace) -> AsyncIterator[str]:
-    """A private 3-master Redis Cluster (tests/procs.py), always stopped; yields its URL."""
-    cluster = test_procs().RedisClusterProcesses()
+    """A private 3-master Redis Cluster (testing/procs.py), always stopped; yields its URL."""
+    cluster = procs.RedisClusterProcesses()
     try:
         await asyncio.to_thread(cluster.start)
         args.cluster_url = cluster.url

@@ -19,7 +19,7 @@ import sys
 import time
 
 from server import store
-from server.hub import Hub
+from server.fanout.hub import Hub
 from server.redis_client import command_client
 
 PUBLISHER = """

@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import keys, store
+from server import app_keys, store
 from server.app import create_app
 from server.settings import Settings
 
@@ -52,7 +52,7 @@ async def main() -> None:
     base = str(server.make_url("")).rstrip("/")
     short, long = f"bench-short-{uuid.uuid4().hex[:6]}", f"bench-long-{uuid.uuid4().hex[:6]}"
     try:
-        publisher = app[keys.publisher_key]
+        publisher = app[app_keys.publisher_key]
         await fill(publisher, short, 100)
         await fill(publisher, long, 100_000)
         lengths = {wf: await redis.xlen(store.stream_key(wf)) for wf in (short, long)}

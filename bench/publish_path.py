@@ -44,7 +44,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from server import runs
+from server.overview import runs
 
 from .fanout import finish_profiler, free_port, start_profiler
 from .loadgen import HttpConn, cpu_seconds, process_tree, raise_nofile

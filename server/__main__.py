@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from . import auth, connections, supervisor
-from . import settings as settings_mod
-from .app import create_app
+from server import auth, connections, supervisor
+from server import settings as settings_mod
+from server.app import create_app
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,11 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["watch"]:
-        from .watch import main as watch_main
+        from server.client.watch import main as watch_main
 
         return watch_main(argv[1:])
     if argv[:1] == ["token"]:
-        from .auth import token_main
+        from server.auth import token_main
 
         return token_main(argv[1:], os.environ)
     child = supervisor.CHILD_FLAG in argv

@@ -7,17 +7,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, keys, legacy, openapi, schedule, views, watchers, websocket
-from .dashboard import static_dir
-from .hub import Hub
-from .metrics import Metrics
-from .overview_feed import OverviewFeed
-from .problems import problem_middleware
-from .publisher import assemble
-from .redis_client import open_redis
-from .settings import Settings
-from .store import AnyRedis
-from .streams import StreamRegistry
+from server import app_keys, auth, legacy, openapi, schedule, views
+from server.dashboard import static_dir
+from server.fanout.hub import Hub
+from server.metrics import Metrics
+from server.overview.feed import OverviewFeed
+from server.problems import problem_middleware
+from server.publisher import assemble
+from server.redis_client import open_redis
+from server.settings import Settings
+from server.store import AnyRedis
+from server.streams import watchers, websocket
+from server.streams.registry import StreamRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ WF = "{workflow_id:[^/]+}"
 def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Application:
     """Build the app; no I/O here. Without `redis`, one is opened from settings on startup."""
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
-    app[keys.settings_key] = settings
-    app[keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
-    app[keys.metrics_key] = metrics = Metrics()
-    app[keys.watchers_key] = watchers.WatcherCounts()
+    app[app_keys.settings_key] = settings
+    app[app_keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
+    app[app_keys.metrics_key] = metrics = Metrics()
+    app[app_keys.watchers_key] = watchers.WatcherCounts()
     auth.setup_cors(app, settings.cors_origins)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -50,7 +51,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
     if settings.legacy_ingest:
         app.cleanup_ctx.append(legacy.legacy_ctx)  # after redis_ctx: it uses the publisher
     if settings.demo:
-        from . import demo
+        from server import demo
 
         demo.setup_demo(app)
     app.on_shutdown.append(_end_streams)
@@ -73,7 +74,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
 
 
 async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> None:
-    metrics = app[keys.metrics_key]
+    metrics = app[app_keys.metrics_key]
     store, tracker, publisher, index = assemble(
         settings,
         redis,
@@ -90,22 +91,22 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
         on_state=store.follow,
     )
     await hub.start()
-    app[keys.redis_key] = redis
-    app[keys.store_key] = store
-    app[keys.hub_key] = hub
-    app[keys.tracker_key] = tracker
-    app[keys.publisher_key] = publisher
-    app[keys.runs_key] = index
-    app[keys.overview_key] = OverviewFeed(
+    app[app_keys.redis_key] = redis
+    app[app_keys.store_key] = store
+    app[app_keys.hub_key] = hub
+    app[app_keys.tracker_key] = tracker
+    app[app_keys.publisher_key] = publisher
+    app[app_keys.runs_key] = index
+    app[app_keys.overview_key] = OverviewFeed(
         hub, index, tracker, redis, on_frame=metrics.overview_frames_total.inc
     )
 
 
 async def _unwire(app: web.Application) -> None:
-    await app[keys.overview_key].close()
-    await app[keys.runs_key].close()
-    await app[keys.hub_key].close()
+    await app[app_keys.overview_key].close()
+    await app[app_keys.runs_key].close()
+    await app[app_keys.hub_key].close()
 
 
 async def _end_streams(app: web.Application) -> None:
-    app[keys.streams_key].shutdown()
+    app[app_keys.streams_key].shutdown()

@@ -16,8 +16,8 @@ import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .models import is_workflow_id
-from .problems import Problem, problem_response
+from server.models import is_workflow_id
+from server.problems import Problem, problem_response
 
 logger = logging.getLogger(__name__)
 

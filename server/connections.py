@@ -53,10 +53,10 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_runner import GracefulExit
 from aiohttp.web_server import Server
 
-from . import keys
-from .metrics import Metrics
-from .settings import Settings
-from .throttle import Throttle
+from server import app_keys
+from server.metrics import Metrics
+from server.settings import Settings
+from server.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def reading_body(request: BaseRequest) -> Iterator[None]:
 
 def body_too_slow(request: web.Request, seconds: float) -> web.Response:
     """408 for a body not complete within BODY_TIMEOUT_SECONDS; the connection closes."""
-    request.app[keys.metrics_key].connections_shed_total.labels("body_timeout").inc()
+    request.app[app_keys.metrics_key].connections_shed_total.labels("body_timeout").inc()
     throttle(logging.INFO, "body", "answered 408 to %s: body not complete within %g s "
              "(BODY_TIMEOUT_SECONDS)", request.remote, seconds)  # fmt: skip
     return problem(408, f"the request body did not arrive within {seconds:g} s", "request-timeout")
@@ -358,7 +358,7 @@ def body_too_slow(request: web.Request, seconds: float) -> web.Response:
 
 def client_left(request: web.Request, exc: BaseException) -> web.Response:
     """The client closed the connection (or broke the body) before its body was read."""
-    request.app[keys.metrics_key].requests_abandoned_total.inc()
+    request.app[app_keys.metrics_key].requests_abandoned_total.inc()
     throttle(logging.INFO, "abandoned", "client %s left during the body of %s %s (%s)",
              request.remote, request.method, request.path, type(exc).__name__)  # fmt: skip
     return problem(400, "the request body ended before it was complete", "incomplete-body")
@@ -420,7 +420,7 @@ class GuardedRunner(web.AppRunner):
             access_log_class=RedactingAccessLogger,
             **kwargs,
         )
-        self.guard = Guard(settings, app[keys.metrics_key])
+        self.guard = Guard(settings, app[app_keys.metrics_key])
 
     async def _make_server(self) -> Server:
         # The stock server starts the app and collects the handler's settings; ours is the

@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import keys
-from .problems import Problem
-from .publisher import Publisher
+from server import app_keys
+from server.problems import Problem
+from server.publisher import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ async def demo_info(request: web.Request) -> web.Response:
 
 
 def _dashboard_url(app: web.Application) -> str:
-    settings = app[keys.settings_key]
+    settings = app[app_keys.settings_key]
     host = settings.host if settings.host not in ("", "0.0.0.0", "::") else "localhost"
     if ":" in host:
         host = f"[{host}]"
@@ -371,14 +371,16 @@ def _dashboard_url(app: web.Application) -> str:
 def setup_demo(app: web.Application, *, time_scale: float | None = None) -> None:
     """Add the demo routes and the background engine, started and cancelled with the app."""
     if time_scale is None:
-        time_scale = float(getattr(app[keys.settings_key], "demo_time_scale", DEFAULT_TIME_SCALE))
+        time_scale = float(
+            getattr(app[app_keys.settings_key], "demo_time_scale", DEFAULT_TIME_SCALE)
+        )
     if not time_scale > 0:
         raise ValueError(f"the demo time scale must be positive, got {time_scale}")
     scale = time_scale
 
     async def demo_ctx(app: web.Application) -> AsyncIterator[None]:
         # The publisher is put in place by a cleanup_ctx registered before this one.
-        runner = DemoRunner(DemoEngine(app[keys.publisher_key], time_scale=scale))
+        runner = DemoRunner(DemoEngine(app[app_keys.publisher_key], time_scale=scale))
         app[runner_key] = runner
         runner.start()
         logger.info(

@@ -32,10 +32,10 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import keys
-from .models import Event, EventRejected, decode_body, is_workflow_id
-from .publisher import Publisher
-from .store import AnyRedis, AppendConflict
+from server import app_keys
+from server.models import Event, EventRejected, decode_body, is_workflow_id
+from server.publisher import Publisher
+from server.store import AnyRedis, AppendConflict
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +234,12 @@ legacy_key: web.AppKey[LegacyIngest] = web.AppKey("legacy_ingest", LegacyIngest)
 
 async def legacy_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: run the bridge while the app runs (after the context that opens Redis)."""
-    settings = app[keys.settings_key]
+    settings = app[app_keys.settings_key]
     ingest = LegacyIngest(
-        app[keys.redis_key],
-        app[keys.publisher_key],
+        app[app_keys.redis_key],
+        app[app_keys.publisher_key],
         max_message_bytes=settings.max_body_bytes,
-        on_invalid=app[keys.metrics_key].legacy_ingest_invalid_total.inc,
+        on_invalid=app[app_keys.metrics_key].legacy_ingest_invalid_total.inc,
     )
     app[legacy_key] = ingest
     await ingest.start()

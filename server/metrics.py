@@ -18,7 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from .hub import Frame
+from server.fanout.ring import Frame
 
 NAMESPACE = "wfsse"
 STREAM_KINDS = ("events", "progress", "websocket", "overview")

@@ -11,12 +11,12 @@ from typing import Annotated, Any, Literal, get_args
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
-from .history import KEEP_DURATIONS
-from .models import MAX_BATCH, State, event_adapter
-from .runs import CURSOR_SECONDS
-from .runs import PAGE_DEFAULT as RUNS_PAGE_DEFAULT
-from .runs import PAGE_MAX as RUNS_PAGE_MAX
-from .views import PAGE_DEFAULT, PAGE_MAX
+from server.models import MAX_BATCH, State, event_adapter
+from server.overview.runs import CURSOR_SECONDS
+from server.overview.runs import PAGE_DEFAULT as RUNS_PAGE_DEFAULT
+from server.overview.runs import PAGE_MAX as RUNS_PAGE_MAX
+from server.progress.history import KEEP_DURATIONS
+from server.views import PAGE_DEFAULT, PAGE_MAX
 
 REF = "#/components/schemas/{model}"
 WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import keys
-from .hub import HubUnavailable
-from .store import AppendConflict, AppendExpired, AppendNotReplicated, AppendUnknown
+from server import app_keys
+from server.fanout.hub import HubUnavailable
+from server.store import AppendConflict, AppendExpired, AppendNotReplicated, AppendUnknown
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             exc.status, exc.detail, errors=exc.errors, headers=exc.headers, slug=exc.slug
         )
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[keys.settings_key].max_body_bytes
+        limit = request.app[app_keys.settings_key].max_body_bytes
         return problem_response(
             413,
             f"request body over MAX_BODY_BYTES ({limit} bytes)",

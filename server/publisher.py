@@ -10,12 +10,12 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from .models import MAX_BATCH, Event, EventRejected, is_workflow_id, validate_event
-from .redis_client import open_redis
-from .runs import RunIndex
-from .settings import Settings
-from .store import AnyRedis, Appended, Store, id_key
-from .tracker import ProgressService
+from server.models import MAX_BATCH, Event, EventRejected, is_workflow_id, validate_event
+from server.overview.runs import RunIndex
+from server.progress.service import ProgressService
+from server.redis_client import open_redis
+from server.settings import Settings
+from server.store import AnyRedis, Appended, Store, id_key
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .store import AnyRedis
+from server.store import AnyRedis
 
 logger = logging.getLogger(__name__)
 

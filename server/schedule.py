@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import keys
-from .problems import Problem
-from .views import authorize_subscribe, workflow_id_of
+from server import app_keys
+from server.problems import Problem
+from server.views import authorize_subscribe, workflow_id_of
 
 
 def _dumps(obj: Any) -> str:
@@ -21,7 +21,7 @@ async def get_schedule(request: web.Request) -> web.Response:
     simulation): its right edge is the `estimated_completion_at` answered with it."""
     workflow_id = workflow_id_of(request)
     authorize_subscribe(request, workflow_id)
-    body = await request.app[keys.tracker_key].schedule(workflow_id)
+    body = await request.app[app_keys.tracker_key].schedule(workflow_id)
     if body is None:
         raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
                       slug="unknown-workflow")  # fmt: skip

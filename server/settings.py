@@ -82,7 +82,7 @@ class Settings:
 
 def _check_redis_url(url: str) -> None:
     """A REDIS_URL this server can open, or ValueError with a sentence (before any I/O)."""
-    from .redis_client import SCHEMES, SENTINEL_SCHEMES, parse_sentinel_url
+    from server.redis_client import SCHEMES, SENTINEL_SCHEMES, parse_sentinel_url
 
     scheme = url.partition("://")[0] if "://" in url else ""
     if scheme not in SCHEMES:

@@ -26,8 +26,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from . import progress, sse
-from .models import Event, WorkflowPlanned, parse_event_id, to_json_bytes
+from server import progress, sse
+from server.models import Event, WorkflowPlanned, parse_event_id, to_json_bytes
 
 logger = logging.getLogger(__name__)
 

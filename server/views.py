@@ -13,10 +13,10 @@ from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import RedisError
 
-from . import auth, connections, history, keys, overview, overview_feed, runs
-from .dashboard import static_dir
-from .hub import Subscription, ws_text
-from .models import (
+from server import app_keys, auth, connections
+from server.dashboard import static_dir
+from server.fanout.ring import Subscription, ws_text
+from server.models import (
     PIECES_BYTES,
     Event,
     EventRejected,
@@ -25,20 +25,14 @@ from .models import (
     is_workflow_id,
     parse_event_id,
 )
-from .problems import Problem
-from .publisher import Publisher
-from .store import Page, Store, id_key
-from .streams import (
-    LAST_KEY,
-    SSE_HEADERS,
-    EventStream,
-    ProgressStream,
-    Sink,
-    SseSink,
-    StreamHandle,
-    StreamsFull,
-    is_final,
-)
+from server.overview import feed, runs, summaries
+from server.problems import Problem
+from server.progress import history
+from server.publisher import Publisher
+from server.store import Page, Store, id_key
+from server.streams.events import LAST_KEY, SSE_HEADERS, EventStream, Sink, SseSink
+from server.streams.progress_stream import ProgressStream, is_final
+from server.streams.registry import StreamHandle, StreamsFull
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +99,10 @@ def authorize_publish(request: web.Request) -> None:
     """401 unless PUBLISH_TOKEN is unset or given; failures are counted, tokens never logged."""
     try:
         auth.check_publish(
-            request.headers.get("Authorization"), request.app[keys.settings_key].publish_token
+            request.headers.get("Authorization"), request.app[app_keys.settings_key].publish_token
         )
     except auth.AuthFailed as exc:
-        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
         raise
 
 
@@ -117,11 +111,11 @@ def authorize_subscribe(request: web.Request, workflow_id: str) -> None:
     try:
         auth.check_subscribe(
             auth.subscriber_token(request),
-            request.app[keys.settings_key].subscribe_secret,
+            request.app[app_keys.settings_key].subscribe_secret,
             workflow_id,
         )
     except auth.AuthFailed as exc:
-        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
         raise
 
 
@@ -131,7 +125,7 @@ async def publish_events(request: web.Request) -> web.Response:
     authorize_publish(request)  # before the body is read: no 413/415/422 for strangers
     if request.content_type not in JSON_TYPES:
         raise Problem(415, "send events as Content-Type: application/json")
-    seconds = request.app[keys.settings_key].body_timeout_seconds
+    seconds = request.app[app_keys.settings_key].body_timeout_seconds
     try:
         # A deadline for the whole body, not per read: a byte a minute is closed too.
         async with asyncio.timeout(seconds):
@@ -141,7 +135,7 @@ async def publish_events(request: web.Request) -> web.Response:
         return connections.body_too_slow(request, seconds)
     except (ConnectionError, RequestPayloadError) as exc:
         return connections.client_left(request, exc)  # one INFO line, not a traceback
-    publisher = request.app[keys.publisher_key]
+    publisher = request.app[app_keys.publisher_key]
     if len(body) > PIECES_BYTES:
         loop = asyncio.get_running_loop()
         events = await loop.run_in_executor(_BODIES, parse_events, publisher, workflow_id, body)
@@ -170,7 +164,7 @@ class StreamSlot:
 
     async def __aenter__(self) -> tuple[StreamHandle, Subscription]:
         app = self.request.app
-        hub, registry = app[keys.hub_key], app[keys.streams_key]
+        hub, registry = app[app_keys.hub_key], app[app_keys.streams_key]
         if hub.down_for(self.workflow_id):
             raise Problem(503, "Redis is unavailable; try again shortly",
                           headers={"Retry-After": "1"})  # fmt: skip
@@ -191,19 +185,19 @@ class StreamSlot:
             registry.release(self.handle)
             connections.release_stream(self.request)
             raise
-        self.gauge = app[keys.metrics_key].open_streams.labels(self.kind)
+        self.gauge = app[app_keys.metrics_key].open_streams.labels(self.kind)
         self.gauge.inc()
-        app[keys.watchers_key].opened(self.workflow_id)
+        app[app_keys.watchers_key].opened(self.workflow_id)
         return self.handle, self.sub
 
     async def __aexit__(self, *exc_info: object) -> None:
         app = self.request.app
         self.gauge.dec()
-        app[keys.watchers_key].closed(self.workflow_id)
+        app[app_keys.watchers_key].closed(self.workflow_id)
         # The slot is free before the UNSUBSCRIBE round trip, which a slow Redis may stretch.
-        app[keys.streams_key].release(self.handle)
+        app[app_keys.streams_key].release(self.handle)
         connections.release_stream(self.request)
-        await app[keys.hub_key].detach(self.sub)
+        await app[app_keys.hub_key].detach(self.sub)
 
 
 async def sse_response(request: web.Request) -> web.StreamResponse:
@@ -214,7 +208,7 @@ async def sse_response(request: web.Request) -> web.StreamResponse:
         # the writes it makes straight to the transport.
         response.enable_chunked_encoding()
     await response.prepare(request)
-    await response.write(b"retry: %d\n\n" % request.app[keys.settings_key].retry_ms)
+    await response.write(b"retry: %d\n\n" % request.app[app_keys.settings_key].retry_ms)
     return response
 
 
@@ -239,17 +233,17 @@ def event_stream(
 ) -> EventStream:
     """An EventStream wired to this app's store, progress and metrics (SSE or WebSocket)."""
     app = request.app
-    metrics = app[keys.metrics_key]
+    metrics = app[app_keys.metrics_key]
     if start is not None:
         metrics.replays_total.inc()
     return EventStream(
         sink,
-        app[keys.store_key],
+        app[app_keys.store_key],
         sub,
         start=start,
-        heartbeat=app[keys.settings_key].heartbeat_seconds,
+        heartbeat=app[app_keys.settings_key].heartbeat_seconds,
         handle=handle,
-        progress=app[keys.tracker_key].snapshot,
+        progress=app[app_keys.tracker_key].snapshot,
         on_sent=metrics.events_delivered_total.inc,
         on_live=metrics.observe_frames,
         on_gap=metrics.gaps_total.inc,
@@ -268,12 +262,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     if wants_json(request):
         return await history_page(request, workflow_id, after, limit)
     app = request.app
-    store = app[keys.store_key]
+    store = app[app_keys.store_key]
 
     try:
         finished = start is not None and await finished_before(store, workflow_id, start)
     except RedisError:
-        if app[keys.hub_key].down_for(workflow_id):
+        if app[app_keys.hub_key].down_for(workflow_id):
             raise
         # Redis is up but did not answer in time (a reconnect storm): a 503 would end an
         # EventSource for good, so the stream asks again once Redis answers.
@@ -329,7 +323,7 @@ async def history_page(
     The events are the stored JSON with `"id"` first (the WebSocket's text), joined as they
     are stored: no event is parsed or encoded again.
     """
-    store = request.app[keys.store_key]
+    store = request.app[app_keys.store_key]
     # One more than asked: whether a next page exists is known without another read.
     if after is not None and id_key(after) == LAST_KEY:
         page = Page(None, [])  # nothing follows the largest id (and Redis refuses "(" it)
@@ -391,7 +385,7 @@ def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.
     text = query.get("cursor", "").strip(" \t")
     if text:
         try:
-            cursor = runs.Cursor.decode(text, request.app[keys.runs_key].clock())
+            cursor = runs.Cursor.decode(text, request.app[app_keys.runs_key].clock())
         except runs.BadCursor as exc:
             raise _query_problem("cursor", str(exc), "not a valid cursor", "bad-cursor") from None
     return list(dict.fromkeys(states)), definition_id, limit, cursor
@@ -401,10 +395,10 @@ def readable_of(request: web.Request) -> list[str] | None:
     """The workflows the request's token may read (None: all), or 401."""
     try:
         return auth.readable(
-            auth.subscriber_token(request), request.app[keys.settings_key].subscribe_secret
+            auth.subscriber_token(request), request.app[app_keys.settings_key].subscribe_secret
         )
     except auth.AuthFailed as exc:
-        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
         raise
 
 
@@ -415,11 +409,11 @@ async def list_workflows(request: web.Request) -> web.StreamResponse:
     readable = readable_of(request)
     app = request.app
     if "text/event-stream" in request.headers.get("Accept", ""):
-        return await overview_feed.overview_stream(request, states, definition_id, limit, readable)
+        return await feed.overview_stream(request, states, definition_id, limit, readable)
     try:
-        found, nxt = await overview.list_page(
-            app[keys.runs_key],
-            app[keys.tracker_key],
+        found, nxt = await summaries.list_page(
+            app[app_keys.runs_key],
+            app[app_keys.tracker_key],
             states=states,
             definition_id=definition_id,
             limit=limit,
@@ -451,15 +445,15 @@ async def get_stats(request: web.Request) -> web.Response:
     try:
         auth.check_stats(
             auth.subscriber_token(request),
-            request.app[keys.settings_key].subscribe_secret,
+            request.app[app_keys.settings_key].subscribe_secret,
             definition_id,
         )
     except auth.AuthFailed as exc:
-        request.app[keys.metrics_key].auth_failed(exc.kind, exc.reason)
+        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
         raise
-    tracker = request.app[keys.tracker_key]
+    tracker = request.app[app_keys.tracker_key]
     nodes, types = await history.load_recent(
-        request.app[keys.redis_key], definition_id, prefix=tracker.history_prefix
+        request.app[app_keys.redis_key], definition_id, prefix=tracker.history_prefix
     )
     if not nodes:
         raise Problem(404, f"no history for definition {definition_id!r} (no finished run "
@@ -480,7 +474,7 @@ async def get_progress(request: web.Request) -> web.StreamResponse:
     streamed = "text/event-stream" in request.headers.get("Accept", "")
     # The stream form validates its start like the events stream: a malformed one is a 400.
     start = start_id_of(request) if streamed else None
-    tracker = request.app[keys.tracker_key]
+    tracker = request.app[app_keys.tracker_key]
     snap = await tracker.snapshot(workflow_id)
     if snap is None:
         raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
@@ -509,8 +503,8 @@ async def _progress_stream(
         stream = ProgressStream(
             response,
             sub,
-            snapshot=app[keys.tracker_key].snapshot,
-            heartbeat=app[keys.settings_key].heartbeat_seconds,
+            snapshot=app[app_keys.tracker_key].snapshot,
+            heartbeat=app[app_keys.settings_key].heartbeat_seconds,
             handle=handle,
         )
         await stream.run()
@@ -536,7 +530,7 @@ async def readyz(request: web.Request) -> web.Response:
     """200 when Redis answers a PING within READY_TIMEOUT, else 503."""
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            await request.app[keys.redis_key].ping()
+            await request.app[app_keys.redis_key].ping()
     except TimeoutError:
         raise Problem(503, f"Redis did not answer a PING within {READY_TIMEOUT:g} s",
                       headers={"Retry-After": "1"}) from None  # fmt: skip

@@ -18,10 +18,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server import runs, store
+from server import store
 from server.app import create_app
+from server.overview import runs
 from server.settings import Settings
-from tests.procs import RedisClusterProcesses
+from testing.procs import RedisClusterProcesses
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("REQUIRE_REDIS") == "1"

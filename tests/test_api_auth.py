@@ -18,8 +18,8 @@ import aiohttp
 import jwt
 import pytest
 
+from testing.procs import ROOT
 from tests.conftest import Serve
-from tests.procs import ROOT
 
 PUBLISH_TOKEN = "pub-" + "p" * 40
 SECRET = "sub-" + "s" * 60

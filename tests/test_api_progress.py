@@ -11,7 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import history, keys, store
+from server import app_keys, store
+from server.progress import history
 from tests.conftest import Serve
 from tests.sse_client import iter_messages
 
@@ -64,7 +65,7 @@ async def test_polling_never_keeps_a_workflow_past_its_retention(
     serve: Serve, new_workflow: Callable[[], str], redis: Any
 ) -> None:
     base, wf = await serve(retention_seconds=1), new_workflow()
-    await serve.apps[0][keys.publisher_key].publish(wf, state("RUNNING"))
+    await serve.apps[0][app_keys.publisher_key].publish(wf, state("RUNNING"))
     async with aiohttp.ClientSession() as s:
         # Each poll stores what it showed; that must not extend the workflow's life.
         deadline = time.monotonic() + 6
@@ -79,7 +80,7 @@ async def test_every_key_present_and_etag_answers_304(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     first = await publisher.publish(
         wf, {"event_type": "node_started", "node_id": "a", "node_name": "이상 탐지"}
     )
@@ -105,7 +106,7 @@ async def test_progress_is_exact_after_the_stream_was_trimmed(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(history_maxlen=5), new_workflow()
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     nodes = [f"n{i}" for i in range(20)]
     await publisher.publish(
         wf, {"event_type": "workflow_planned", "nodes": [{"node_id": n} for n in nodes]}
@@ -125,7 +126,7 @@ async def test_progress_stream_sends_changes_and_ends_after_terminal(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     await publisher.publish(
         wf, {"event_type": "workflow_planned", "nodes": [{"node_id": "a"}, {"node_id": "b"}]}
     )
@@ -163,7 +164,7 @@ async def test_progress_stream_rejects_a_malformed_last_event_id_and_ignores_an_
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    first = await serve.apps[0][keys.publisher_key].publish(wf, state("RUNNING"))
+    first = await serve.apps[0][app_keys.publisher_key].publish(wf, state("RUNNING"))
     url = f"{base}/workflows/{wf}/progress"
     sse = {"Accept": "text/event-stream"}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:

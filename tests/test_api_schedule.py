@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys
+from server import app_keys
 from server.openapi import Schedule
 from tests.conftest import Serve
 from tests.test_api_progress import _iso, clean_history, state
@@ -106,7 +106,7 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
 
         status, progress = await get(s, f"{base}/workflows/{wf}/progress")
         assert status == 200
-        tracker = serve.apps[0][keys.tracker_key]
+        tracker = serve.apps[0][app_keys.tracker_key]
         cached = tracker._cache[wf]
         status, sched = await get(s, f"{base}/workflows/{wf}/schedule")
         assert status == 200
@@ -169,7 +169,7 @@ async def test_schedule_needs_the_subscriber_token(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(subscribe_secret="s" * 32), new_workflow()
-    await serve.apps[0][keys.publisher_key].publish(wf, state("RUNNING"))
+    await serve.apps[0][app_keys.publisher_key].publish(wf, state("RUNNING"))
     async with aiohttp.ClientSession() as s:
         status, body = await get(s, f"{base}/workflows/{wf}/schedule")
         assert status == 401 and body["status"] == 401
@@ -179,7 +179,7 @@ async def test_schedule_without_a_basis_has_no_predicted_times(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     await publisher.publish(wf, {"event_type": "node_started", "node_id": "x"})
     async with aiohttp.ClientSession() as s:
         status, sched = await get(s, f"{base}/workflows/{wf}/schedule")

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from server import keys, store
+from server import app_keys, store
 from tests.conftest import Serve
 from tests.sse_client import Message, collect, iter_messages
 
@@ -179,7 +179,7 @@ async def test_when_redis_cannot_say_whether_to_answer_204_the_stream_decides_la
     good); the stream then ends at once if the client already had the terminal event."""
     base, wf = await serve(), new_workflow()
     ids = await publish(base, wf, [started("a"), DONE])
-    the_store = serve.apps[0][keys.store_key]
+    the_store = serve.apps[0][app_keys.store_key]
     real_last_entry = the_store.last_entry
     failures = 0
 
@@ -246,7 +246,7 @@ async def test_handover_stress_every_client_gets_exactly_the_stored_ids_after_it
     base, wf = await serve(), new_workflow()
     url = f"{base}/workflows/{wf}/events"
     rng = random.Random(7)
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     published: list[str] = []
 
     async def publish_fast() -> None:
@@ -312,7 +312,7 @@ async def test_max_streams_counts_event_progress_and_websocket_streams_alike(
         held = [await s.get(events), await s.get(progress, headers=sse)]
         ws = await s.ws_connect(f"{base}/workflows/{wf}/ws")
         assert [r.status for r in held] == [200, 200]
-        assert len(app[keys.streams_key].open) == 3
+        assert len(app[app_keys.streams_key].open) == 3
         for url, headers in ((events, {}), (progress, sse)):
             async with s.get(url, headers=headers) as refused:
                 assert refused.status == 503
@@ -323,7 +323,7 @@ async def test_max_streams_counts_event_progress_and_websocket_streams_alike(
         await ws.close()  # a slot comes free when a stream ends
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
-        while len(app[keys.streams_key].open) > 2:
+        while len(app[app_keys.streams_key].open) > 2:
             assert loop.time() < deadline, "the WebSocket's slot was not released"
             await asyncio.sleep(0.02)
         async with s.get(events) as again:

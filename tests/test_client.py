@@ -17,8 +17,8 @@ from server.auth import mint
 from server.client import Event, Gap, ProblemError, Unavailable, WorkflowClient
 from server.client.workflow import _retry_after
 from server.publisher import connect
+from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, Serve
-from tests.procs import ServerProcess, free_port
 
 SECRET = "client-test-secret-of-32-bytes!!"
 DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}

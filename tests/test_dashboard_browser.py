@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from server import store
+from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import ServerProcess, free_port
 from tests.sse_client import collect
 from tests.test_watch import publish, short_run
 

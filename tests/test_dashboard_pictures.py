@@ -19,9 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import history, runs, store
+from server import store
+from server.overview import runs
+from server.progress import history
+from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import ServerProcess, free_port
 from tests.sse_client import collect
 from tests.test_dashboard_browser import DESKTOP, PHONE, WAIT_MS, badge_is, open_page
 from tests.test_watch import publish

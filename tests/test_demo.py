@@ -19,7 +19,7 @@ from server import demo, store
 from server.app import create_app
 from server.models import WorkflowPlanned
 from server.settings import Settings
-from tests.procs import ServerProcess
+from testing.procs import ServerProcess
 from tests.sse_client import Message, collect
 
 FAST = 0.02  # a whole run in about a second

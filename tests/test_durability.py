@@ -22,8 +22,8 @@ import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
 from server import store
-from tests.procs import RedisClusterProcesses, ServerProcess, server_env
-from tests.redis_reads import node_port, stream_entries
+from testing.procs import RedisClusterProcesses, ServerProcess, server_env
+from testing.redis_reads import node_port, stream_entries
 from tests.test_sentinel import Engine, wait_until
 
 RECOVERY_SECONDS = 15.0  # the promotion, then the old master back and synced as a replica

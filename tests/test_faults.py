@@ -16,9 +16,9 @@ from server import publisher as publisher_mod
 from server import store
 from server.app import create_app
 from server.settings import Settings
+from testing.procs import RedisProcess, ServerProcess
+from testing.redis_reads import stream_ids
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import RedisProcess, ServerProcess
-from tests.redis_reads import stream_ids
 from tests.sse_client import Message, iter_messages
 
 

@@ -16,8 +16,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server import history
-from server.history import MemoryHistory, Stats
+from server.progress import history
+from server.progress.history import MemoryHistory, Stats
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

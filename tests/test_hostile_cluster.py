@@ -21,8 +21,8 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from server import store
-from tests.procs import RedisClusterProcesses, RedisProcess, ServerProcess
-from tests.redis_reads import node_port, stream_ids
+from testing.procs import RedisClusterProcesses, RedisProcess, ServerProcess
+from testing.redis_reads import node_port, stream_ids
 from tests.sse_client import iter_messages
 from tests.test_sentinel import Engine
 

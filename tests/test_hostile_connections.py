@@ -28,10 +28,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth, connections, keys
+from server import app_keys, auth, connections
 from server.app import create_app
 from server.settings import Settings
-from tests.procs import ROOT, RedisProcess, ServerProcess
+from testing.procs import ROOT, RedisProcess, ServerProcess
 
 MAX_ID = "18446744073709551615-18446744073709551615"
 
@@ -346,8 +346,8 @@ async def test_a_client_that_leaves_frees_its_stream_slot_and_gauge_at_once(
     wf = new_workflow()
     limit = 30
     async with guarded(redis, max_streams=limit) as srv:
-        app_metrics = srv.app[keys.metrics_key]
-        await srv.app[keys.publisher_key].publish(
+        app_metrics = srv.app[app_keys.metrics_key]
+        await srv.app[app_keys.publisher_key].publish(
             wf, {"event_type": "node_started", "node_id": "a"}
         )
         heads = [SSE_HEAD] * 10 + [PROGRESS_HEAD] * 10 + [WS_HEAD] * 10
@@ -375,7 +375,7 @@ async def test_a_client_that_leaves_frees_its_stream_slot_and_gauge_at_once(
             )
 
         assert await wait_for(lambda: gauges() == 0, 1.0), gauges()
-        assert len(srv.app[keys.streams_key].open) == 0
+        assert len(srv.app[app_keys.streams_key].open) == 0
         # A real client gets its stream at once (HEARTBEAT_SECONDS is the default 15 s).
         reader, writer = await raw(srv.port, SSE_HEAD.format(wf=wf).encode())
         seen = await read_until(reader, b"\r\n\r\n")
@@ -393,7 +393,7 @@ async def test_the_largest_event_id_gets_a_stream_that_speaks(
     caplog.set_level(logging.INFO)
     wf = new_workflow()
     async with guarded(redis, heartbeat_seconds=0.3) as srv:
-        await srv.app[keys.publisher_key].publish(
+        await srv.app[app_keys.publisher_key].publish(
             wf, {"event_type": "node_started", "node_id": "a"}
         )
         head = f"GET /workflows/{wf}/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {MAX_ID}\r\n\r\n"
@@ -490,7 +490,7 @@ async def test_readyz_answers_within_a_second_while_redis_is_frozen() -> None:
     try:
         async with guarded(redis_url=redis_proc.url) as srv:
             wf = "t-" + uuid.uuid4().hex[:12]
-            await srv.app[keys.publisher_key].publish(
+            await srv.app[app_keys.publisher_key].publish(
                 wf, {"event_type": "node_started", "node_id": "a"}
             )
             async with aiohttp.ClientSession() as s:

@@ -23,9 +23,10 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from server import history, keys, store
+from server import app_keys, store
 from server.legacy import legacy_key
 from server.models import MAX_JSON_DEPTH, EventRejected
+from server.progress import history
 from tests.conftest import Serve, real_redis_or_skip
 
 PROBLEM = "application/problem+json"
@@ -206,7 +207,7 @@ async def test_the_python_publisher_rejects_deep_and_non_finite_dicts_with_the_s
     serve: Serve, redis: Any, new_workflow: Callable[[], str]
 ) -> None:
     await serve()
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     wf = new_workflow()
     node = {"event_type": "node_completed", "node_id": "n1"}
     for depth in (MAX_JSON_DEPTH - 1, 256, 100_000):  # the event and `output` are two levels

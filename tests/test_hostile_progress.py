@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import history, progress, store
+from server import progress, store
+from server.progress import history
+from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL
-from tests.procs import ServerProcess
 
 # Real Redis only: fakeredis runs the server's side of every command on this event loop, so
 # it would measure fakeredis, not the server.

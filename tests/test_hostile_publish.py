@@ -17,9 +17,9 @@ from redis.asyncio import Redis
 from server import store
 from server.app import create_app
 from server.settings import Settings
+from testing.procs import RedisProcess
+from testing.redis_reads import stream_entries
 from tests.conftest import Serve
-from tests.procs import RedisProcess
-from tests.redis_reads import stream_entries
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 

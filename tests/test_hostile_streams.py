@@ -13,8 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys, store
-from server.hub import Frame, Hub, _Channel
+from server import app_keys, store
+from server.fanout.hub import Hub
+from server.fanout.ring import Channel, Frame
 from tests.conftest import Serve
 from tests.sse_client import Parser, iter_messages
 from tests.test_hub import _dechunk, open_stalled_reader, read_all
@@ -151,16 +152,16 @@ async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_
     queue_bytes = 16 * 1024 * 1024  # the default CLIENT_QUEUE_BYTES
     held: list[int] = []  # the ring's bytes after each live frame came
     sizes: list[int] = []
-    push = _Channel.push
+    push = Channel.push
 
-    def watched(chan: _Channel, frame: Frame) -> None:
+    def watched(chan: Channel, frame: Frame) -> None:
         push(chan, frame)
         held.append(chan.ring_bytes)
         sizes.append(frame.size)
 
-    monkeypatch.setattr(_Channel, "push", watched)
+    monkeypatch.setattr(Channel, "push", watched)
     base, wf = await serve(history_maxlen=1_000), new_workflow()
-    hub = serve.apps[-1][keys.hub_key]
+    hub = serve.apps[-1][app_keys.hub_key]
     stalled = await open_stalled_reader(base, f"/workflows/{wf}/events")
     url = f"{base}/workflows/{wf}/events"
     ids: list[str] = []

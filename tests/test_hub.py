@@ -12,8 +12,10 @@ import aiohttp
 import fakeredis
 import pytest
 
-from server import keys, store
-from server.hub import Frame, Hub, Live, Subscription, _Channel, parse_message, parse_messages
+from server import app_keys, store
+from server.fanout.hub import Hub
+from server.fanout.ring import Channel, Frame, Live, Subscription
+from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
 from tests.conftest import Serve
 from tests.sse_client import Parser, collect, iter_messages
@@ -39,7 +41,7 @@ async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
     serve: Serve, redis: Any, new_workflow: Callable[[], str]
 ) -> None:
     base = await serve()
-    hub = serve.apps[0][keys.hub_key]
+    hub = serve.apps[0][app_keys.hub_key]
     workflows = [new_workflow() for _ in range(50)]
     channels = [store.channel(wf) for wf in workflows]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
@@ -56,7 +58,7 @@ async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
             holding = [c for c in clients if int(c["sub"]) == 51]  # 50 channels + control
             assert len(holding) == 1, clients
         # Every stream gets its workflow's events through that one connection.
-        publisher = serve.apps[0][keys.publisher_key]
+        publisher = serve.apps[0][app_keys.publisher_key]
         for wf in workflows:
             await publisher.publish(wf, DONE)
         for i, resp in enumerate(responses):
@@ -106,7 +108,7 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
 ) -> None:
     base, wf = await serve(client_queue_frames=64), new_workflow()
     app = serve.apps[0]
-    hub, publisher = app[keys.hub_key], app[keys.publisher_key]
+    hub, publisher = app[app_keys.hub_key], app[app_keys.publisher_key]
     stalled = await open_stalled_reader(base, f"/workflows/{wf}/events")
     payload = "x" * 1024
     n = 6000  # ~6.5 MB: more than the kernel's socket buffers can hide
@@ -114,7 +116,7 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
         async with aiohttp.ClientSession() as s:
             await wait_until(lambda: _true(hub.channel_count == 1))
             reader = asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events", timeout=120))
-            await wait_until(lambda: _true(sum(1 for _ in app[keys.streams_key].open) == 2))
+            await wait_until(lambda: _true(sum(1 for _ in app[app_keys.streams_key].open) == 2))
             peak = 0
             for i in range(n):
                 await publisher.publish(wf, {"event_type": "node_progress", "node_id": f"n{i % 40}",
@@ -160,7 +162,7 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
 ) -> None:
     base = await serve()
     app = serve.apps[0]
-    hub, publisher = app[keys.hub_key], app[keys.publisher_key]
+    hub, publisher = app[app_keys.hub_key], app[app_keys.publisher_key]
     workflows = [new_workflow() for _ in range(30)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         readers = [
@@ -180,12 +182,12 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
 # The live ring of one channel, without Redis: what readers take, share and lose.
 
 
-def _ring(limit: int) -> tuple[Hub, _Channel]:
+def _ring(limit: int) -> tuple[Hub, Channel]:
     hub = Hub(fakeredis.FakeAsyncRedis(), queue_limit=limit)
-    return hub, _Channel("wf", cast(Any, None), hub, limit)
+    return hub, Channel("wf", cast(Any, None), hub, limit)
 
 
-def _reader(chan: _Channel) -> Subscription:
+def _reader(chan: Channel) -> Subscription:
     sub = Subscription("wf", chan, chan.seq)
     chan.subs.add(sub)
     return sub
@@ -325,7 +327,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
     """HTTP/1.1 gets chunked transfer encoding, HTTP/1.0 the bare stream until close."""
     base, wf = await serve(), new_workflow()
     app = serve.apps[0]
-    hub, publisher = app[keys.hub_key], app[keys.publisher_key]
+    hub, publisher = app[app_keys.hub_key], app[app_keys.publisher_key]
     parts = urlsplit(base)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:

@@ -18,7 +18,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server import keys, store
+from server import app_keys, store
 from server.legacy import (
     KEY_PREFIX,
     InvalidMessage,
@@ -29,8 +29,8 @@ from server.legacy import (
 )
 from server.publisher import Publisher, assemble
 from server.settings import Settings
+from testing.procs import RedisProcess, ServerProcess
 from tests.conftest import REDIS_URL, Serve, real_redis_or_skip
-from tests.procs import RedisProcess, ServerProcess
 from tests.sse_client import collect
 
 
@@ -302,7 +302,7 @@ async def test_a_server_with_legacy_ingest_streams_original_publishes_over_its_w
     assert [(m["event_type"], m.get("node_id")) for m in got] == [
         (e["event_type"], e.get("node_id")) for e in events
     ]
-    metrics = app[keys.metrics_key].render().decode()
+    metrics = app[app_keys.metrics_key].render().decode()
     assert f"wfsse_events_published_total {float(len(events))}" in metrics
 
 

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from server import keys
+from server import app_keys
 from tests.conftest import Serve
 
 WAIT_MS = 30_000
@@ -126,7 +126,7 @@ async def test_the_original_hook_receives_every_event_in_chromium(
     browser: Any, serve: Serve, page_server: str, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    publisher = serve.apps[0][keys.publisher_key]
+    publisher = serve.apps[0][app_keys.publisher_key]
     ids = [await publisher.emit_state_change(wf, "PENDING", "RUNNING")]
     ids += await publisher.publish_many(wf, node_events(wf, 10))  # before the page: replay
 

@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server import store
+from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL, REQUIRE_REDIS
-from tests.procs import ServerProcess
 from tests.sse_client import Parser
 from tests.test_hub import _dechunk, open_stalled_reader, read_all
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import models
 from server.app import create_app
-from server.hub import parse_message
+from server.fanout.upstream import parse_message
 from server.metrics import FANOUT_BUCKETS, NAMESPACE, Metrics
 from server.openapi import Accepted, ProgressModel, openapi_document, openapi_handler
 from server.settings import Settings

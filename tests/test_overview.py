@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth, keys, overview_feed
-from server.overview import list_page
+from server import app_keys, auth
+from server.overview import feed as feed_module
+from server.overview.summaries import list_page
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
 from tests.test_runs import SECRET, plan, state
@@ -168,7 +169,7 @@ async def test_a_frame_queued_while_the_first_page_is_read_never_follows_it_olde
     real = list_page  # the one overview_feed imported
 
     async def first_page_after_two_changes(*args: Any, **kwargs: Any) -> Any:
-        client = next(iter(app[keys.overview_key].clients))
+        client = next(iter(app[app_keys.overview_key].clients))
         await publish(base, wf, [started("a"), completed("a")])
         async with asyncio.timeout(15):  # a loaded CI box: the feed may be busy
             while not client.frames:  # the feed has queued "1 of 3" for this stream
@@ -176,7 +177,7 @@ async def test_a_frame_queued_while_the_first_page_is_read_never_follows_it_olde
         await publish(base, wf, [started("b"), completed("b")])
         return await real(*args, **kwargs)  # "2 of 3"
 
-    monkeypatch.setattr(overview_feed, "list_page", first_page_after_two_changes)
+    monkeypatch.setattr(feed_module, "list_page", first_page_after_two_changes)
     async with overview(base, definition_id=definition) as feed:
         first = await feed.next_run()
         assert first["completed_nodes"] == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.procs import ServerProcess
+from testing.procs import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

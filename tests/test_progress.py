@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from server import progress
-from server.history import EMPTY, HistoryView, MemoryHistory
 from server.models import Event, event_adapter
-from server.progress import FoldState, Shown
+from server.progress import estimate
+from server.progress.fold import FoldState
+from server.progress.history import EMPTY, HistoryView, MemoryHistory
+from server.progress.snapshot import Shown
 
 T0 = datetime(2026, 1, 22, 10, 28, tzinfo=UTC)
 E0 = T0.timestamp()
@@ -393,21 +395,21 @@ def test_parallel_branches_end_later_than_their_medians() -> None:
 
 def test_speed_factor_ignores_noise_and_follows_a_clear_departure() -> None:
     noise = [(0.05 * (-1) ** i, 0.25) for i in range(9)] + [(0.1, 0.25)]
-    mean, var = progress._speed(noise, [])
+    mean, var = estimate._speed(noise, [])
     assert abs(mean) < 0.01 and var < 0.01
     slow = [(0.4 + 0.05 * (-1) ** i, 0.25) for i in range(20)]
-    mean, var = progress._speed(slow, [])
+    mean, var = estimate._speed(slow, [])
     assert 0.3 < mean < 0.41 and var < 0.02
-    none_yet, doubt = progress._speed([], [])
+    none_yet, doubt = estimate._speed([], [])
     assert none_yet == 0.0 and doubt > 0.0
 
 
 def test_running_nodes_count_as_lower_bounds_of_the_speed() -> None:
     finished = [(0.0, 0.25)] * 4
-    base, _ = progress._speed(finished, [])
-    overdue, _ = progress._speed(finished, [(0.8, 0.25)] * 4)  # each ran 2.2x its median
+    base, _ = estimate._speed(finished, [])
+    overdue, _ = estimate._speed(finished, [(0.8, 0.25)] * 4)  # each ran 2.2x its median
     assert overdue > base + 0.05
-    early, _ = progress._speed(finished, [(-3.0, 0.25)] * 4)  # each just started
+    early, _ = estimate._speed(finished, [(-3.0, 0.25)] * 4)  # each just started
     assert early == pytest.approx(base, abs=0.01)
 
 
@@ -417,26 +419,26 @@ def test_running_nodes_count_as_lower_bounds_of_the_speed() -> None:
 def test_time_left_of_a_running_node_grows_with_its_quantile(
     mu: float, var: float, ran: float
 ) -> None:
-    lefts = [progress._left_of_running(mu, var, ran, (k + 0.5) / 16) for k in range(16)]
+    lefts = [estimate._left_of_running(mu, var, ran, (k + 0.5) / 16) for k in range(16)]
     assert all(math.isfinite(x) and x >= 0.0 for x in lefts)
     assert lefts == sorted(lefts) and lefts[-1] > lefts[0]
 
 
 def test_weighted_median() -> None:
-    assert progress._weighted_median([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
-    assert progress._weighted_median([1.0, 2.0, 3.0, 4.0], [1.0] * 4) == 2.5
-    assert 1.0 < progress._weighted_median([1.0, 2.0, 3.0], [10.0, 1.0, 1.0]) < 1.5
-    assert progress._weighted_median([1.0, 2.0, 3.0], [100.0, 1.0, 1.0]) < 1.05
-    assert progress._weighted_median([5.0], [2.0]) == 5.0
+    assert estimate._weighted_median([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+    assert estimate._weighted_median([1.0, 2.0, 3.0, 4.0], [1.0] * 4) == 2.5
+    assert 1.0 < estimate._weighted_median([1.0, 2.0, 3.0], [10.0, 1.0, 1.0]) < 1.5
+    assert estimate._weighted_median([1.0, 2.0, 3.0], [100.0, 1.0, 1.0]) < 1.05
+    assert estimate._weighted_median([5.0], [2.0]) == 5.0
 
 
 def test_big_plans_simulate_fewer_futures() -> None:
     small = run(plan(*[f"n{i}" for i in range(40)]))
     big = run(plan(*[f"n{i}" for i in range(1000)]))
     huge = run(plan(*[f"n{i}" for i in range(10_000)]))
-    assert progress._samples(small) == progress.MC_SAMPLES
-    assert progress._samples(big) * 1000 <= progress.MC_BUDGET
-    assert progress._samples(huge) == progress.MC_MIN_SAMPLES
+    assert estimate._samples(small) == estimate.MC_SAMPLES
+    assert estimate._samples(big) * 1000 <= estimate.MC_BUDGET
+    assert estimate._samples(huge) == estimate.MC_MIN_SAMPLES
 
 
 # ------------------------------------------------------------------ the snapshot

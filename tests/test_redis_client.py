@@ -19,8 +19,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server import redis_client
 from server.app import create_app
 from server.settings import Settings
+from testing.procs import RedisProcess
 from tests.conftest import real_redis_or_skip
-from tests.procs import RedisProcess
 
 
 async def test_a_burst_larger_than_the_pool_waits_and_every_command_succeeds() -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth, runs, store
+from server import auth, store
+from server.overview import runs
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
 

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from server.app import create_app
 from server.settings import Settings
-from tests.procs import RedisProcess
+from testing.procs import RedisProcess
 from tests.test_api_stream import publish
 from tests.test_runs import plan, state
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from testing.procs import ServerProcess
 from tests.conftest import REQUIRE_REDIS
-from tests.procs import ServerProcess
 
 try:
     import schemathesis

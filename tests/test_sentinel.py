@@ -30,8 +30,8 @@ from server import redis_client, store
 from server.app import create_app
 from server.redis_client import parse_sentinel_url
 from server.settings import Settings, from_sources
-from tests.procs import RedisProcess, SentinelProcesses, ServerProcess, server_env
-from tests.redis_reads import stream_entries
+from testing.procs import RedisProcess, SentinelProcesses, ServerProcess, server_env
+from testing.redis_reads import stream_entries
 from tests.sse_client import Message, iter_messages
 
 RECOVERY_SECONDS = 10.0  # "within 10 s of the promotion"

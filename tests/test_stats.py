@@ -15,8 +15,9 @@ import aiohttp
 import jwt
 import pytest
 
-from server import auth, history, progress
+from server import auth, progress
 from server.models import event_adapter
+from server.progress import history
 from tests.conftest import Serve
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")

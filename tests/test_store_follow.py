@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 
 from server import store
-from server.hub import Hub
+from server.fanout.hub import Hub
 from server.store import Store
+from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import ServerProcess
 from tests.sse_client import iter_messages
 from tests.test_store import ev, new_store, node_events, plan, replayed_state, stored_state
 

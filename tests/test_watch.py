@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from server import store
-from server.watch import SSEParser, format_duration
+from server.client.watch import SSEParser, format_duration
+from testing.procs import ServerProcess, free_port, server_env
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import ServerProcess, free_port, server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from server import watchers
-from server.watchers import Reporter, WatcherCounts
+from server.streams import watchers
+from server.streams.watchers import Reporter, WatcherCounts
+from testing.procs import RedisProcess, ServerProcess
 from tests.conftest import Serve
-from tests.procs import RedisProcess, ServerProcess
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from server import auth, keys
+from server import app_keys, auth
 from tests.conftest import Serve
 from tests.sse_client import collect
 
@@ -35,7 +35,7 @@ def ws_url(base: str, wf: str, route: str = "api", query: str = "") -> str:
 
 async def publish(serve: Serve, wf: str, events: list[dict[str, Any]]) -> list[str]:
     """Through the running app's own publisher (the same path as HTTP)."""
-    return await serve.apps[0][keys.publisher_key].publish_many(wf, events)
+    return await serve.apps[0][app_keys.publisher_key].publish_many(wf, events)
 
 
 async def receive(
@@ -112,7 +112,7 @@ async def test_ws_resumes_after_last_event_id(
         (end,) = await publish(serve, wf, [DONE])
         rest, code = await until_closed(ws)
     assert [m["id"] for m in rest] == [end] and code == 1000
-    metrics = serve.apps[0][keys.metrics_key].render().decode()
+    metrics = serve.apps[0][app_keys.metrics_key].render().decode()
     assert "wfsse_replays_total 1.0" in metrics
 
 
@@ -182,16 +182,18 @@ async def test_ws_counts_open_sockets_and_frees_them_when_the_client_leaves(
 ) -> None:
     base, wf = await serve(), new_workflow()
     app = serve.apps[0]
-    gauge = app[keys.metrics_key].open_streams.labels("websocket")
+    gauge = app[app_keys.metrics_key].open_streams.labels("websocket")
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(ws_url(base, wf)) as ws:
             await publish(serve, wf, [started("a")])
             await receive(ws, 1)
             assert gauge._value.get() == 1
-            assert len(app[keys.streams_key].open) == 1
+            assert len(app[app_keys.streams_key].open) == 1
         async with asyncio.timeout(5):
             while (
-                gauge._value.get() or app[keys.streams_key].open or app[keys.hub_key].channel_count
+                gauge._value.get()
+                or app[app_keys.streams_key].open
+                or app[app_keys.hub_key].channel_count
             ):
                 await asyncio.sleep(0.02)
 
@@ -243,7 +245,7 @@ async def test_ws_shutdown_closes_1001_with_a_jittered_retry(
     async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(base, wf)) as ws:
         await publish(serve, wf, [started("a")])
         await receive(ws, 1)
-        serve.apps[0][keys.streams_key].shutdown()
+        serve.apps[0][app_keys.streams_key].shutdown()
         msg = await asyncio.wait_for(ws.receive(), 5)
     assert msg.type == WSMsgType.CLOSE and msg.data == 1001
     reason = str(msg.extra)
@@ -278,7 +280,7 @@ async def test_ws_stalled_socket_stays_bounded_and_then_gets_everything_once(
     queue_bound = 64
     base, wf = await serve(client_queue_frames=queue_bound, heartbeat_seconds=120), new_workflow()
     app = serve.apps[0]
-    hub = app[keys.hub_key]
+    hub = app[app_keys.hub_key]
     payload = {"blob": "x" * 2000}  # ~2 KB events: thousands of them outgrow any socket buffer
     total, batch = 3000, 100
 
@@ -289,7 +291,7 @@ async def test_ws_stalled_socket_stays_bounded_and_then_gets_everything_once(
         stalled = await stalled_session.ws_connect(ws_url(base, wf))  # and never reads, yet
         fast = await s.ws_connect(ws_url(base, wf, "workflows"))
         fast_reader = asyncio.create_task(until_closed(fast, timeout=120))
-        while len(app[keys.streams_key].open) < 2:
+        while len(app[app_keys.streams_key].open) < 2:
             await asyncio.sleep(0.01)
 
         peaks = {"queue": 0, "buffered": 0}
@@ -323,7 +325,7 @@ async def test_ws_stalled_socket_stays_bounded_and_then_gets_everything_once(
         assert stalled_code == 1000
         await stalled.close()
         await fast.close()
-    catchups = app[keys.metrics_key].slow_client_catchups_total._value.get()
+    catchups = app[app_keys.metrics_key].slow_client_catchups_total._value.get()
     assert catchups >= 1
 
 

@@ -11,8 +11,8 @@ import uuid
 import aiohttp
 
 from server import store
+from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.procs import ServerProcess
 from tests.sse_client import collect
 
 

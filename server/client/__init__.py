@@ -1,7 +1,7 @@
 """Reading a workflow from Python: `WorkflowClient` and the event-stream parser."""
 
-from .sse import EventStreamParser, ServerSentEvent
-from .workflow import (
+from server.client.sse import EventStreamParser, ServerSentEvent
+from server.client.workflow import (
     ClientError,
     Event,
     Gap,

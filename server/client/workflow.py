@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from ..models import TERMINAL_STATES
-from .sse import EventStreamParser, ServerSentEvent
+from server.client.sse import EventStreamParser, ServerSentEvent
+from server.models import TERMINAL_STATES
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from .models import Event, WorkflowPlanned, WorkflowStateChanged
+from server.models import Event, WorkflowPlanned, WorkflowStateChanged
 
 logger = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ class RunIndex:
 
     async def _write(self, k: int, rows: list[Any]) -> None:
         """One update script on shard k for runs given 6 values each (see _UPDATE_LUA)."""
-        from .store import channel
+        from server.store import channel
 
         tag = shard_tag(k, prefix=self.prefix)
         await self._update(
@@ -586,7 +586,7 @@ class RunIndex:
     async def sweep(self) -> int:
         """Forget every run whose keys are gone now (expiry does it lazily; a test suite
         cleaning up after itself does it at once). Returns how many were forgotten."""
-        from .store import progress_key
+        from server.store import progress_key
 
         gone: list[str] = []
         for k in range(self.shards):

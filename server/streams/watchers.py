@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import keys
+from server import app_keys
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ async def watchers(redis: Any, workflow_ids: list[str], *, prefix: str = "wfsse"
 
 async def reporter_ctx(app: web.Application) -> AsyncIterator[None]:
     """A cleanup_ctx (after the one that opens Redis): report while the app serves."""
-    reporter = Reporter(app[keys.redis_key], app[keys.watchers_key])
+    reporter = Reporter(app[app_keys.redis_key], app[app_keys.watchers_key])
     task = asyncio.create_task(reporter.run(), name="watchers-report")
     yield
     # Stopped, not only cancelled: a Redis client busy with a report has been seen to

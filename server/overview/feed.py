@@ -30,15 +30,17 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import connections, keys, sse
-from .hub import Hub, Subscription, Wakeup
-from .models import TERMINAL_STATES
-from .overview import list_page, summaries
-from .problems import Problem
-from .runs import RunIndex, notice_channel_id
-from .streams import Heartbeat, StreamsFull
-from .tracker import ProgressService
-from .watchers import watchers
+from server import app_keys, connections, sse
+from server.fanout.hub import Hub
+from server.fanout.ring import Subscription, Wakeup
+from server.models import TERMINAL_STATES
+from server.overview.runs import RunIndex, notice_channel_id
+from server.overview.summaries import list_page, summaries
+from server.problems import Problem
+from server.progress.service import ProgressService
+from server.streams.events import Heartbeat
+from server.streams.registry import StreamsFull
+from server.streams.watchers import watchers
 
 logger = logging.getLogger(__name__)
 
@@ -369,10 +371,10 @@ async def overview_stream(
     readable: Sequence[str] | None,
 ) -> web.StreamResponse:
     """The live overview for one client (see the module's docstring)."""
-    from .views import sse_response
+    from server.views import sse_response
 
     app = request.app
-    registry = app[keys.streams_key]
+    registry = app[app_keys.streams_key]
     try:
         handle = registry.acquire()
     except StreamsFull as exc:
@@ -384,8 +386,8 @@ async def overview_stream(
         frozenset(states), definition_id, None if readable is None else frozenset(readable)
     )
     handle.wakeup = client.wakeup
-    feed = app[keys.overview_key]
-    gauge = app[keys.metrics_key].open_streams.labels("overview")
+    feed = app[app_keys.overview_key]
+    gauge = app[app_keys.metrics_key].open_streams.labels("overview")
     gauge.inc()
     beat: Heartbeat | None = None
     response: web.StreamResponse | None = None
@@ -393,7 +395,7 @@ async def overview_stream(
         # Registered before the first page is read: a change meanwhile comes after it.
         await feed.add(client)
         first, _ = await list_page(
-            app[keys.runs_key], app[keys.tracker_key], states=states,
+            app[app_keys.runs_key], app[app_keys.tracker_key], states=states,
             definition_id=definition_id, limit=limit, readable=readable,
         )  # fmt: skip
         response = await sse_response(request)
@@ -402,7 +404,7 @@ async def overview_stream(
         if first:
             await response.write(b"".join(run_frame(s) for s in first))
         client.frames = not_older(client.frames, first)
-        beat = Heartbeat(client.wakeup, app[keys.settings_key].heartbeat_seconds)
+        beat = Heartbeat(client.wakeup, app[app_keys.settings_key].heartbeat_seconds)
         while not handle.stopping and not client.overflowed:
             client.wakeup.clear()
             if client.frames:

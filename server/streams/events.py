@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import sse
-from .hub import Frame, Live, Subscription, Wakeup
-from .models import TERMINAL_STATES
-from .store import Entry, Page, Store, id_key
+from server import sse
+from server.fanout.ring import Frame, Live, Subscription, Wakeup
+from server.store import Entry, Page, Store, id_key
+from server.streams.registry import StreamHandle
 
 logger = logging.getLogger(__name__)
 
@@ -31,59 +29,6 @@ SSE_HEADERS = {
 }
 
 ProgressFn = Callable[[str], Awaitable[dict[str, Any] | None]]
-
-
-class StreamsFull(Exception):
-    """MAX_STREAMS streams are open in this process."""
-
-
-@dataclass(eq=False)
-class StreamRegistry:
-    """Counts open streams (event, progress, WebSocket) and ends them on shutdown."""
-
-    limit: int
-    retry_ms: int
-    open: set[StreamHandle] = field(default_factory=set)
-    closing: bool = False
-
-    def acquire(self) -> StreamHandle:
-        if self.closing:
-            raise StreamsFull("server is shutting down")
-        if len(self.open) >= self.limit:
-            raise StreamsFull(f"{self.limit} streams are open in this process (MAX_STREAMS)")
-        handle = StreamHandle()
-        self.open.add(handle)
-        return handle
-
-    def release(self, handle: StreamHandle) -> None:
-        self.open.discard(handle)
-
-    def shutdown(self) -> None:
-        """Ask every stream to send a jittered `retry:` and end, so clients spread reconnects."""
-        self.closing = True
-        for handle in self.open:
-            handle.stop(self.retry_ms + random.randint(0, max(self.retry_ms, 1000)))
-
-
-@dataclass(eq=False, slots=True)
-class StreamHandle:
-    """Lets the registry stop one stream from outside its task."""
-
-    stopping: bool = False
-    retry_ms: int | None = None
-    wakeup: Wakeup | None = None  # the stream's own wake-up, so one wait covers both
-
-    def stop(self, retry_ms: int) -> None:
-        self.retry_ms = retry_ms
-        self.stopping = True
-        if self.wakeup is not None:
-            self.wakeup.set()
-
-    def client_left(self) -> None:
-        """The connection closed: end the stream now (no goodbye), freeing its slot."""
-        self.stopping = True
-        if self.wakeup is not None:
-            self.wakeup.set()
 
 
 class Heartbeat:
@@ -429,82 +374,3 @@ class EventStream:
             await self.sink.send(chunk)
             self.on_sent(len(chunk))
         return terminal
-
-
-def progress_frame(snap: dict[str, Any]) -> bytes:
-    """An `event: progress` frame; its id lets a reconnect after the end get 204."""
-    return sse.encode(
-        json.dumps(snap, ensure_ascii=False, separators=(",", ":")),
-        id=snap.get("last_event_id") or None,
-        event="progress",
-    )
-
-
-def is_final(snap: dict[str, Any]) -> bool:
-    return snap.get("state") in TERMINAL_STATES
-
-
-class ProgressStream:
-    """Progress objects as they change, at most `rate` per second, ending after terminal."""
-
-    __slots__ = ("handle", "heartbeat", "min_interval", "response", "snapshot", "sub")
-
-    def __init__(
-        self,
-        response: web.StreamResponse,
-        sub: Subscription,
-        *,
-        snapshot: ProgressFn,
-        heartbeat: float,
-        handle: StreamHandle,
-        min_interval: float = 0.25,
-    ) -> None:
-        self.response = response
-        self.sub = sub
-        self.snapshot = snapshot
-        self.heartbeat = heartbeat
-        self.handle = handle
-        self.min_interval = min_interval
-        handle.wakeup = sub.wakeup
-        sub.notify_only = True
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_sent: str | None = None
-        sent_at = -1e9
-        beat = Heartbeat(self.sub.wakeup, self.heartbeat)
-        # As for events: the first object does not wait for a late confirmation longer than
-        # CONFIRM_GRACE_SECONDS (the confirmation wakes this stream again when it comes).
-        grace_at = loop.time() + CONFIRM_GRACE_SECONDS
-        grace = None if self.sub.confirmed else loop.call_at(grace_at, self.sub.wakeup.set)
-        try:
-            while not (self.sub.confirmed or self.handle.stopping or loop.time() >= grace_at):
-                if not await wait_for_wakeup(self.sub, self.handle, beat):
-                    await self.response.write(sse.KEEP_ALIVE)
-                    beat.wrote()
-            while not self.handle.stopping:
-                self.sub.restart()  # only "something changed" matters here
-                wait = sent_at + self.min_interval - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)  # the rate limit of the SPEC: 4 per second
-                try:
-                    snap = await self.snapshot(self.sub.workflow_id)
-                except RedisError:
-                    snap = None  # Redis is down: keep the client, try again on the next wake
-                if snap is not None and snap["last_event_id"] != last_sent:
-                    await self.response.write(progress_frame(snap))
-                    beat.wrote()
-                    last_sent, sent_at = snap["last_event_id"], loop.time()
-                    if is_final(snap):
-                        break
-                if not await wait_for_wakeup(self.sub, self.handle, beat):
-                    await self.response.write(sse.KEEP_ALIVE)
-                    beat.wrote()
-            if self.handle.retry_ms is not None:
-                await self.response.write(sse.encode(retry=self.handle.retry_ms))
-        except (ConnectionResetError, ConnectionError, RuntimeError):
-            return
-        finally:
-            beat.cancel()
-            if grace is not None:
-                grace.cancel()

@@ -6,18 +6,18 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .metrics import Metrics
-from .settings import Settings
+from server.metrics import Metrics
+from server.settings import Settings
 
 if TYPE_CHECKING:
-    from .hub import Hub
-    from .overview_feed import OverviewFeed
-    from .publisher import Publisher
-    from .runs import RunIndex
-    from .store import AnyRedis, Store
-    from .streams import StreamRegistry
-    from .tracker import ProgressService
-    from .watchers import WatcherCounts
+    from server.fanout.hub import Hub
+    from server.overview.feed import OverviewFeed
+    from server.overview.runs import RunIndex
+    from server.progress.service import ProgressService
+    from server.publisher import Publisher
+    from server.store import AnyRedis, Store
+    from server.streams.registry import StreamRegistry
+    from server.streams.watchers import WatcherCounts
 
 settings_key = web.AppKey("settings", Settings)
 redis_key: web.AppKey[AnyRedis] = web.AppKey("redis")

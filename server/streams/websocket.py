@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError
 
-from . import auth, keys, views
-from .hub import Live, ws_text
-from .problems import Problem
-from .store import Entry
-from .streams import ClientGone, EventStream
+from server import app_keys, auth, views
+from server.fanout.ring import Live, ws_text
+from server.problems import Problem
+from server.store import Entry
+from server.streams.events import ClientGone, EventStream
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def check_origin(request: web.Request) -> None:
     keeps that site from reading the messages. A token in the header or query is not
     ambient, and without SUBSCRIBE_SECRET there is nothing to protect.
     """
-    settings = request.app[keys.settings_key]
+    settings = request.app[app_keys.settings_key]
     if not settings.subscribe_secret:
         return
     if auth.bearer(request.headers.get("Authorization")) or request.query.get("access_token"):
@@ -112,7 +112,7 @@ def check_origin(request: web.Request) -> None:
         origin, settings.cors_origins
     ):
         return
-    request.app[keys.metrics_key].auth_failed("subscribe", "origin")
+    request.app[app_keys.metrics_key].auth_failed("subscribe", "origin")
     raise Problem(
         403,
         f"origin {origin!r} may not use the access_token cookie here; add it to CORS_ORIGINS "
@@ -128,7 +128,7 @@ async def websocket_events(request: web.Request) -> web.StreamResponse:
     start = views.start_id_of(request)
     check_origin(request)
     app = request.app
-    settings, store = app[keys.settings_key], app[keys.store_key]
+    settings, store = app[app_keys.settings_key], app[app_keys.store_key]
     ws = web.WebSocketResponse(
         heartbeat=settings.heartbeat_seconds,
         compress=False,  # per-socket deflate would undo the hub's encode-once

@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import progress
-from .models import format_timestamp
-from .runs import Cursor, RunIndex
-from .store import META, AnyRedis, progress_key
-from .tracker import ProgressService
-from .watchers import watchers
+from server import progress
+from server.models import format_timestamp
+from server.overview.runs import Cursor, RunIndex
+from server.progress.service import ProgressService
+from server.store import META, AnyRedis, progress_key
+from server.streams.watchers import watchers
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Runs still going whose progress a page computes at once: a page of 200 running runs does

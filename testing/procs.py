@@ -228,7 +228,8 @@ def replica_synced(info: dict[str, str]) -> bool:
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10,000) is free too, both outside the ephemeral range."""
+    """A free port whose cluster bus port (+10,000) is free too, both outside the ephemeral
+    range."""
     return free_fixed_port((0, 10_000))
 
 

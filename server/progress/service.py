@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import history, progress
-from .store import AnyRedis, Appended, Store
+from server import progress
+from server.progress import history
+from server.store import AnyRedis, Appended, Store
 
 # A fold state of more nodes than this is parsed and estimated in a worker thread: the
 # estimate of a 10,000-node plan costs a few hundred ms of CPU, which on the event loop

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from .models import TERMINAL_STATES, is_workflow_id, parse_event_id
+from server.models import TERMINAL_STATES, is_workflow_id, parse_event_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 PROGRESS_EVERY = 0.5  # seconds between two /progress fetches
