@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from server import app_keys, auth, legacy, openapi, schedule, views
+from server import app_keys, cors, legacy, openapi, schedule, views
 from server.dashboard import static_dir
 from server.fanout.hub import Hub
 from server.metrics import Metrics
@@ -33,7 +33,7 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
     app[app_keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
     app[app_keys.metrics_key] = metrics = Metrics()
     app[app_keys.watchers_key] = watchers.WatcherCounts()
-    auth.setup_cors(app, settings.cors_origins)
+    cors.setup_cors(app, settings.cors_origins)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         if redis is not None:

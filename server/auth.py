@@ -1,4 +1,6 @@
-"""Who may publish and who may read: the publish token, subscriber JWTs, CORS, the token CLI."""
+"""Who may publish and who may read: the publish token, subscriber JWTs, the token CLI.
+
+Which browser origins may read is CORS, in cors.py."""
 
 from __future__ import annotations
 
@@ -9,15 +11,14 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jwt
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from server.models import is_workflow_id
-from server.problems import Problem, problem_response
+from server.problems import Problem
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,6 @@ ALGORITHM = "HS256"
 ALL_WORKFLOWS = "*"
 DEFAULT_TTL = 3600
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
-
-# CORS applies to the workflow API (streams, progress, publishing), not to ops endpoints.
-CORS_SCOPE = "/workflows/"
-CORS_ALLOW_METHODS = "GET, POST, OPTIONS"
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, If-None-Match"
-CORS_EXPOSE_HEADERS = "ETag, Retry-After"
-CORS_MAX_AGE = "600"
 
 
 _SLUGS = {
@@ -327,90 +321,3 @@ def token_main(argv: list[str], env: Mapping[str, str]) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(token)
     return 0
-
-
-# CORS ------------------------------------------------------------------------------------
-
-PrepareHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
-
-
-def origin_allowed(origin: str | None, origins: tuple[str, ...]) -> bool:
-    """True when `origin` is listed, or "*" is (the opaque origin "null" only when listed)."""
-    if not origin:
-        return False
-    return origin in origins or (ALL_WORKFLOWS in origins and origin != "null")
-
-
-def _in_scope(request: web.Request) -> bool:
-    return request.path.startswith(CORS_SCOPE)
-
-
-def _add_vary_origin(response: web.StreamResponse) -> None:
-    vary = response.headers.get("Vary", "")
-    names = {part.strip().lower() for part in vary.split(",")}
-    if "origin" not in names and "*" not in names:
-        response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
-
-
-def cors_on_prepare(origins: tuple[str, ...]) -> PrepareHook:
-    """An `on_response_prepare` hook: CORS headers on every in-scope response, streams too.
-
-    It runs inside `prepare()`, before the headers go out, so a StreamResponse gets
-    them as well as a plain Response or a problem+json error (which a page can then read).
-    """
-
-    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        if not origins or not _in_scope(request):
-            return
-        _add_vary_origin(response)  # caches must not hand one origin's answer to another
-        origin = request.headers.get("Origin")
-        if origin is None or not origin_allowed(origin, origins):
-            return
-        if origin in origins:
-            # A listed origin is trusted with credentials (the access_token cookie), and
-            # credentials need the origin echoed: browsers refuse them with "*".
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Credentials"] = "true"
-        else:
-            # Allowed only through "*": any site may read, none with the user's cookies
-            # (the Fetch standard's answer for a wildcard; a token in a header still works).
-            response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
-
-    return on_prepare
-
-
-def cors_middleware(origins: tuple[str, ...]) -> Middleware:
-    """Answer CORS preflights on /workflows/...: 204 for a listed origin, else 403 problem."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        is_preflight = (
-            request.method == "OPTIONS"
-            and _in_scope(request)
-            and "Access-Control-Request-Method" in request.headers
-        )
-        if not is_preflight:
-            return await handler(request)
-        origin = request.headers.get("Origin")
-        if not origin_allowed(origin, origins):
-            # Returned, not raised, so it holds wherever this sits among the middlewares.
-            return problem_response(
-                403, f"origin {origin!r} is not in CORS_ORIGINS", slug="cors-origin-denied"
-            )
-        return web.Response(
-            status=204,
-            headers={
-                "Access-Control-Allow-Methods": CORS_ALLOW_METHODS,
-                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
-                "Access-Control-Max-Age": CORS_MAX_AGE,
-            },
-        )
-
-    return middleware
-
-
-def setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
-    """Install the preflight middleware and the header hook on `app` (before it starts)."""
-    app.middlewares.append(cors_middleware(origins))
-    app.on_response_prepare.append(cors_on_prepare(origins))

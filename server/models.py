@@ -1,4 +1,9 @@
-"""Event models: a discriminated union on `event_type`, strict, Unicode-safe."""
+"""Event models: a discriminated union on `event_type`, strict, Unicode-safe.
+
+Also how a request body becomes events (`decode_body`, `validate_event`): a big body is
+decoded and validated in pieces, so that no single C call holds the GIL for long, and
+those pieces must give exactly the errors the models give (~600 lines for that reason).
+"""
 
 from __future__ import annotations
 

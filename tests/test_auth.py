@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
-from server import auth
+from server import auth, cors
 from server.problems import Problem, problem_middleware
 
 SECRET = "s3cret-" + "x" * 40
@@ -342,7 +342,7 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, we
 def cors_app() -> Callable[[tuple[str, ...]], web.Application]:
     def make(origins: tuple[str, ...]) -> web.Application:
         app = web.Application(middlewares=[problem_middleware])
-        auth.setup_cors(app, origins)
+        cors.setup_cors(app, origins)
         app.router.add_get("/workflows/{workflow_id}/events", stream)
         app.router.add_post("/workflows/{workflow_id}/events", ok)
         app.router.add_get("/workflows/{workflow_id}/progress", progress)

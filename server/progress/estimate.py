@@ -8,6 +8,10 @@ no I/O, clock passed in).
   (bench/RESULTS.md shows why a median and not a mean, and the numbers).
 - This run's speed versus its history has a spike-and-slab prior: even odds that it
   goes at its history's speed, so noise in its first nodes is not extrapolated.
+
+Why one module of ~570 lines: the prior, the run model, the simulation and the weighted
+median are steps of one estimator over shared private types; bench/eta_quality.py
+measures them only together.
 """
 
 from __future__ import annotations

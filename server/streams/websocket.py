@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError
 
-from server import app_keys, auth, views
+from server import app_keys, auth, cors, views
 from server.fanout.ring import Live, ws_text
 from server.problems import Problem
 from server.store import Entry
@@ -108,7 +108,7 @@ def check_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is None or "access_token" not in request.cookies:
         return
-    if urlsplit(origin).netloc == request.host or auth.origin_allowed(
+    if urlsplit(origin).netloc == request.host or cors.origin_allowed(
         origin, settings.cors_origins
     ):
         return
