@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import history, runs, store
+from server import runs, store
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.procs import ServerProcess, free_port
 from tests.sse_client import collect
@@ -229,16 +229,12 @@ def state(to: str, ts: float) -> dict[str, Any]:
     return {"event_type": "workflow_state_changed", "to_state": to, "timestamp": iso(ts)}
 
 
-async def forget(redis: Any, workflows: list[str], definition: str) -> None:
-    """Delete every key the test's runs made: theirs, the run index's, the history's."""
+async def forget(redis: Any, workflows: list[str]) -> None:
+    """Delete every key the test's runs made: theirs and the run index's (the history's
+    go with the session's, tests/conftest.py)."""
     for wf in workflows:
         await redis.delete(*store.workflow_keys(wf))
     await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
-    defined = history.definition_key(definition)
-    await redis.delete(defined, history.recent_key(defined))
-    types = [f"{definition}-{n}" for n in DEPS]
-    await redis.hdel(history.types_key(), *types)
-    await redis.hdel(history.recent_key(history.types_key()), *types)
 
 
 async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -> None:
@@ -302,7 +298,7 @@ async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -
     finally:
         for srv in servers:
             srv.stop()
-        await forget(redis, [wf], definition)
+        await forget(redis, [wf])
         await redis.aclose()
 
 
@@ -391,5 +387,5 @@ async def test_usual_durations_overdue_keyboard_html_and_axe(browser: Any) -> No
         assert errors == [] and home_errors == []
     finally:
         srv.stop()
-        await forget(redis, [earlier, wf], definition)
+        await forget(redis, [earlier, wf])
         await redis.aclose()
