@@ -633,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also score the Monte Carlo ideal (the noise floor; slower)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="print the report without judging the targets (too few traces to meet them)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     header = (
@@ -668,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.traces} traces per scenario, seed {args.seed}, "
         f"{time.perf_counter() - started:.1f} s"
     )
+    if args.smoke:
+        print(f"targets not judged (--smoke): {len(failures)} missed")
+        return 0
     for failure in failures:
         print("MISSED", failure)
     if not failures:

@@ -71,6 +71,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from redis.asyncio import Redis
 
+from server import store
+from server.overview import runs
 from testing import procs
 
 from . import cpu_quota
@@ -274,16 +276,14 @@ def new_id(tag: str) -> str:
 
 
 async def cleanup_keys(args: argparse.Namespace, workflows: list[str]) -> None:
-    """Our server's keys of these workflows (baselines and Nchan store nothing in Redis)."""
+    """Our server's keys of these workflows and their run index entries (baselines and
+    Nchan store nothing in Redis)."""
     redis = Redis.from_url(args.redis_url)
     try:
         for i in range(0, len(workflows), 500):
-            keys = [
-                f"wf:{{{wf}}}:{part}"
-                for wf in workflows[i : i + 500]
-                for part in ("events", "trimmed", "idem", "progress")
-            ]
+            keys = [k for wf in workflows[i : i + 500] for k in store.workflow_keys(wf)]
             await redis.delete(*keys)
+        await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
     finally:
         await redis.aclose()
 

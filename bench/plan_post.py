@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from server import models, progress, store
 from server.__main__ import GC_THRESHOLDS
 from server.app import create_app
+from server.overview import runs
 from server.publisher import Publisher
 from server.settings import Settings
 
@@ -145,6 +146,7 @@ async def loop_stalls(body: bytes, rounds: int, redis_url: str) -> list[tuple[fl
         gc.callbacks.remove(count)
         for wf in workflows:
             await redis.delete(*store.workflow_keys(wf))
+        await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
         await server.close()
         await redis.aclose()
     return results[1:]

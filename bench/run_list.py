@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from server.progress import history
 from server.publisher import assemble
 from server.settings import Settings
 
@@ -47,6 +48,7 @@ from .loadgen import HttpConn, raise_nofile
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+DEFINITIONS = 20  # the seeded runs' definition ids: <tag>-def-0 ... <tag>-def-19
 
 
 def pct(values: list[float], q: float) -> float:
@@ -70,7 +72,7 @@ async def seed(redis_url: str, tag: str, n: int, running_share: float) -> list[s
             events: list[dict[str, Any]] = [
                 {
                     "event_type": "workflow_planned",
-                    "definition_id": f"{tag}-def-{i % 20}",
+                    "definition_id": f"{tag}-def-{i % DEFINITIONS}",
                     "nodes": [{"node_id": f"n{k}"} for k in range(3)],
                 },
                 {"event_type": "workflow_state_changed", "to_state": "RUNNING"},
@@ -95,8 +97,9 @@ async def cleanup(redis_url: str, tag: str) -> None:
     await publish_path.cleanup(redis_url, tag)
     redis = Redis.from_url(redis_url)
     try:
-        async for key in redis.scan_iter(match=f"wfsse:hist:*{tag}*", count=2000):
-            await redis.delete(key)
+        # History keys name a hash of the definition id, never the id: no pattern finds them.
+        defined = [history.definition_key(f"{tag}-def-{d}") for d in range(DEFINITIONS)]
+        await redis.delete(*defined, *(history.recent_key(k) for k in defined))
     finally:
         await redis.aclose()
 

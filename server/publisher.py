@@ -198,7 +198,12 @@ def assemble(
         retention_seconds=settings.retention_seconds,
         min_replicas_ack=settings.min_replicas_ack,
     )
-    tracker = ProgressService(store, redis, history_ttl=settings.history_ttl_seconds)
+    tracker = ProgressService(
+        store,
+        redis,
+        history_ttl=settings.history_ttl_seconds,
+        history_prefix=settings.history_prefix,
+    )
     index = RunIndex(
         redis,
         retention_seconds=settings.retention_seconds,

@@ -52,6 +52,9 @@ class Settings:
     # hold 116 MiB per workflow for one stalled reader.
     client_queue_bytes: int = 16 * 1024 * 1024
     history_ttl_seconds: int = 30 * 86_400
+    # First part of the duration history's key names (`<prefix>:hist:...`): a test session
+    # gives its own, so what it records is deleted with it.
+    history_prefix: str = "wfsse"
     # Replicas that must hold an append (Redis WAIT) before it is answered 201; fewer within
     # the command deadline: 503 outcome-unknown, so the publisher retries with the same
     # idempotency key. 0: answered once the primary has it (replication is asynchronous).
@@ -70,6 +73,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if not self.history_prefix:
+            raise ValueError("HISTORY_PREFIX must not be empty")
         if self.min_replicas_ack < 0:
             raise ValueError(f"MIN_REPLICAS_ACK must be 0 or more, got {self.min_replicas_ack}")
         if self.min_replicas_ack and not self.redis_url:

@@ -120,7 +120,9 @@ def server_env(**extra: str) -> dict[str, str]:
     embedded Redis unless `REDIS_URL=` is given in `extra`)."""
     from server.settings import Settings
 
-    ours = {name.upper() for name in Settings.__dataclass_fields__}
+    # The test session's HISTORY_PREFIX (tests/conftest.py) stays: a child's history is
+    # deleted with the session's.
+    ours = {name.upper() for name in Settings.__dataclass_fields__} - {"HISTORY_PREFIX"}
     env = {k: v for k, v in os.environ.items() if k not in ours}
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **extra}

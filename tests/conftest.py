@@ -26,6 +26,12 @@ from testing.procs import RedisClusterProcesses
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("REQUIRE_REDIS") == "1"
+# The session's duration history goes under its own key prefix (in-process apps through
+# `serve`, child servers and benchmarks through the environment), deleted at the end. One
+# per session, though pytest imports this file twice (as `conftest`, and as `tests.conftest`
+# for the modules that import from it).
+HISTORY_PREFIX = "wfsse-test-" + os.environ.setdefault("WFSSE_TEST_SESSION", uuid.uuid4().hex[:12])
+os.environ["HISTORY_PREFIX"] = HISTORY_PREFIX
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -72,12 +78,16 @@ async def real_redis_or_skip() -> Redis:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The run index of the shared Redis forgets the runs the tests made and deleted (or
-    left to expire), so a test session leaves no entry behind."""
+    left to expire), and the session's duration history is deleted, so a test session
+    leaves no entry behind."""
 
     async def sweep() -> None:
         client = Redis.from_url(REDIS_URL)
         try:
             await runs.RunIndex(client, retention_seconds=1).sweep()
+            names = [k async for k in client.scan_iter(match=f"{HISTORY_PREFIX}:*", count=1000)]
+            for start in range(0, len(names), 500):
+                await client.delete(*names[start : start + 500])
         except (RedisConnectionError, OSError):
             pass  # no real Redis in this session (any other error is a bug: it shows)
         finally:
@@ -158,6 +168,7 @@ class Serve:
         self.apps: list[web.Application] = []
 
     async def __call__(self, **overrides: Any) -> str:
+        overrides.setdefault("history_prefix", HISTORY_PREFIX)
         app = create_app(Settings(**overrides), redis=self.redis)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()

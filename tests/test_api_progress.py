@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from server import app_keys, store
-from server.progress import history
 from tests.conftest import Serve
 from tests.sse_client import iter_messages
 
@@ -28,19 +27,6 @@ SPEC_KEYS = {
 
 def state(to: str) -> dict[str, Any]:
     return {"event_type": "workflow_state_changed", "to_state": to}
-
-
-@pytest.fixture
-async def clean_history(redis: Any) -> AsyncIterator[list[str]]:
-    """Definition ids and node types used by a test; their history is deleted after it."""
-    used: list[str] = []
-    yield used
-    for name in used:
-        defined = history.definition_key(name)
-        await redis.delete(defined, history.recent_key(defined))
-    if used:
-        await redis.hdel(history.types_key(), *used)
-        await redis.hdel(history.recent_key(history.types_key()), *used)
 
 
 async def get_progress(
@@ -227,11 +213,10 @@ async def run_chain(
 
 
 async def test_live_run_numbers_and_second_run_eta_within_25_percent_at_half_way(
-    serve: Serve, new_workflow: Callable[[], str], clean_history: list[str]
+    serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base = await serve()
     definition, node_type = f"live-{uuid.uuid4().hex[:8]}", f"type-{uuid.uuid4().hex[:8]}"
-    clean_history += [definition, node_type]
     durations = [0.25, 0.5, 0.3, 0.4, 0.35, 0.3]
     first = await run_chain(base, new_workflow(), definition, node_type, durations)
     assert first[0]["estimated_remaining_seconds"] is None  # nothing to go on yet
@@ -265,14 +250,13 @@ def _iso(seconds: float) -> str:
 
 
 async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
-    serve: Serve, new_workflow: Callable[[], str], clean_history: list[str]
+    serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     """Five nodes' events spanning 30 s, published in one request: the next poll shows what
     the history says is left (80 s), not the 110 s of the poll before, held back by the
     smoothing because only a moment of wall-clock time passed between the two polls."""
     base, definition = await serve(), "burst-" + uuid.uuid4().hex[:8]
     node_type = definition + "-type"
-    clean_history += [definition, node_type]
     durations = [2 * (i + 1) for i in range(10)]  # 2, 4, ... 20 s; 110 s in a chain
     plan_nodes = [
         {"node_id": f"n{i}", "node_type": node_type, "depends_on": [f"n{i - 1}"] if i else []}

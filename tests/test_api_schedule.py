@@ -14,11 +14,9 @@ import pytest
 from server import app_keys
 from server.openapi import Schedule
 from tests.conftest import Serve
-from tests.test_api_progress import _iso, clean_history, state
+from tests.test_api_progress import _iso, state
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
-
-__all__ = ["clean_history"]  # the fixture, imported for its name
 
 NODE_KEYS = {
     "node_id", "node_name", "node_type", "depends_on", "status", "attempts", "started_at",
@@ -82,11 +80,10 @@ async def test_unknown_workflow_is_404_and_a_bad_id_400(
 
 
 async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
-    serve: Serve, new_workflow: Callable[[], str], clean_history: list[str]
+    serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base = await serve()
     definition = "sched-" + uuid.uuid4().hex[:8]
-    clean_history += [definition, *(f"{definition}-{n}" for n in DEPS)]
     now = time.time()
     async with aiohttp.ClientSession() as s:
         earlier = new_workflow()

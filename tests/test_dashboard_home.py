@@ -344,7 +344,7 @@ async def test_home_is_right_after_a_server_restart(browser: Any) -> None:
     finally:
         for srv in servers:
             srv.stop()
-        await forget(redis, [r1, r2, r3], definition)
+        await forget(redis, [r1, r2, r3])
         await redis.aclose()
 
 

@@ -21,7 +21,6 @@ import pytest
 
 from server import store
 from server.overview import runs
-from server.progress import history
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.sse_client import collect
@@ -231,16 +230,12 @@ def state(to: str, ts: float) -> dict[str, Any]:
     return {"event_type": "workflow_state_changed", "to_state": to, "timestamp": iso(ts)}
 
 
-async def forget(redis: Any, workflows: list[str], definition: str) -> None:
-    """Delete every key the test's runs made: theirs, the run index's, the history's."""
+async def forget(redis: Any, workflows: list[str]) -> None:
+    """Delete every key the test's runs made: theirs and the run index's (the history's
+    go with the session's, tests/conftest.py)."""
     for wf in workflows:
         await redis.delete(*store.workflow_keys(wf))
     await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
-    defined = history.definition_key(definition)
-    await redis.delete(defined, history.recent_key(defined))
-    types = [f"{definition}-{n}" for n in DEPS]
-    await redis.hdel(history.types_key(), *types)
-    await redis.hdel(history.recent_key(history.types_key()), *types)
 
 
 async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -> None:
@@ -304,7 +299,7 @@ async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -
     finally:
         for srv in servers:
             srv.stop()
-        await forget(redis, [wf], definition)
+        await forget(redis, [wf])
         await redis.aclose()
 
 
@@ -393,5 +388,5 @@ async def test_usual_durations_overdue_keyboard_html_and_axe(browser: Any) -> No
         assert errors == [] and home_errors == []
     finally:
         srv.stop()
-        await forget(redis, [earlier, wf], definition)
+        await forget(redis, [earlier, wf])
         await redis.aclose()

@@ -20,6 +20,7 @@ from server.app import create_app
 from server.models import WorkflowPlanned
 from server.settings import Settings
 from testing.procs import ServerProcess
+from tests.conftest import HISTORY_PREFIX
 from tests.sse_client import Message, collect
 
 FAST = 0.02  # a whole run in about a second
@@ -36,7 +37,9 @@ async def demo_server(redis: Any) -> AsyncIterator[Start]:
     async def start(
         *, time_scale: float = FAST, with_demo: bool = True
     ) -> tuple[str, web.Application]:
-        app = create_app(Settings(retention_seconds=600), redis=redis)
+        app = create_app(
+            Settings(retention_seconds=600, history_prefix=HISTORY_PREFIX), redis=redis
+        )
         if with_demo:
             demo.setup_demo(app, time_scale=time_scale)
         server = TestServer(app, host="127.0.0.1")

@@ -30,7 +30,7 @@ from server.legacy import (
 from server.publisher import Publisher, assemble
 from server.settings import Settings
 from testing.procs import RedisProcess, ServerProcess
-from tests.conftest import REDIS_URL, Serve, real_redis_or_skip
+from tests.conftest import HISTORY_PREFIX, REDIS_URL, Serve, real_redis_or_skip
 from tests.sse_client import collect
 
 
@@ -72,7 +72,7 @@ def publish_original(redis_url: str, instance_id: str, event: dict[str, Any] | b
 
 
 def publisher_for(redis: Any) -> Publisher:
-    return assemble(Settings(), redis)[2]
+    return assemble(Settings(history_prefix=HISTORY_PREFIX), redis)[2]
 
 
 def validator(max_event_bytes: int = 64 * 1024) -> Publisher:
@@ -220,7 +220,7 @@ async def test_two_bridges_store_each_message_once_and_refuse_invalid_ones(
         ]
         assert all(e["workflow_id"] == wf and "instance_id" not in e for e in stored)
         assert counted == [2, 2] and [b.invalid for b in bridges] == [2, 2]
-        snap = await assemble(Settings(), redis)[1].snapshot(wf)
+        snap = await assemble(Settings(history_prefix=HISTORY_PREFIX), redis)[1].snapshot(wf)
         assert snap is not None
         assert (snap["state"], snap["completed_nodes"]) == ("COMPLETED", 5)
     finally:

@@ -19,6 +19,7 @@ from server.fanout.upstream import parse_message
 from server.metrics import FANOUT_BUCKETS, NAMESPACE, Metrics
 from server.openapi import Accepted, ProgressModel, openapi_document, openapi_handler
 from server.settings import Settings
+from tests.conftest import HISTORY_PREFIX
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -255,7 +256,7 @@ async def server(
     aiohttp_client: ClientFactory,
 ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     redis = fakeredis.FakeAsyncRedis()
-    yield await aiohttp_client(create_app(Settings(), redis=redis))
+    yield await aiohttp_client(create_app(Settings(history_prefix=HISTORY_PREFIX), redis=redis))
     await redis.aclose()
 
 

@@ -6,7 +6,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import redirect_stdout
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +18,7 @@ import pytest
 from server import auth, progress
 from server.models import event_adapter
 from server.progress import history
-from tests.conftest import Serve
+from tests.conftest import HISTORY_PREFIX, Serve
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
@@ -27,34 +27,20 @@ SECRET = "sub-" + "s" * 60
 
 
 class Used:
-    """Definition ids and node types a test records; their history is deleted after it."""
-
-    def __init__(self) -> None:
-        self.definitions: list[str] = []
-        self.types: list[str] = []
+    """Unique definition ids and node types, so that tests sharing the session's history
+    never see each other's."""
 
     def definition(self) -> str:
-        self.definitions.append("d-" + uuid.uuid4().hex[:12])
-        return self.definitions[-1]
+        return "d-" + uuid.uuid4().hex[:12]
 
     def type(self, name: str) -> str:
-        self.types.append(f"{name}-{uuid.uuid4().hex[:8]}")
-        return self.types[-1]
+        return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
-async def used(redis: Any) -> AsyncIterator[Used]:
-    """Every history key and node-type field the test wrote is deleted afterwards."""
-    names = Used()
-    yield names
-    for prefix in ("wfsse", "stats-test"):
-        for definition in names.definitions:
-            key = history.definition_key(definition, prefix=prefix)
-            await redis.delete(key, history.recent_key(key, prefix=prefix))
-        if names.types:
-            types = history.types_key(prefix=prefix)
-            await redis.hdel(types, *names.types)
-            await redis.hdel(history.recent_key(types, prefix=prefix), *names.types)
+def used() -> Used:
+    """Unique names for the test (the session deletes its history at its end)."""
+    return Used()
 
 
 async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> None:
@@ -261,7 +247,7 @@ async def test_the_recent_record_keeps_the_last_durations_and_counts_every_run(
     redis: Any, used: Used
 ) -> None:
     definition, kind = used.definition(), used.type("k")
-    prefix = "stats-test"
+    prefix = HISTORY_PREFIX
     total = history.KEEP_DURATIONS + 20
     for i in range(total):
         item = (definition, "n", kind, float(i + 1))
@@ -285,7 +271,7 @@ async def test_failed_attempts_are_counted_apart_from_the_eta_history(
     redis: Any, used: Used
 ) -> None:
     definition, kind = used.definition(), used.type("k")
-    prefix = "stats-test"
+    prefix = HISTORY_PREFIX
     failed = (definition, "n", kind, history.FAILED_ATTEMPT)
     await history.record(redis, [failed, failed, failed], ttl_seconds=60, prefix=prefix)
     view = await history.load(redis, definition, ["n"], [kind], prefix=prefix)
@@ -300,7 +286,7 @@ async def test_failed_attempts_are_counted_apart_from_the_eta_history(
 async def test_a_big_run_is_recorded_in_chunks_and_odd_names_round_trip(
     redis: Any, used: Used
 ) -> None:
-    definition, prefix = used.definition(), "stats-test"
+    definition, prefix = used.definition(), HISTORY_PREFIX
     odd = used.type("품질 판정 \n with spaces")
     count = history.RECORD_CHUNK * 2 + 500
     items = [(definition, f"n{i}", odd, 0.25) for i in range(count)]
