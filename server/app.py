@@ -12,7 +12,7 @@ from .dashboard import static_dir
 from .hub import Hub
 from .metrics import Metrics
 from .overview_feed import OverviewFeed
-from .problems import problem_middleware
+from .problems import mark_started, problem_middleware
 from .publisher import assemble
 from .redis_client import open_redis
 from .settings import Settings
@@ -28,6 +28,7 @@ WF = "{workflow_id:[^/]+}"
 def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Application:
     """Build the app; no I/O here. Without `redis`, one is opened from settings on startup."""
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(mark_started)  # an error after it cannot be an answer
     app[keys.settings_key] = settings
     app[keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
     app[keys.metrics_key] = metrics = Metrics()

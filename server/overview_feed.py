@@ -34,9 +34,8 @@ from . import connections, keys, sse
 from .hub import Hub, Subscription, Wakeup
 from .models import TERMINAL_STATES
 from .overview import list_page, summaries
-from .problems import Problem
 from .runs import RunIndex, notice_channel_id
-from .streams import Heartbeat, StreamsFull
+from .streams import Heartbeat
 from .tracker import ProgressService
 from .watchers import watchers
 
@@ -373,12 +372,7 @@ async def overview_stream(
 
     app = request.app
     registry = app[keys.streams_key]
-    try:
-        handle = registry.acquire()
-    except StreamsFull as exc:
-        raise Problem(
-            503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
-        ) from None
+    handle = registry.acquire()  # StreamsFull: 503 too-many-streams
     connections.hold_stream(request, handle.client_left)
     client = OverviewClient(
         frozenset(states), definition_id, None if readable is None else frozenset(readable)
