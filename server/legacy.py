@@ -132,7 +132,6 @@ class LegacyIngest:
         self.received = 0
         self.invalid = 0
         self.failed = 0  # valid events this process could not append (Redis down)
-        self.reconnects = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="legacy-ingest")
@@ -146,14 +145,10 @@ class LegacyIngest:
 
     async def _run(self) -> None:
         backoff = 0.05
-        first = True
         while True:
             pubsub: Any = self._redis.pubsub()
             try:
                 await pubsub.psubscribe(CHANNEL_PATTERN)
-                if not first:
-                    self.reconnects += 1
-                first = False
                 while True:
                     batch = [await pubsub.get_message(timeout=None)]
                     while len(batch) < BATCH:

@@ -18,7 +18,14 @@ class Throttle:
         self._last: dict[str, float] = {}
         self._held: Counter[str] = Counter()
 
-    def __call__(self, level: int, kind: str, msg: str, *args: object) -> None:
+    def __call__(
+        self,
+        level: int,
+        kind: str,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
         now = time.monotonic()
         last = self._last.get(kind)
         if last is not None and now - last < self.interval:
@@ -29,4 +36,4 @@ class Throttle:
         if held:
             msg += " (and %d more like it in the last %.0f s)"
             args = (*args, held, now - (last or now))
-        self.log.log(level, msg, *args)
+        self.log.log(level, msg, *args, exc_info=exc_info)

@@ -32,7 +32,7 @@ from server.publisher import Publisher
 from server.store import Page, Store, id_key
 from server.streams.events import LAST_KEY, SSE_HEADERS, EventStream, Sink, SseSink
 from server.streams.progress_stream import ProgressStream, is_final
-from server.streams.registry import StreamHandle, StreamsFull
+from server.streams.registry import StreamHandle
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +49,19 @@ def parse_events(publisher: Publisher, workflow_id: str, body: bytes) -> list[Ev
     """A publish body's events, validated all-or-nothing; Problem 400 or 422 if not.
 
     The decoded JSON dies here too: freeing 10,000 nodes' dicts takes milliseconds.
+    EventRejected (too deep, a number beyond float range, an invalid event) is answered 422
+    by the problem table.
     """
     try:
         raw = decode_body(body)
-    except EventRejected as exc:  # too deep, or a number beyond float range: nothing stored
-        raise Problem(422, exc.detail, errors=exc.errors, slug="invalid-event") from None
+    except EventRejected:
+        raise
     except (UnicodeError, ValueError) as exc:
         raise Problem(400, f"malformed JSON: {exc}", slug="malformed-json") from None
     batch = isinstance(raw, list)
-    try:
-        return publisher.validate(
-            workflow_id, raw if batch else [raw], batch=batch, size=len(body), text_checked=True
-        )
-    except EventRejected as exc:
-        raise Problem(422, exc.detail, errors=exc.errors, slug="invalid-event") from None
+    return publisher.validate(
+        workflow_id, raw if batch else [raw], batch=batch, size=len(body), text_checked=True
+    )
 
 
 def workflow_id_of(request: web.Request) -> str:
@@ -168,12 +167,7 @@ class StreamSlot:
         if hub.down_for(self.workflow_id):
             raise Problem(503, "Redis is unavailable; try again shortly",
                           headers={"Retry-After": "1"})  # fmt: skip
-        try:
-            self.handle = registry.acquire()
-        except StreamsFull as exc:
-            raise Problem(
-                503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
-            ) from None
+        self.handle = registry.acquire()  # StreamsFull: 503 too-many-streams
         # A client that leaves ends its stream at once, not at the next heartbeat's write.
         connections.hold_stream(self.request, self.handle.client_left)
         try:

@@ -6,18 +6,23 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
 
-from server import app_keys, store
+from server import app_keys, connections, problems, store
+from server.app import create_app
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
+from server.settings import Settings
+from server.throttle import Throttle
 from tests.conftest import Serve
 from tests.sse_client import Parser, iter_messages
+from tests.test_hostile_connections import close, raw, read_until_closed, split_response
 from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 JSON = {"Content-Type": "application/json"}
@@ -196,3 +201,57 @@ async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_
         assert got == ids
     finally:
         stalled.close()
+
+
+# -- an error after a stream's headers ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [TimeoutError("the read timed out"), RuntimeError("a bug in the stream")],
+    ids=["answerable", "unexpected"],
+)
+async def test_an_error_after_the_headers_ends_each_stream_with_one_log_line_for_all(
+    redis: Any,
+    new_workflow: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+) -> None:
+    """Once a stream's 200 is sent, a failure (here its history read) cannot become a
+    problem+json answer: an answerable one (a TimeoutError is an OSError, 503) used to be
+    written as a second HTTP response inside the open stream, which stayed open; an
+    unexpected one was an "Error handling request" traceback per stream. Each stream's
+    connection ends, the failure is logged once for all of them, and the server serves on."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(problems, "_throttle", Throttle(problems.logger))  # a fresh interval
+    settings = Settings(heartbeat_seconds=0.3)
+    wf = new_workflow()
+    async with connections.serve(create_app(settings, redis=redis), settings) as srv:
+
+        async def failing(*args: Any, **kwargs: Any) -> NoReturn:
+            raise error
+
+        monkeypatch.setattr(srv.app[app_keys.store_key], "read_after", failing)
+        request = f"GET /workflows/{wf}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        streams = [await raw(srv.port, request) for _ in range(5)]
+        try:
+            results = await asyncio.gather(*(read_until_closed(r, 5) for r, _ in streams))
+        finally:
+            for _, writer in streams:
+                close(writer)
+        for data, _ in results:
+            status, headers, body = split_response(data)
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            # Cut, not answered again: no second status line, no problem, no last chunk.
+            assert b"HTTP/1." not in body and b"problem" not in body, body
+            assert body.startswith(b"d\r\nretry: 3000\n\n\r\n") and not body.endswith(b"0\r\n\r\n")
+        async with aiohttp.ClientSession() as s, s.get(f"{srv.url}/healthz") as resp:
+            assert resp.status == 200
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in lines] == [
+        f"GET /workflows/{wf}/events failed after its response started"
+        + (f" ({type(error).__name__}: {error})" if isinstance(error, OSError) else "")
+        + "; connection closed"
+    ]
+    assert (lines[0].exc_info is not None) is not isinstance(error, OSError)

@@ -128,11 +128,6 @@ def local_time(timestamp: str | None) -> str:
     return when.astimezone().strftime("%H:%M:%S")
 
 
-def display_width(text: str) -> int:
-    """Terminal cells taken by `text` (Korean syllables take two)."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
 def clip(text: str, width: int) -> str:
     """Cut `text` to at most `width` terminal cells."""
     out, used = [], 0
@@ -159,7 +154,6 @@ class View:
     out: TextIO
     tty: bool
     nodes: dict[str, NodeView] = field(default_factory=dict)
-    total_known: bool = False
     state: str | None = None
     progress: dict[str, Any] | None = None
     progress_at: float = 0.0
@@ -185,7 +179,6 @@ class View:
             self.first_at = self.first_at or self.last_at
         node_id = event.get("node_id")
         if kind == "workflow_planned":
-            self.total_known = True
             for planned in event.get("nodes", []):
                 self.node(planned["node_id"], planned.get("node_name"))
         elif kind == "workflow_state_changed":

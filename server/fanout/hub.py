@@ -65,7 +65,6 @@ class Hub:
         self._control = f"wfsse:hub:{os.getpid()}:{id(self)}"
         self._cluster = isinstance(redis, RedisCluster)
         self._upstreams: dict[str, Upstream] = {}
-        self.reconnects = 0
         self.overflows = 0  # subscribers that fell behind and were sent to catch up
 
     @property
@@ -155,7 +154,6 @@ class Hub:
                 await target.subscribe(name, chan)
                 moved += 1
         if moved:
-            self.reconnects += 1
             self._on_reconnect()
             logger.info("hub moved %d channels from %s after a topology change", moved, failed.name)
         return not failed.channels()

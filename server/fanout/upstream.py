@@ -139,7 +139,6 @@ class Upstream:
                 if self.pubsub is None:
                     await self._connect()
                     if not first:
-                        self.hub.reconnects += 1
                         self.hub._on_reconnect()
                         logger.info("hub reconnected to Redis %s", self.name)
                     first = False

@@ -39,10 +39,8 @@ from server.fanout.ring import Subscription, Wakeup
 from server.models import TERMINAL_STATES
 from server.overview.runs import RunIndex, notice_channel_id
 from server.overview.summaries import list_page, summaries
-from server.problems import Problem
 from server.progress.service import ProgressService
 from server.streams.events import Heartbeat
-from server.streams.registry import StreamsFull
 from server.streams.watchers import watchers
 
 logger = logging.getLogger(__name__)
@@ -378,12 +376,7 @@ async def overview_stream(
 
     app = request.app
     registry = app[app_keys.streams_key]
-    try:
-        handle = registry.acquire()
-    except StreamsFull as exc:
-        raise Problem(
-            503, str(exc), headers={"Retry-After": "5"}, slug="too-many-streams"
-        ) from None
+    handle = registry.acquire()  # StreamsFull: 503 too-many-streams
     connections.hold_stream(request, handle.client_left)
     client = OverviewClient(
         frozenset(states), definition_id, None if readable is None else frozenset(readable)
