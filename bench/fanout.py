@@ -71,6 +71,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from redis.asyncio import Redis
 
+from server import redis_keys
 from testing import procs
 
 from . import cpu_quota
@@ -278,11 +279,7 @@ async def cleanup_keys(args: argparse.Namespace, workflows: list[str]) -> None:
     redis = Redis.from_url(args.redis_url)
     try:
         for i in range(0, len(workflows), 500):
-            keys = [
-                f"wf:{{{wf}}}:{part}"
-                for wf in workflows[i : i + 500]
-                for part in ("events", "trimmed", "idem", "progress")
-            ]
+            keys = [k for wf in workflows[i : i + 500] for k in redis_keys.workflow_keys(wf)]
             await redis.delete(*keys)
     finally:
         await redis.aclose()

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import models, progress, store
+from server import models, progress, redis_keys, store
 from server.__main__ import GC_THRESHOLDS
 from server.app import create_app
 from server.publisher import Publisher
@@ -144,7 +144,7 @@ async def loop_stalls(body: bytes, rounds: int, redis_url: str) -> list[tuple[fl
     finally:
         gc.callbacks.remove(count)
         for wf in workflows:
-            await redis.delete(*store.workflow_keys(wf))
+            await redis.delete(*redis_keys.workflow_keys(wf))
         await server.close()
         await redis.aclose()
     return results[1:]

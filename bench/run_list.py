@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from server import redis_keys
 from server.publisher import assemble
 from server.settings import Settings
 
@@ -95,7 +96,7 @@ async def cleanup(redis_url: str, tag: str) -> None:
     await publish_path.cleanup(redis_url, tag)
     redis = Redis.from_url(redis_url)
     try:
-        async for key in redis.scan_iter(match=f"wfsse:hist:*{tag}*", count=2000):
+        async for key in redis.scan_iter(match=f"{redis_keys.PREFIX}:hist:*{tag}*", count=2000):
             await redis.delete(key)
     finally:
         await redis.aclose()

@@ -28,6 +28,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import progress, sse
 from server.models import Event, WorkflowPlanned, parse_event_id, to_json_bytes
+from server.redis_keys import (
+    channel,
+    idempotency_key,
+    progress_key,
+    stream_key,
+    trimmed_key,
+    workflow_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,51 +43,6 @@ AnyRedis = Redis | RedisCluster
 
 # Live messages carry several events each, up to this many bytes (see APPEND_LUA).
 PUBLISH_BYTES = 64 * 1024
-
-# Every key of a workflow shares the hash tag `{<workflow_id>}`, so one Lua script can touch
-# them all and, on Redis Cluster, they live on one shard with the workflow's channel.
-
-
-def stream_key(workflow_id: str) -> str:
-    """The stream: the source of truth for replay."""
-    return f"wf:{{{workflow_id}}}:events"
-
-
-def trimmed_key(workflow_id: str) -> str:
-    """The newest id that MAXLEN trimmed away (Redis 7.0 does not track it for us)."""
-    return f"wf:{{{workflow_id}}}:trimmed"
-
-
-def idempotency_key(workflow_id: str) -> str:
-    """Hash: idempotency_key -> the id it was first stored under."""
-    return f"wf:{{{workflow_id}}}:idem"
-
-
-def idempotency_order_key(workflow_id: str) -> str:
-    """List: the idempotency keys in the order stored, so the oldest can be forgotten."""
-    return f"wf:{{{workflow_id}}}:idemq"
-
-
-def progress_key(workflow_id: str) -> str:
-    """Hash: `ver` (appends so far), `last` (last id), `fold` (progress state), `shown`."""
-    return f"wf:{{{workflow_id}}}:progress"
-
-
-def channel(workflow_id: str) -> str:
-    """Pub/sub channel that carries `<id> <event_type> <terminal 0|1> <json>`."""
-    return f"wf:{{{workflow_id}}}:live"
-
-
-def workflow_keys(workflow_id: str) -> list[str]:
-    """All keys of one workflow (for tests and cleanup)."""
-    return [
-        stream_key(workflow_id),
-        trimmed_key(workflow_id),
-        idempotency_key(workflow_id),
-        progress_key(workflow_id),
-        idempotency_order_key(workflow_id),
-    ]
-
 
 # KEYS: stream, trimmed, idem, progress, idem order.
 # ARGV: channel, maxlen, ttl, publish command, expected ver, event count E, state fields to

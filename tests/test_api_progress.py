@@ -11,8 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import app_keys, store
-from server.progress import history
+from server import app_keys, redis_keys
 from tests.conftest import Serve
 from tests.sse_client import iter_messages
 
@@ -36,11 +35,11 @@ async def clean_history(redis: Any) -> AsyncIterator[list[str]]:
     used: list[str] = []
     yield used
     for name in used:
-        defined = history.definition_key(name)
-        await redis.delete(defined, history.recent_key(defined))
+        defined = redis_keys.history_definition_key(name)
+        await redis.delete(defined, redis_keys.history_recent_key(defined))
     if used:
-        await redis.hdel(history.types_key(), *used)
-        await redis.hdel(history.recent_key(history.types_key()), *used)
+        await redis.hdel(redis_keys.history_types_key(), *used)
+        await redis.hdel(redis_keys.history_recent_key(redis_keys.history_types_key()), *used)
 
 
 async def get_progress(
@@ -73,7 +72,7 @@ async def test_polling_never_keeps_a_workflow_past_its_retention(
             assert time.monotonic() < deadline, "polling kept the workflow past its retention"
             await asyncio.sleep(0.05)
     assert status == 404
-    assert await redis.exists(*store.workflow_keys(wf)) == 0
+    assert await redis.exists(*redis_keys.workflow_keys(wf)) == 0
 
 
 async def test_every_key_present_and_etag_answers_304(

@@ -19,9 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
+from server import redis_keys
 from server.overview import runs
-from server.progress import history
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.sse_client import collect
@@ -234,13 +233,13 @@ def state(to: str, ts: float) -> dict[str, Any]:
 async def forget(redis: Any, workflows: list[str], definition: str) -> None:
     """Delete every key the test's runs made: theirs, the run index's, the history's."""
     for wf in workflows:
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
     await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
-    defined = history.definition_key(definition)
-    await redis.delete(defined, history.recent_key(defined))
+    defined = redis_keys.history_definition_key(definition)
+    await redis.delete(defined, redis_keys.history_recent_key(defined))
     types = [f"{definition}-{n}" for n in DEPS]
-    await redis.hdel(history.types_key(), *types)
-    await redis.hdel(history.recent_key(history.types_key()), *types)
+    await redis.hdel(redis_keys.history_types_key(), *types)
+    await redis.hdel(redis_keys.history_recent_key(redis_keys.history_types_key()), *types)
 
 
 async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -> None:

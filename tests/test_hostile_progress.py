@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import progress, store
+from server import progress, redis_keys, store
 from server.progress import history
 from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL
@@ -103,11 +103,11 @@ async def test_four_pollers_of_a_ten_thousand_node_plan_do_not_stall_the_loop(
     finally:
         server.stop()
         # Nothing ends, so no history is recorded; delete it all the same should that change.
-        defined, types = history.definition_key(wf), history.types_key()
-        await redis.delete(defined, history.recent_key(defined))
+        defined, types = redis_keys.history_definition_key(wf), redis_keys.history_types_key()
+        await redis.delete(defined, redis_keys.history_recent_key(defined))
         used = [f"hostile-{wf}-{i}" for i in range(40)]
         await redis.hdel(types, *used)
-        await redis.hdel(history.recent_key(types), *used)
+        await redis.hdel(redis_keys.history_recent_key(types), *used)
     assert polls >= 20 and len(health) >= 50
     # Before: every poll ran the estimate on the loop, so /healthz waited for whole
     # estimates (150-875 ms, a 2.5 s median with four pollers). Now an estimate is made

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import app_keys, store
+from server import app_keys, redis_keys
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
 from tests.conftest import Serve
@@ -66,7 +66,7 @@ async def test_a_late_subscribe_confirmation_does_not_hold_back_a_finished_workf
 ) -> None:
     base, wf = await serve(), new_workflow()
     ids = await publish(base, wf, [{"event_type": "node_started", "node_id": "a"}, DONE])
-    held_confirmations[store.channel(wf)] = asyncio.Event()
+    held_confirmations[redis_keys.channel(wf)] = asyncio.Event()
     started = time.monotonic()
     got: list[str] = []
     async with aiohttp.ClientSession() as s, s.get(f"{base}/workflows/{wf}/events") as resp:
@@ -88,7 +88,7 @@ async def test_history_read_before_a_late_confirmation_is_read_again_after_it(
 ) -> None:
     base, wf = await serve(), new_workflow()
     first = await publish(base, wf, [{"event_type": "node_started", "node_id": "a"}])
-    release = held_confirmations[store.channel(wf)] = asyncio.Event()
+    release = held_confirmations[redis_keys.channel(wf)] = asyncio.Event()
     got: list[str] = []
     async with aiohttp.ClientSession() as s, s.get(f"{base}/workflows/{wf}/events") as resp:
         assert resp.status == 200
@@ -115,7 +115,7 @@ async def test_a_late_confirmation_does_not_hold_back_the_first_progress_object(
 ) -> None:
     base, wf = await serve(), new_workflow()
     ids = await publish(base, wf, [{"event_type": "node_started", "node_id": "a"}])
-    held_confirmations[store.channel(wf)] = asyncio.Event()
+    held_confirmations[redis_keys.channel(wf)] = asyncio.Event()
     headers = {"Accept": "text/event-stream"}
     async with (
         aiohttp.ClientSession() as s,
