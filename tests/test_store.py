@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from server import progress, redis_keys, store
+from server import progress, redis_keys
 from server.models import Event, event_adapter
+from server.progress import parts
 from server.store import Store
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
@@ -152,7 +153,7 @@ async def test_a_big_plan_of_any_text_is_stored_exactly_and_a_smaller_one_drops_
     nodes = [
         {"node_id": f"n{i} {texts[i % 5]}", "node_name": texts[(i + 1) % 5],
          "node_type": texts[(i + 2) % 5], "depends_on": [f"n{i - 1} {texts[(i - 1) % 5]}"]}
-        for i in range(1, store.THREAD_NODES + 500)
+        for i in range(1, parts.THREAD_NODES + 500)
     ]  # fmt: skip
     wf, s = new_workflow(), new_store(redis)
     await s.append(wf, [ev(0, "workflow_planned", nodes=[{"node_id": "n0 " + texts[0]}, *nodes])])
@@ -206,12 +207,12 @@ async def test_the_cache_stays_within_its_budget(
     workflows = [new_workflow() for _ in range(6)]
     for wf in workflows:
         await s.append(wf, [plan(5)])
-        assert s._weight <= 30
-        assert s._weight == sum(v.weight for v in s._views.values())
-    assert list(s._views) == workflows[-3:]  # 9 each: the three written last
+        assert s.cache.weight <= 30
+        assert s.cache.weight == sum(v.weight for v in s.cache.views.values())
+    assert list(s.cache.views) == workflows[-3:]  # 9 each: the three written last
     big = new_workflow()
     await s.append(big, [plan(40)])  # heavier than the whole budget: not kept
-    assert big not in s._views
+    assert big not in s.cache.views
     for wf in workflows:
         await s.append(wf, [ev(1, "node_started", node_id="n1")])
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)

@@ -104,10 +104,10 @@ async def test_a_missed_write_drops_the_view_and_costs_a_retry_not_a_wrong_state
         await b.append(wf, [ev(3, "node_completed", node_id="x")])
         await published.wait_for(3)
         a.follow(wf, published.messages[2])  # the second of b's, without the first
-        assert wf not in a._views
+        assert wf not in a.cache.views
         await a.append(wf, [ev(4, "node_progress", node_id="x", fraction=0.5)])
         a.follow(wf, b"=1 2 x")  # not this version's form: forgotten, the hub unharmed
-        assert wf not in a._views
+        assert wf not in a.cache.views
         attempts = Attempts(a)
         await a.append(wf, [ev(5, "node_completed", node_id="x")])
         assert attempts.lost == 0  # read afresh
@@ -133,7 +133,7 @@ async def test_a_write_over_a_state_of_the_same_version_but_another_last_id_is_n
         await b.append(wf, [ev(5, "node_completed", node_id="y")])  # written over it
         await published.wait_for(5)
         a.follow(wf, published.messages[-1])
-        assert wf not in a._views
+        assert wf not in a.cache.views
         await a.append(wf, [ev(6, "node_completed", node_id="z")])
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
     finally:
