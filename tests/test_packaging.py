@@ -41,7 +41,9 @@ async def test_the_wheel_built_from_the_sdist_serves_the_dashboard_when_installe
     venv.EnvBuilder(with_pip=True).create(env_dir)
     run(env_dir / "bin" / "python", "-m", "pip", "install", "-q", wheels[0], cwd=tmp_path)
     # The installed package loads its append script (package data, not the checkout's).
-    loads = "from server import append_script as a; assert 'XADD' in a.APPEND_LUA; print(a.__file__)"
+    loads = (
+        "from server import append_script as a; assert 'XADD' in a.APPEND_LUA; print(a.__file__)"
+    )
     loaded = subprocess.run(
         [str(env_dir / "bin" / "python"), "-c", loads],
         cwd=tmp_path,
