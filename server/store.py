@@ -1,11 +1,22 @@
-"""Redis layout of a workflow, the atomic append script, and reads after an id."""
+"""The event log: appends (group commit per workflow, the compare-and-set retry loop around
+the append script), reads after an id, the last entry, and the progress hash's reads.
+
+The key names are in redis_keys, the script and how it is sent in append_script (and
+lua/append.lua), the fold state's parts and this process's cache of them in
+progress.parts.
+
+About 570 lines, over the 400 aimed at: the append path (append, _append_group,
+_append_events, _try, _run_append) is one protocol whose steps share the per-workflow
+queue, the cache and the replica settings of one Store; cut apart, each piece would need
+the others' state passed in, and the order of its awaits (which the round-trip count and
+the group commit depend on) would be spread over modules.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -14,19 +25,23 @@ from typing import Any, NamedTuple
 
 import pydantic_core
 from redis.asyncio import Redis
-from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    RedisClusterException,
     RedisError,
     ResponseError,
-    TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import progress, sse
-from server.append_script import APPEND_LUA, AppendArgs, Encoded, append_args, encode_events
+from server.append_script import (
+    APPEND_LUA,
+    TOUCH_LUA,
+    AppendArgs,
+    Encoded,
+    RedisClock,
+    append_args,
+    encode_events,
+    eval_then_wait,
+)
 from server.models import Event, parse_event_id
 from server.progress import parts
 from server.progress.parts import HistoryItem
@@ -39,14 +54,6 @@ AnyRedis = Redis | RedisCluster
 # KEYS: progress. ARGV: shown. Sets `shown` only on a hash that still exists.
 SAVE_SHOWN_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'shown', ARGV[1]) end
-"""
-
-# KEYS: progress. Re-sets the hash's expiry to what is left of it: a write that changes
-# nothing (the workflow lives no longer) but is replicated, so that a WAIT after it on the
-# same connection proves the replicas hold everything written before, events included.
-TOUCH_LUA = """
-local t = redis.call('PTTL', KEYS[1])
-if t > 0 then redis.call('PEXPIRE', KEYS[1], t) end
 """
 
 
@@ -189,80 +196,6 @@ def _prepare(
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _node_of(cluster: RedisCluster, key: str) -> Any:
-    """The primary that holds `key`; a RedisError when no node owns its slot now."""
-    try:
-        node = cluster.get_node_from_key(key)
-    except RedisClusterException as exc:  # mid-failover
-        raise RedisConnectionError(f"no Redis Cluster node owns the slot of {key}: {exc}") from exc
-    if node is None:
-        raise RedisConnectionError(f"no Redis Cluster node owns the slot of {key}")
-    return node
-
-
-async def _refresh_slots(cluster: RedisCluster, failed: Any) -> None:
-    """Read the slot map again after a node failed or redirected us; quietly if none
-    answers yet (the next append tries again)."""
-    try:
-        await cluster.nodes_manager.initialize(last_failed_node_name=failed.name)
-    except (RedisError, RedisClusterException, OSError) as exc:
-        logger.info("cluster slots not refreshed after %s failed: %s", failed.name, exc)
-
-
-class RedisClock:
-    """Deadlines for the append script in Redis's own clock.
-
-    A command that times out here may still sit in Redis's socket buffer (a frozen Redis
-    runs it when thawed): the script refuses to run past its deadline, which is `margin`
-    before this client gives up, so a publish answered "timed out" is not stored later.
-    The offset between the clocks is measured with TIME (error: half the round trip) and
-    measured again every REFRESH seconds in the background.
-    """
-
-    REFRESH = 60.0
-
-    def __init__(self, redis: AnyRedis) -> None:
-        self.redis = redis
-        # Our clients fail a command after `deadlines.seconds` (redis_client.Deadlines);
-        # fakeredis cannot be frozen and the cluster client has no such deadline: none.
-        deadlines = getattr(redis, "deadlines", None)
-        seconds = float(getattr(deadlines, "seconds", 0.0))
-        self.budget = seconds - min(1.0, seconds / 4) if 0 < seconds < float("inf") else 0.0
-        self.offset: float | None = None  # Redis's clock minus ours, less the error
-        self._measured = 0.0
-        self._refresh: asyncio.Task[None] | None = None
-
-    async def deadline_ms(self) -> int:
-        """The Redis time (ms) after which an append sent now must not run; 0: none."""
-        if not self.budget:
-            return 0
-        offset = self.offset
-        if offset is None:
-            offset = await self.measure()
-        elif time.monotonic() - self._measured > self.REFRESH and self._refresh is None:
-            self._refresh = asyncio.create_task(self._measure_quietly())
-        return int((time.time() + offset + self.budget) * 1000)
-
-    async def measure(self) -> float:
-        """Measure the offset: Redis's clock at the midpoint of a TIME round trip."""
-        before = time.time()
-        seconds, micros = await self.redis.time()
-        after = time.time()
-        error = (after - before) / 2
-        # Err early: a deadline computed with this offset is never later than meant.
-        self.offset = seconds + micros / 1e6 - (before + after) / 2 - error
-        self._measured = time.monotonic()
-        return self.offset
-
-    async def _measure_quietly(self) -> None:
-        try:
-            await self.measure()
-        except (RedisError, OSError) as exc:
-            logger.info("could not measure Redis's clock (%s); keeping the last offset", exc)
-        finally:
-            self._refresh = None
 
 
 class Store:
@@ -560,44 +493,9 @@ class Store:
             )
 
     async def _waited(self, script: str, keys: list[str], args: list[Any]) -> tuple[Any, Any]:
-        """EVAL then WAIT on one connection: the script's reply and the replicas WAIT counted
-        (or its error). EVAL, not EVALSHA: after a NOSCRIPT (a new primary has no scripts)
-        the WAIT sent with it would have waited its whole timeout for nothing. On Redis
-        Cluster both go to the node of the workflow's keys (redis-py would send a keyless
-        WAIT to every primary, and its cluster pipeline refuses scripts)."""
-        redis = self.redis
-        if isinstance(redis, RedisCluster):
-            return await self._waited_on_node(redis, script, keys, args)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.eval(script, len(keys), *keys, *args)
-            pipe.wait(self.min_replicas_ack, self.replica_wait_ms)
-            reply, acked = await pipe.execute(raise_on_error=False)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply, acked
-
-    async def _waited_on_node(
-        self, cluster: RedisCluster, script: str, keys: list[str], args: list[Any]
-    ) -> tuple[Any, Any]:
-        for attempt in range(2):
-            node = _node_of(cluster, keys[0])
-            commands = [
-                PipelineCommand(0, "EVAL", script, len(keys), *keys, *args),
-                PipelineCommand(1, "WAIT", self.min_replicas_ack, self.replica_wait_ms),
-            ]
-            try:
-                await node.execute_pipeline(commands)
-            except (RedisError, OSError):
-                await _refresh_slots(cluster, node)  # the node may be gone (a failover)
-                raise
-            reply, acked = commands[0].result, commands[1].result
-            if attempt == 0 and isinstance(reply, (AskError, TryAgainError, ClusterDownError)):
-                await _refresh_slots(cluster, node)  # not run there: the slot moved
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            return reply, acked
-        raise RedisConnectionError(f"the slot of {keys[0]} moved twice during an append")
+        return await eval_then_wait(
+            self.redis, script, keys, args, self.min_replicas_ack, self.replica_wait_ms
+        )
 
     async def read_after(
         self, workflow_id: str, after: str | None, count: int, *, inclusive: bool = False
