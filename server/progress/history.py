@@ -41,7 +41,7 @@ EVICTION_SAMPLES = 5
 # a KiB and a full hash of 10,000 nodes under 5 MB).
 KEEP_DURATIONS = 50
 # An item's seconds when it records a failed attempt instead of a duration: the item shape
-# is store.HistoryItem's, (definition_id, node_id, node_type, seconds).
+# is progress.parts.HistoryItem's, (definition_id, node_id, node_type, seconds).
 FAILED_ATTEMPT = -1.0
 # Items per script call: a 10,000-node run's end would otherwise hold Redis for one long
 # script; each item is its own update, so splitting changes nothing but the stall.
