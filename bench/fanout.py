@@ -71,7 +71,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from redis.asyncio import Redis
 
-from server import store
+from server import redis_keys
 from server.overview import runs
 from testing import procs
 
@@ -281,7 +281,7 @@ async def cleanup_keys(args: argparse.Namespace, workflows: list[str]) -> None:
     redis = Redis.from_url(args.redis_url)
     try:
         for i in range(0, len(workflows), 500):
-            keys = [k for wf in workflows[i : i + 500] for k in store.workflow_keys(wf)]
+            keys = [k for wf in workflows[i : i + 500] for k in redis_keys.workflow_keys(wf)]
             await redis.delete(*keys)
         await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
     finally:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from server import store
+from server import redis_keys
 from server.fanout.hub import Hub
 from server.redis_client import command_client
 
@@ -54,7 +54,7 @@ async def one_run(url: str, messages: int) -> float:
         chan = sub.channel
         cpu0 = time.process_time()
         proc = subprocess.Popen(
-            [sys.executable, "-c", PUBLISHER, url, store.channel(wf), str(messages)]
+            [sys.executable, "-c", PUBLISHER, url, redis_keys.channel(wf), str(messages)]
         )
         async with asyncio.timeout(120):
             while chan.terminal_seq < 0:

@@ -23,10 +23,11 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import models, progress, store
+from server import models, progress, redis_keys, store
 from server.__main__ import GC_THRESHOLDS
 from server.app import create_app
 from server.overview import runs
+from server.progress import parts
 from server.publisher import Publisher
 from server.settings import Settings
 
@@ -70,7 +71,7 @@ def stages(body: bytes) -> None:
     raw = models.decode_body(body)
     publisher = Publisher(store.Store(Redis(), maxlen=10_000, retention_seconds=60))
     events = publisher.validate("bench", [raw], batch=False, size=len(body), text_checked=True)
-    folded = store._fold(progress.new_state(), events, {}, None)
+    folded = parts.fold_parts(progress.new_state(), events, {}, None)
     rows = [
         ("decode_body (nesting scan, UTF-8, JSON)", best(lambda: models.decode_body(body))),
         ("json.loads alone", best(lambda: json.loads(body))),
@@ -78,7 +79,7 @@ def stages(body: bytes) -> None:
             "bench", [raw], batch=False, size=len(body), text_checked=True))),
         ("to_json (stored form)", best(lambda: models.to_json(events[0]))),
         ("fold and parts (worker thread)", best(
-            lambda: store._fold(progress.new_state(), events, {}, None))),
+            lambda: parts.fold_parts(progress.new_state(), events, {}, None))),
     ]  # fmt: skip
     print(f"progress-hash fields to set: {len(folded[3]) // 2}")
     for name, seconds in rows:
@@ -145,7 +146,7 @@ async def loop_stalls(body: bytes, rounds: int, redis_url: str) -> list[tuple[fl
     finally:
         gc.callbacks.remove(count)
         for wf in workflows:
-            await redis.delete(*store.workflow_keys(wf))
+            await redis.delete(*redis_keys.workflow_keys(wf))
         await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
         await server.close()
         await redis.aclose()

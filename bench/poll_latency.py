@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import app_keys, store
+from server import app_keys, redis_keys
 from server.app import create_app
 from server.overview import runs
 from server.settings import Settings
@@ -58,7 +58,7 @@ async def main() -> None:
         publisher = app[app_keys.publisher_key]
         await fill(publisher, short, 100)
         await fill(publisher, long, long_events)
-        lengths = {wf: await redis.xlen(store.stream_key(wf)) for wf in (short, long)}
+        lengths = {wf: await redis.xlen(redis_keys.stream_key(wf)) for wf in (short, long)}
         samples: dict[str, list[float]] = {short: [], long: []}
         async with aiohttp.ClientSession() as s:
             for i in range(args.polls):  # interleaved, so machine noise hits both alike
@@ -77,7 +77,7 @@ async def main() -> None:
         print(f"p50 long/short: {ratio:.2f}")
     finally:
         for wf in (short, long):
-            await redis.delete(*store.workflow_keys(wf))
+            await redis.delete(*redis_keys.workflow_keys(wf))
         await runs.RunIndex(redis, retention_seconds=1).forget([short, long])
         await server.close()
         await redis.aclose()

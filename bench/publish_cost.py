@@ -9,7 +9,7 @@ import uuid
 
 from redis.asyncio import Redis
 
-from server import store
+from server import redis_keys
 from server.publisher import assemble
 from server.settings import Settings
 
@@ -30,7 +30,7 @@ async def measure(redis: Redis, nodes: int, events: int, polls: int) -> tuple[fl
         per_poll = (time.perf_counter() - t0) / polls * 1000
         return per_event, per_poll
     finally:
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
         await index.forget([wf])
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from server import redis_keys
 from server.overview import runs
 
 from .fanout import finish_profiler, free_port, start_profiler
@@ -309,7 +310,9 @@ async def cleanup(redis_url: str, tag: str) -> None:
     try:
         batch: list[bytes] = []
         workflows: set[str] = set()
-        async for key in redis.scan_iter(match=f"wf:{{{tag}-*", count=1000):
+        async for key in redis.scan_iter(
+            match=redis_keys.workflow_keys_match(f"{tag}-*"), count=1000
+        ):
             batch.append(key)
             workflows.add(key.decode().split("{", 1)[1].split("}", 1)[0])
             if len(batch) >= 500:

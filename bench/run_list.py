@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from server.progress import history
+from server import redis_keys
 from server.publisher import assemble
 from server.settings import Settings
 
@@ -98,8 +98,8 @@ async def cleanup(redis_url: str, tag: str) -> None:
     redis = Redis.from_url(redis_url)
     try:
         # History keys name a hash of the definition id, never the id: no pattern finds them.
-        defined = [history.definition_key(f"{tag}-def-{d}") for d in range(DEFINITIONS)]
-        await redis.delete(*defined, *(history.recent_key(k) for k in defined))
+        defined = [redis_keys.history_definition_key(f"{tag}-def-{d}") for d in range(DEFINITIONS)]
+        await redis.delete(*defined, *(redis_keys.history_recent_key(k) for k in defined))
     finally:
         await redis.aclose()
 

@@ -35,12 +35,15 @@ from redis.exceptions import RedisError
 from server import app_keys
 from server.models import Event, EventRejected, decode_body, is_workflow_id
 from server.publisher import Publisher
+from server.redis_keys import (
+    LEGACY_CHANNEL_PATTERN,
+    LEGACY_CHANNEL_PREFIX,
+    LEGACY_CHANNEL_SUFFIX,
+)
 from server.store import AnyRedis, AppendConflict
 
 logger = logging.getLogger(__name__)
 
-CHANNEL_PATTERN = "workflow:*:events"
-CHANNEL_PREFIX, CHANNEL_SUFFIX = "workflow:", ":events"
 KEY_PREFIX = "legacy:"  # + 64 hex digits: within the 128 characters of an idempotency key
 BATCH = 500  # messages taken from the socket at once, appended per workflow in one script
 STORE_ATTEMPTS = 5  # per batch of one workflow, with backoff, while Redis hiccups
@@ -66,9 +69,9 @@ def parse_message(
     """One legacy message -> (workflow_id, validated event); raises InvalidMessage."""
     name = _text(channel)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    if not (name.startswith(CHANNEL_PREFIX) and name.endswith(CHANNEL_SUFFIX)):
+    if not (name.startswith(LEGACY_CHANNEL_PREFIX) and name.endswith(LEGACY_CHANNEL_SUFFIX)):
         raise InvalidMessage(f"channel {name!r} is not workflow:<id>:events")
-    workflow_id = name[len(CHANNEL_PREFIX) : -len(CHANNEL_SUFFIX)]
+    workflow_id = name[len(LEGACY_CHANNEL_PREFIX) : -len(LEGACY_CHANNEL_SUFFIX)]
     if not is_workflow_id(workflow_id):
         raise InvalidMessage(f"channel {name!r} does not name a valid workflow id")
     if len(raw) > max_bytes:
@@ -148,7 +151,7 @@ class LegacyIngest:
         while True:
             pubsub: Any = self._redis.pubsub()
             try:
-                await pubsub.psubscribe(CHANNEL_PATTERN)
+                await pubsub.psubscribe(LEGACY_CHANNEL_PATTERN)
                 while True:
                     batch = [await pubsub.get_message(timeout=None)]
                     while len(batch) < BATCH:
@@ -158,7 +161,7 @@ class LegacyIngest:
                         batch.append(more)
                     messages = [m for m in batch if m is not None and m["type"] == "pmessage"]
                     if any(m is not None and m["type"] == "psubscribe" for m in batch):
-                        logger.info("legacy ingest subscribed to %s", CHANNEL_PATTERN)
+                        logger.info("legacy ingest subscribed to %s", LEGACY_CHANNEL_PATTERN)
                         self.ready.set()
                         backoff = 0.05
                     if messages:

@@ -1,13 +1,23 @@
-"""Redis layout of a workflow, the atomic append script, and reads after an id."""
+"""The event log: appends (group commit per workflow, the compare-and-set retry loop around
+the append script), reads after an id, the last entry, and the progress hash's reads.
+
+The key names are in redis_keys, the script and how it is sent in append_script (and
+lua/append.lua), the fold state's parts and this process's cache of them in
+progress.parts.
+
+About 570 lines, over the 400 aimed at: the append path (append, _append_group,
+_append_events, _try, _run_append) is one protocol whose steps share the per-workflow
+queue, the cache and the replica settings of one Store; cut apart, each piece would need
+the others' state passed in, and the order of its awaits (which the round-trip count and
+the group commit depend on) would be spread over modules.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,235 +25,36 @@ from typing import Any, NamedTuple
 
 import pydantic_core
 from redis.asyncio import Redis
-from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    RedisClusterException,
     RedisError,
     ResponseError,
-    TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import progress, sse
-from server.models import Event, WorkflowPlanned, parse_event_id, to_json_bytes
+from server.append_script import (
+    APPEND_LUA,
+    TOUCH_LUA,
+    AppendArgs,
+    Encoded,
+    RedisClock,
+    append_args,
+    encode_events,
+    eval_then_wait,
+)
+from server.models import Event, parse_event_id
+from server.progress import parts
+from server.progress.parts import HistoryItem
+from server.redis_keys import idempotency_key, progress_key, stream_key, trimmed_key
 
 logger = logging.getLogger(__name__)
 
 AnyRedis = Redis | RedisCluster
 
-# Live messages carry several events each, up to this many bytes (see APPEND_LUA).
-PUBLISH_BYTES = 64 * 1024
-
-# Every key of a workflow shares the hash tag `{<workflow_id>}`, so one Lua script can touch
-# them all and, on Redis Cluster, they live on one shard with the workflow's channel.
-
-
-def stream_key(workflow_id: str) -> str:
-    """The stream: the source of truth for replay."""
-    return f"wf:{{{workflow_id}}}:events"
-
-
-def trimmed_key(workflow_id: str) -> str:
-    """The newest id that MAXLEN trimmed away (Redis 7.0 does not track it for us)."""
-    return f"wf:{{{workflow_id}}}:trimmed"
-
-
-def idempotency_key(workflow_id: str) -> str:
-    """Hash: idempotency_key -> the id it was first stored under."""
-    return f"wf:{{{workflow_id}}}:idem"
-
-
-def idempotency_order_key(workflow_id: str) -> str:
-    """List: the idempotency keys in the order stored, so the oldest can be forgotten."""
-    return f"wf:{{{workflow_id}}}:idemq"
-
-
-def progress_key(workflow_id: str) -> str:
-    """Hash: `ver` (appends so far), `last` (last id), `fold` (progress state), `shown`."""
-    return f"wf:{{{workflow_id}}}:progress"
-
-
-def channel(workflow_id: str) -> str:
-    """Pub/sub channel that carries `<id> <event_type> <terminal 0|1> <json>`."""
-    return f"wf:{{{workflow_id}}}:live"
-
-
-def workflow_keys(workflow_id: str) -> list[str]:
-    """All keys of one workflow (for tests and cleanup)."""
-    return [
-        stream_key(workflow_id),
-        trimmed_key(workflow_id),
-        idempotency_key(workflow_id),
-        progress_key(workflow_id),
-        idempotency_order_key(workflow_id),
-    ]
-
-
-# KEYS: stream, trimmed, idem, progress, idem order.
-# ARGV: channel, maxlen, ttl, publish command, expected ver, event count E, state fields to
-#       set S, state fields to delete D, expected last id ('' = not checked), strict (1: any
-#       idempotency key already known counts as a conflict), fields to read back R (-1: all),
-#       deadline (Redis time in ms after which the script refuses to run, {{}, -2}; 0: none),
-#       how many idempotency keys to keep (the newest; older ones are forgotten);
-#       then the events: their byte lengths, 4 numbers per event (idempotency key or 0,
-#       event_type, terminal 0|1, json) separated by spaces, and the events' bytes
-#       concatenated (key, event_type, json each); then the S field/value pairs as one JSON
-#       array of strings, flat; the D field names as one JSON array; whether to publish
-#       them (1: the S fields are all that changed); then R field names.
-# Returns {ids, added, last}: `ids` in input order (a known idempotency key returns its first
-# id), `last` the newest id added. When the caller's view is stale (`ver` or `last` moved
-# since, or, if strict, a key is known) nothing is written and it returns {{}, -1, parts,
-# known}: the R fields of the progress hash (all of it, flat, when R = -1) and per event the
-# id its idempotency key was stored under (false if none), so the caller can fold again
-# without another round trip.
-# The events are published as `<id> <event_type> <terminal 0|1> <json>`, several to a
-# message, one per line (stored JSON holds no line break), up to PUBLISH_BYTES a message
-# (a bigger event goes alone): a subscriber pays its per-message cost per batch, not per
-# event. Then, when asked and small enough, what the append wrote to the progress hash:
-# `=<ver before> <last before or -> <ver> <last> <the S pairs>`, so that other processes
-# keep their cached fold state current (Store.follow) instead of losing their next
-# compare-and-set to this append.
-APPEND_LUA = """
-local deadline = tonumber(ARGV[12])
-if deadline > 0 then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
-    return {{}, -2}
-  end
-end
-local cur = redis.call('HMGET', KEYS[4], 'ver', 'last')
-local ver = tonumber(cur[1] or '0')
-local n, nset, ndel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
--- One argument for all the events, not four each: redis-py packs each argument on its own
--- (copying what it packed so far), which cost more than the rest of an append.
-local lens = {}
-for v in string.gmatch(ARGV[14], '%d+') do lens[#lens + 1] = tonumber(v) end
-local blob = ARGV[15]
-local iks, ts, xs, ds = {}, {}, {}, {}
-local pos = 1
-for i = 1, n do
-  local kl, tl, dl = lens[i * 4 - 3], lens[i * 4 - 2], lens[i * 4]
-  iks[i] = string.sub(blob, pos, pos + kl - 1)
-  ts[i] = string.sub(blob, pos + kl, pos + kl + tl - 1)
-  xs[i] = lens[i * 4 - 1] == 1 and '1' or '0'
-  pos = pos + kl + tl
-  ds[i] = string.sub(blob, pos, pos + dl - 1)
-  pos = pos + dl
-end
-local stale = ver ~= tonumber(ARGV[5]) or (ARGV[9] ~= '' and cur[2] ~= ARGV[9])
-if not stale and ARGV[10] == '1' then
-  for i = 1, n do
-    if iks[i] ~= '' and redis.call('HEXISTS', KEYS[3], iks[i]) == 1 then
-      stale = true
-      break
-    end
-  end
-end
-if stale then
-  local nread = tonumber(ARGV[11])
-  local parts
-  if nread < 0 then
-    parts = redis.call('HGETALL', KEYS[4])
-  else
-    parts = redis.call('HMGET', KEYS[4], unpack(ARGV, 19, 19 + nread - 1))
-  end
-  local known = {}
-  for i = 1, n do
-    if iks[i] ~= '' then known[i] = redis.call('HGET', KEYS[3], iks[i]) else known[i] = false end
-  end
-  return {{}, -1, parts, known}
-end
-local ids = {}
-local added = 0
-local last = false
-local out, outn = {}, 0
-local limit = PUBLISH_BYTES
-for i = 1, n do
-  local ik = iks[i]
-  local known = false
-  if ik ~= '' then known = redis.call('HGET', KEYS[3], ik) end
-  if known then
-    ids[#ids + 1] = known
-  else
-    local t, x, d = ts[i], xs[i], ds[i]
-    local id = redis.call('XADD', KEYS[1], '*', 't', t, 'x', x, 'd', d)
-    if ik ~= '' then
-      redis.call('HSET', KEYS[3], ik, id)
-      redis.call('RPUSH', KEYS[5], ik)
-    end
-    local msg = id .. ' ' .. t .. ' ' .. x .. ' ' .. d
-    if outn > 0 and outn + #msg > limit then
-      redis.call(ARGV[4], ARGV[1], table.concat(out, '\\n'))
-      out, outn = {}, 0
-    end
-    out[#out + 1] = msg
-    outn = outn + #msg + 1
-    ids[#ids + 1] = id
-    added = added + 1
-    last = id
-  end
-end
-if outn > 0 then redis.call(ARGV[4], ARGV[1], table.concat(out, '\\n')) end
-if added > 0 then
-  local maxlen = tonumber(ARGV[2])
-  local len = redis.call('XLEN', KEYS[1])
-  if len > maxlen then
-    local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - maxlen)
-    redis.call('SET', KEYS[2], gone[#gone][1])
-    redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
-  end
-  redis.call('HSET', KEYS[4], 'ver', ver + added, 'last', last)
-  -- A plan's 10,000 nodes as 20,000 arguments cost redis-py 15-25 ms of packing on the
-  -- client's event loop; as one JSON argument, one C call. Written 1,000 values a command
-  -- (unpack() has a limit near 8,000).
-  local sets, dels = cjson.decode(ARGV[16]), cjson.decode(ARGV[17])
-  for k = 1, 2 * nset, 1000 do
-    redis.call('HSET', KEYS[4], unpack(sets, k, math.min(k + 999, 2 * nset)))
-  end
-  for k = 1, ndel, 1000 do
-    redis.call('HDEL', KEYS[4], unpack(dels, k, math.min(k + 999, ndel)))
-  end
-  if ARGV[18] == '1' and #ARGV[16] <= limit then
-    redis.call(ARGV[4], ARGV[1], '=' .. ver .. ' ' .. (cur[2] or '-') .. ' ' .. (ver + added)
-      .. ' ' .. last .. ' ' .. ARGV[16])
-  end
-  local ttl = tonumber(ARGV[3])
-  -- Idempotency keys are forgotten oldest first beyond the newest `keep` (a retry comes
-  -- within seconds; without a bound the hash grows with every keyed event for a day).
-  local over = redis.call('LLEN', KEYS[5]) - tonumber(ARGV[13])
-  if over > 0 then
-    local old = redis.call('LPOP', KEYS[5], math.min(over, 1000))
-    redis.call('HDEL', KEYS[3], unpack(old))
-  end
-  for k = 1, 5 do
-    if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ttl) end
-  end
-end
-return {ids, added, last}
-""".replace("PUBLISH_BYTES", str(PUBLISH_BYTES))
-
 # KEYS: progress. ARGV: shown. Sets `shown` only on a hash that still exists.
 SAVE_SHOWN_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'shown', ARGV[1]) end
 """
-
-# KEYS: progress. Re-sets the hash's expiry to what is left of it: a write that changes
-# nothing (the workflow lives no longer) but is replicated, so that a WAIT after it on the
-# same connection proves the replicas hold everything written before, events included.
-TOUCH_LUA = """
-local t = redis.call('PTTL', KEYS[1])
-if t > 0 then redis.call('PEXPIRE', KEYS[1], t) end
-"""
-
-# Fields of the progress hash besides `ver`, `last` and `shown`: the fold state in parts.
-META, PLAN, NODE = "meta", "plan", "n:"
-
-# How much fold state a process keeps between appends, in nodes (a workflow counts as its
-# nodes + 4): about 30 MB at most (measured: 5 plans of 10,000 named nodes with deps);
-# beyond it the least recently written workflows go.
-CACHE_NODES = 50_000
 
 
 @dataclass(frozen=True)
@@ -271,9 +82,6 @@ class Page:
 
     trimmed: str | None
     entries: list[Entry]
-
-
-HistoryItem = tuple[str | None, str, str | None, float]  # (definition, node, type, seconds)
 
 
 @dataclass(frozen=True)
@@ -356,15 +164,6 @@ def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-@dataclass(frozen=True)
-class StoredProgress:
-    """What a progress read finds in Redis."""
-
-    state: progress.FoldState
-    last_event_id: str | None
-    shown: bytes | None
-
-
 def _entry(raw_id: Any, fields: Any) -> Entry:
     def get(name: str) -> str:
         value = fields.get(name.encode(), fields.get(name))
@@ -374,236 +173,29 @@ def _entry(raw_id: Any, fields: Any) -> Entry:
     return Entry(event_id, get("t"), get("x") == "1", get("d"))
 
 
-@dataclass(slots=True)
-class _View:
-    """A workflow's fold state as of progress-hash version `ver` (last id `last`).
-
-    `state` holds exactly the stored parts: meta, and the nodes in `nodes` (None: every
-    node, and the plan; a node named there but absent from `state` is absent in Redis).
-    """
-
-    ver: int
-    last: str
-    state: progress.FoldState
-    nodes: set[str] | None
-    weight: int = 0  # its share of the cache budget, set when it is cached
-
-
-# Messages of other processes kept for a workflow while an append of ours holds its view.
-FOLLOW_BUFFER = 64
-
-
-def _apply(view: _View, message: bytes) -> bool:
-    """Fold a published write (`=<ver before> <last before> <ver> <last> <parts>`) into
-    `view`; False when it was written over a state other than the view's (one missed)."""
-    head = message[1:].split(b" ", 4)
-    if len(head) != 5:
-        return False
-    before, last_before, after, last, parts = head
-    ver = int(after)
-    if ver <= view.ver:
-        return True  # already in the view (our own append, or one it lost to)
-    if int(before) != view.ver or last_before.decode() != (view.last or "-"):
-        return False
-    flat = json.loads(parts)
-    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    meta = fields.pop(META, None)
-    if meta is None:
-        return False
-    nodes = {f[len(NODE) :]: v for f, v in fields.items() if f.startswith(NODE)}
-    state = progress.loads_parts(meta.encode(), None, nodes)
-    view.state.nodes.update(state.nodes)
-    state.nodes, state.plan = view.state.nodes, view.state.plan
-    view.state = state
-    if view.nodes is not None:
-        view.nodes.update(nodes)
-    view.ver, view.last = ver, last.decode()
-    return True
-
-
-def _touched(events: Sequence[Event]) -> set[str] | None:
-    """The nodes these events' fold reads or changes; None when it needs the whole state."""
-    wanted: set[str] = set()
-    for event in events:
-        nodes = progress.touched_nodes(event)
-        if nodes is None:
-            return None
-        wanted.update(nodes)
-    return wanted
-
-
-def _read_fields(touched: set[str] | None) -> list[str] | None:
-    """Progress-hash fields to read for these nodes; None: all of them."""
-    if touched is None:
-        return None
-    return ["ver", "last", META, *(NODE + n for n in sorted(touched))]
-
-
-def _view(fields: dict[str, Any], touched: set[str] | None) -> _View:
-    """The view from progress-hash fields read for `touched` (all fields when None)."""
-    meta = fields.get(META)
-    ver = int(fields.get("ver") or 0)
-    last = _text(fields["last"]) if fields.get("last") else ""
-    if not meta:  # a new (or expired) workflow: nothing stored, so every part is known
-        return _View(ver, last, progress.new_state(), None)
-    nodes = {f[len(NODE) :]: _bytes(v) for f, v in fields.items() if f.startswith(NODE) and v}
-    plan = fields.get(PLAN)
-    state = progress.loads_parts(_bytes(meta), _bytes(plan) if plan else None, nodes)
-    return _View(ver, last, state, None if touched is None else set(touched))
-
-
-# A fold of more nodes than this (state and plans together) runs in a worker thread.
-THREAD_NODES = 2_000
-
-
-def _weight(state: progress.FoldState, events: Sequence[Event]) -> int:
-    """Nodes a whole-state fold of `events` handles: the state's and the plans'."""
-    planned = sum(len(e.nodes) for e in events if isinstance(e, WorkflowPlanned))
-    return len(state.nodes) + planned
-
-
-def _fold(
-    state: progress.FoldState,
-    events: Sequence[Event],
-    known: dict[str, str],
-    touched: set[str] | None,
-) -> tuple[progress.FoldState, list[Event], list[tuple[int, HistoryItem]], list[Any], list[str]]:
-    """Fold the events the script will store into `state` (in place): the new state, the
-    new events, their history items, and the progress-hash fields to set and delete."""
-    # Only events the script will really store are folded; a key repeated in the batch
-    # stores once.
-    new_events: list[Event] = []
-    history: list[tuple[int, HistoryItem]] = []
-    seen = set(known)
-    before_nodes = set(state.nodes) if touched is None else set()
-    for index, event in enumerate(events):
-        key = event.idempotency_key
-        if key and key in seen:
-            continue
-        if key:
-            seen.add(key)
-        new_events.append(event)
-        for item in progress.history_items(state, event):  # before fold updates it
-            history.append((index, item))
-        state = progress.fold(state, event)
-
-    updates: list[Any] = [META, progress.dumps_meta(state)]
-    deletes: list[str] = []
-    if touched is None:
-        updates += [PLAN, progress.dumps_plan(state)]
-        deletes = [NODE + n for n in before_nodes - state.nodes.keys()]
-    for node_id in state.nodes if touched is None else touched & state.nodes.keys():
-        updates += [NODE + node_id, progress.dumps_node(state.nodes[node_id])]
-    return state, new_events, history, updates, deletes
-
-
-def _encode(events: Sequence[Event]) -> list[bytes]:
-    """The events as the append script takes them: their lengths, and their bytes."""
-    lens: list[str] = []
-    parts: list[bytes] = []
-    for event in events:
-        key = (event.idempotency_key or "").encode()
-        kind = event.event_type.encode()
-        data = to_json_bytes(event)  # bytes: redis-py sends them as they are
-        lens.append(f"{len(key)} {len(kind)} {1 if event.is_terminal else 0} {len(data)}")
-        parts += (key, kind, data)
-    return [" ".join(lens).encode(), b"".join(parts)]
-
-
 def _prepare(
     state: progress.FoldState,
     events: Sequence[Event],
     known: dict[str, str],
     touched: set[str] | None,
-    wire: list[bytes] | None,
-) -> tuple[progress.FoldState, list[Event], list[tuple[int, HistoryItem]], list[Any], int, int]:
-    """_fold(), and the script's arguments from the events on: the new state, the new
-    events, their history items, those arguments, and how many fields to set and delete.
-    `wire`: the events already encoded (by an attempt that lost its compare-and-set)."""
-    state, new_events, history, updates, deletes = _fold(state, events, known, touched)
-    args: list[Any] = list(wire) if wire is not None else _encode(events)
+    encoded: Encoded | None,
+) -> tuple[
+    progress.FoldState, list[Event], list[tuple[int, HistoryItem]], Encoded, bytes, int, bytes, int
+]:
+    """parts.fold_parts(), and what the script takes of it: the new state, the new events,
+    their history items, the events encoded (unless `encoded`, by an attempt that lost its
+    compare-and-set), and the fields to set and delete, as JSON and counted."""
+    state, new_events, history, updates, deletes = parts.fold_parts(state, events, known, touched)
+    if encoded is None:
+        encoded = encode_events(events)
     # Strings (field names) and bytes (parts, UTF-8 JSON) alike become JSON strings.
-    args += [pydantic_core.to_json(updates), pydantic_core.to_json(deletes)]
-    return state, new_events, history, args, len(updates) // 2, len(deletes)
+    sets, dels = pydantic_core.to_json(updates), pydantic_core.to_json(deletes)
+    return state, new_events, history, encoded, sets, len(updates) // 2, dels, len(deletes)
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _node_of(cluster: RedisCluster, key: str) -> Any:
-    """The primary that holds `key`; a RedisError when no node owns its slot now."""
-    try:
-        node = cluster.get_node_from_key(key)
-    except RedisClusterException as exc:  # mid-failover
-        raise RedisConnectionError(f"no Redis Cluster node owns the slot of {key}: {exc}") from exc
-    if node is None:
-        raise RedisConnectionError(f"no Redis Cluster node owns the slot of {key}")
-    return node
-
-
-async def _refresh_slots(cluster: RedisCluster, failed: Any) -> None:
-    """Read the slot map again after a node failed or redirected us; quietly if none
-    answers yet (the next append tries again)."""
-    try:
-        await cluster.nodes_manager.initialize(last_failed_node_name=failed.name)
-    except (RedisError, RedisClusterException, OSError) as exc:
-        logger.info("cluster slots not refreshed after %s failed: %s", failed.name, exc)
-
-
-class RedisClock:
-    """Deadlines for the append script in Redis's own clock.
-
-    A command that times out here may still sit in Redis's socket buffer (a frozen Redis
-    runs it when thawed): the script refuses to run past its deadline, which is `margin`
-    before this client gives up, so a publish answered "timed out" is not stored later.
-    The offset between the clocks is measured with TIME (error: half the round trip) and
-    measured again every REFRESH seconds in the background.
-    """
-
-    REFRESH = 60.0
-
-    def __init__(self, redis: AnyRedis) -> None:
-        self.redis = redis
-        # Our clients fail a command after `deadlines.seconds` (redis_client.Deadlines);
-        # fakeredis cannot be frozen and the cluster client has no such deadline: none.
-        deadlines = getattr(redis, "deadlines", None)
-        seconds = float(getattr(deadlines, "seconds", 0.0))
-        self.budget = seconds - min(1.0, seconds / 4) if 0 < seconds < float("inf") else 0.0
-        self.offset: float | None = None  # Redis's clock minus ours, less the error
-        self._measured = 0.0
-        self._refresh: asyncio.Task[None] | None = None
-
-    async def deadline_ms(self) -> int:
-        """The Redis time (ms) after which an append sent now must not run; 0: none."""
-        if not self.budget:
-            return 0
-        offset = self.offset
-        if offset is None:
-            offset = await self.measure()
-        elif time.monotonic() - self._measured > self.REFRESH and self._refresh is None:
-            self._refresh = asyncio.create_task(self._measure_quietly())
-        return int((time.time() + offset + self.budget) * 1000)
-
-    async def measure(self) -> float:
-        """Measure the offset: Redis's clock at the midpoint of a TIME round trip."""
-        before = time.time()
-        seconds, micros = await self.redis.time()
-        after = time.time()
-        error = (after - before) / 2
-        # Err early: a deadline computed with this offset is never later than meant.
-        self.offset = seconds + micros / 1e6 - (before + after) / 2 - error
-        self._measured = time.monotonic()
-        return self.offset
-
-    async def _measure_quietly(self) -> None:
-        try:
-            await self.measure()
-        except (RedisError, OSError) as exc:
-            logger.info("could not measure Redis's clock (%s); keeping the last offset", exc)
-        finally:
-            self._refresh = None
 
 
 class Store:
@@ -615,19 +207,15 @@ class Store:
         *,
         maxlen: int,
         retention_seconds: int,
-        cache_nodes: int = CACHE_NODES,
+        cache_nodes: int = parts.CACHE_NODES,
         min_replicas_ack: int = 0,
     ) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self.retention_seconds = retention_seconds
         # Fold state of the workflows this process wrote last, by workflow id (see append).
-        self.cache_nodes = cache_nodes
-        self._views: OrderedDict[str, _View] = OrderedDict()
-        self._weight = 0
+        self.cache = parts.ProgressCache(cache_nodes)
         self._queues: dict[str, deque[_Pending]] = {}  # workflow -> appends of its writer
-        # What other processes wrote to workflows whose view an append of ours holds now.
-        self._news: dict[str, list[bytes]] = {}
         self._reads: dict[tuple[str, str | None, int, bool], asyncio.Future[Page]] = {}
         self.clock = RedisClock(redis)
         self.idempotency_keys = max(maxlen, IDEMPOTENCY_KEYS)
@@ -679,7 +267,7 @@ class Store:
                 queue[0].done.set_result(None)  # the next one leads
             else:
                 del self._queues[workflow_id]
-                self._news.pop(workflow_id, None)
+                self.cache.released(workflow_id)
         for pending, result in zip(group[1:], results[1:], strict=True):
             if not pending.done.done():
                 pending.done.set_result(result)
@@ -714,12 +302,12 @@ class Store:
         current. Otherwise, or when another process got in between, the parts are read first
         (or come back in the script's conflict answer) and the fold is done again.
         """
-        touched = _touched(events)
+        touched = parts.touched_by(events)
         # The events as the script takes them. Encoded before the view is taken (but for a
         # plan, which may go to a thread): the shorter the time from view to script, the
         # less often another process's append gets in between.
-        wire: list[bytes] = [] if touched is None else _encode(events)
-        view, usable = self._take(workflow_id, touched)
+        wire = [] if touched is None else [encode_events(events)]
+        view, usable = self.cache.take(workflow_id, touched)
         strict = True  # a cached view knows nothing of idempotency keys: the script checks
         known: dict[str, str] = {}  # idempotency key -> the id it was stored under
         if view is None or not usable:
@@ -729,7 +317,7 @@ class Store:
             if known and all(e.idempotency_key in known for e in events):
                 # Every event is stored already (a retry, or legacy ingest by several
                 # processes): nothing to write, so nothing to compare-and-set.
-                self._keep(workflow_id, view)
+                self.cache.keep(workflow_id, view)
                 if self.min_replicas_ack:
                     # A retry after a 503: answered once the replicas hold what it retries.
                     await self._replicated(workflow_id)
@@ -754,88 +342,25 @@ class Store:
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
         raise AppendConflict(f"workflow {workflow_id}: too many concurrent writers")
 
-    def _take(self, workflow_id: str, touched: set[str] | None) -> tuple[_View | None, bool]:
-        """The cached view of a workflow, and whether it holds every part these events need.
-
-        It leaves the cache either way: an append in flight owns it (and folds into it), so
-        a concurrent append of the same workflow in this process reads from Redis instead.
-        """
-        view = self._views.pop(workflow_id, None)
-        if view is None:
-            return None, False
-        self._weight -= view.weight
-        return view, view.nodes is None or (touched is not None and touched <= view.nodes)
-
     def follow(self, workflow_id: str, message: bytes) -> None:
-        """What another process's append wrote to a workflow's progress hash, as its script
-        published it on the live channel (see APPEND_LUA), in stored order: folded into our
-        cached view, so that our next append's compare-and-set finds it current.
-
-        Applied only onto the exact state it was written over (same `ver` and `last`): a
-        missed message drops the view. Either way the script still compares `ver` and
-        `last`, so a view that is not current costs a retry, never a wrong state."""
-        view = self._views.get(workflow_id)
-        if view is not None:
-            try:
-                applied = _apply(view, message)
-            except (ValueError, KeyError, TypeError, IndexError):
-                # Not what this version publishes (another version of the server in a
-                # rolling upgrade): forget the view rather than break the hub's reader.
-                applied = False
-            if not applied:
-                self._drop(workflow_id)
-            elif view.weight != 4 + len(view.state.nodes):
-                self._drop(workflow_id)
-                self._keep(workflow_id, view)
-        elif workflow_id in self._queues:  # an append holds the view: applied after it
-            news = self._news.setdefault(workflow_id, [])
-            if len(news) < FOLLOW_BUFFER:
-                news.append(message)
-
-    def _drop(self, workflow_id: str) -> None:
-        view = self._views.pop(workflow_id, None)
-        if view is not None:
-            self._weight -= view.weight
-
-    def _keep(self, workflow_id: str, view: _View) -> None:
-        """Cache the view written by an append; the least recently written go first."""
-        news = self._news.pop(workflow_id, None)
-        for message in news or ():  # what other processes wrote while our append ran
-            try:
-                if not _apply(view, message):
-                    return
-            except (ValueError, KeyError, TypeError, IndexError):
-                return  # not cached: see follow()
-        view.weight = 4 + len(view.state.nodes)  # about a node's worth per part
-        if view.weight > self.cache_nodes:
-            return
-        old = self._views.get(workflow_id)
-        if old is not None:
-            if old.ver >= view.ver:
-                return  # a concurrent append of ours already left a newer one
-            self._weight -= old.weight
-        self._views[workflow_id] = view
-        self._views.move_to_end(workflow_id)
-        self._weight += view.weight
-        while self._weight > self.cache_nodes:
-            _, gone = self._views.popitem(last=False)
-            self._weight -= gone.weight
+        """What another process's append wrote to a workflow's progress hash, as published
+        on its live channel (the hub hands it over): see ProgressCache.follow."""
+        self.cache.follow(workflow_id, message, held=workflow_id in self._queues)
 
     async def _read(
         self,
         workflow_id: str,
         events: Sequence[Event],
         touched: set[str] | None,
-        prior: _View | None,
-    ) -> tuple[_View, dict[str, str]]:
+        prior: parts.View | None,
+    ) -> tuple[parts.View, dict[str, str]]:
         """Read the parts of the fold state these events touch, and their known keys.
 
-        A `prior` view that is still current gains the nodes read, so the parts this
-        process knows of a workflow grow instead of being read again.
+        A `prior` view that is still current gains the nodes read (parts.grown).
         """
         # Only the parts the events touch (all of it for a plan or a terminal state), so an
         # append costs O(its events), not O(nodes).
-        names = _read_fields(touched)
+        names = parts.read_fields(touched)
         keys_wanted = [e.idempotency_key for e in events if e.idempotency_key]
         pkey = progress_key(workflow_id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -855,71 +380,60 @@ class Store:
             for k, v in zip(keys_wanted, replies[1] if keys_wanted else [], strict=True)
             if v
         }
-        view = _view(fields, touched)
-        if (
-            prior is not None
-            and prior.nodes is not None
-            and view.nodes is not None
-            and (prior.ver, prior.last) == (view.ver, view.last)
-        ):
-            for node_id in view.nodes - prior.nodes:
-                node = view.state.nodes.get(node_id)
-                if node is not None:
-                    prior.state.nodes[node_id] = node
-            prior.nodes |= view.nodes
-            view = prior
-        return view, known
+        return parts.grown(prior, parts.view_from(fields, touched)), known
 
     async def _try(
         self,
         workflow_id: str,
         events: Sequence[Event],
         touched: set[str] | None,
-        view: _View,
+        view: parts.View,
         known: dict[str, str],
-        wire: list[bytes],
+        wire: list[Encoded],
         *,
         strict: bool,
-    ) -> _Written | tuple[_View, dict[str, str]]:
+    ) -> _Written | tuple[parts.View, dict[str, str]]:
         """Fold into `view` and run the script: the result, or the fresh view on a conflict.
 
         `wire` holds the events as encoded by the first attempt (it fills it): they do not
         depend on the state, so an attempt after a lost compare-and-set only folds again."""
-        if touched is None and _weight(view.state, events) > THREAD_NODES:
+        encoded = wire[0] if wire else None
+        if touched is None and parts.fold_weight(view.state, events) > parts.THREAD_NODES:
             # A big plan's fold and parts cost 100+ ms of CPU: in a worker thread the event
             # loop keeps serving the other streams meanwhile (the view is ours alone).
             # Its stored JSON is made there too (10 ms for a 4 MiB plan).
             prepared = await asyncio.to_thread(
-                _prepare, view.state, events, known, touched, wire or None
+                _prepare, view.state, events, known, touched, encoded
             )
         else:
-            prepared = _prepare(view.state, events, known, touched, wire or None)
-        state, new_events, history, tail, nset, ndel = prepared
+            prepared = _prepare(view.state, events, known, touched, encoded)
+        state, new_events, history, encoded, sets, nset, deletes, ndel = prepared
         if not wire:
-            wire += tail[:2]
-        names = _read_fields(touched)
-
-        args: list[Any] = [
-            channel(workflow_id),
-            self.maxlen,
-            self.retention_seconds,
-            self.publish_command,
-            view.ver,
-            len(events),
-            nset,
-            ndel,
-            view.last if strict else "",
-            "1" if strict else "0",
-            -1 if names is None else len(names),
-            await self.clock.deadline_ms(),
-            self.idempotency_keys,
-            *tail,
-            "0" if touched is None else "1",
-        ]
-        if names is not None:
-            args += names
+            wire.append(encoded)
+        names = parts.read_fields(touched)
+        keys, argv = append_args(
+            AppendArgs(
+                workflow_id=workflow_id,
+                maxlen=self.maxlen,
+                ttl=self.retention_seconds,
+                publish_command=self.publish_command,
+                ver=view.ver,
+                count=len(events),
+                nset=nset,
+                ndel=ndel,
+                last=view.last if strict else "",
+                strict=strict,
+                read=names,
+                deadline_ms=await self.clock.deadline_ms(),
+                keep_keys=self.idempotency_keys,
+                events=encoded,
+                sets=sets,
+                deletes=deletes,
+                publish_parts=touched is not None,
+            )
+        )
         try:
-            reply = await self._run_append(workflow_id, args)
+            reply = await self._run_append(workflow_id, keys, argv)
         except ResponseError:
             raise  # Redis refused the script itself: it did not run
         except AppendUnknown:
@@ -930,17 +444,17 @@ class Store:
         if added == -2:
             raise AppendExpired("Redis ran the append after its deadline and refused it")
         if added == -1:
-            parts, known_raw = reply[2], reply[3]
+            got, known_raw = reply[2], reply[3]
             if names is None:
-                fields = {_text(parts[i]): parts[i + 1] for i in range(0, len(parts), 2)}
+                fields = {_text(got[i]): got[i + 1] for i in range(0, len(got), 2)}
             else:
-                fields = dict(zip(names, parts, strict=True))
+                fields = dict(zip(names, got, strict=True))
             fresh = {
                 e.idempotency_key: _text(v)
                 for e, v in zip(events, known_raw, strict=True)
                 if e.idempotency_key and v
             }
-            return _view(fields, touched), fresh
+            return parts.view_from(fields, touched), fresh
         # The view is ours alone until cached: updated in place, not rebuilt, so an append
         # leaves no new long-lived objects for the garbage collector to scan.
         if added:
@@ -948,14 +462,13 @@ class Store:
         view.state = state
         if view.nodes is not None and touched:
             view.nodes |= touched
-        self._keep(workflow_id, view)
+        self.cache.keep(workflow_id, view)
         return _Written([_text(i) for i in ids_raw], new_events, history)
 
-    async def _run_append(self, workflow_id: str, args: list[Any]) -> Any:
+    async def _run_append(self, workflow_id: str, keys: list[str], args: list[Any]) -> Any:
         """The append script; with MIN_REPLICAS_ACK, and WAIT for the replicas after it on
         the same connection (WAIT counts that connection's writes), so a group of appends
         costs one WAIT. Raises AppendNotReplicated when too few replicas confirmed."""
-        keys = workflow_keys(workflow_id)
         if not self.min_replicas_ack:
             return await self._append(keys=keys, args=args)
         reply, acked = await self._waited(APPEND_LUA, keys, args)
@@ -968,8 +481,7 @@ class Store:
     async def _replicated(self, workflow_id: str) -> None:
         """Return once MIN_REPLICAS_ACK replicas hold everything written to the workflow so
         far (a replicated no-op write, then WAIT); else raise AppendNotReplicated."""
-        keys = [progress_key(workflow_id)]
-        _, acked = await self._waited(TOUCH_LUA, keys, [])
+        _, acked = await self._waited(TOUCH_LUA, [progress_key(workflow_id)], [])
         self._check_acked(acked)
 
     def _check_acked(self, acked: Any) -> None:
@@ -981,44 +493,9 @@ class Store:
             )
 
     async def _waited(self, script: str, keys: list[str], args: list[Any]) -> tuple[Any, Any]:
-        """EVAL then WAIT on one connection: the script's reply and the replicas WAIT counted
-        (or its error). EVAL, not EVALSHA: after a NOSCRIPT (a new primary has no scripts)
-        the WAIT sent with it would have waited its whole timeout for nothing. On Redis
-        Cluster both go to the node of the workflow's keys (redis-py would send a keyless
-        WAIT to every primary, and its cluster pipeline refuses scripts)."""
-        redis = self.redis
-        if isinstance(redis, RedisCluster):
-            return await self._waited_on_node(redis, script, keys, args)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.eval(script, len(keys), *keys, *args)
-            pipe.wait(self.min_replicas_ack, self.replica_wait_ms)
-            reply, acked = await pipe.execute(raise_on_error=False)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply, acked
-
-    async def _waited_on_node(
-        self, cluster: RedisCluster, script: str, keys: list[str], args: list[Any]
-    ) -> tuple[Any, Any]:
-        for attempt in range(2):
-            node = _node_of(cluster, keys[0])
-            commands = [
-                PipelineCommand(0, "EVAL", script, len(keys), *keys, *args),
-                PipelineCommand(1, "WAIT", self.min_replicas_ack, self.replica_wait_ms),
-            ]
-            try:
-                await node.execute_pipeline(commands)
-            except (RedisError, OSError):
-                await _refresh_slots(cluster, node)  # the node may be gone (a failover)
-                raise
-            reply, acked = commands[0].result, commands[1].result
-            if attempt == 0 and isinstance(reply, (AskError, TryAgainError, ClusterDownError)):
-                await _refresh_slots(cluster, node)  # not run there: the slot moved
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            return reply, acked
-        raise RedisConnectionError(f"the slot of {keys[0]} moved twice during an append")
+        return await eval_then_wait(
+            self.redis, script, keys, args, self.min_replicas_ack, self.replica_wait_ms
+        )
 
     async def read_after(
         self, workflow_id: str, after: str | None, count: int, *, inclusive: bool = False
@@ -1075,7 +552,7 @@ class Store:
         *,
         parse: Callable[[Callable[[], progress.FoldState], int], Awaitable[progress.FoldState]]
         | None = None,
-    ) -> StoredProgress | None:
+    ) -> parts.StoredProgress | None:
         """The whole fold state, last event id and what was last shown; None when unknown.
 
         `parse` runs the parsing of the parts (given it and the number of nodes), so that a
@@ -1083,18 +560,17 @@ class Store:
         """
         raw = await self.redis.hgetall(progress_key(workflow_id))
         fields = {_text(k): _bytes(v) for k, v in raw.items()}
-        meta = fields.get(META)
-        if not meta:
+        stored = parts.loads_stored(fields)
+        if stored is None:
             return None
-        nodes = {f[len(NODE) :]: v for f, v in fields.items() if f.startswith(NODE)}
-        plan = fields.get(PLAN)
+        meta, plan, nodes = stored
 
         def parsed() -> progress.FoldState:
             return progress.loads_parts(meta, plan, nodes)
 
         state = parsed() if parse is None else await parse(parsed, len(nodes))
         last = fields.get("last")
-        return StoredProgress(state, _text(last) if last else None, fields.get("shown"))
+        return parts.StoredProgress(state, _text(last) if last else None, fields.get("shown"))
 
     async def save_shown(self, workflow_id: str, shown: bytes) -> None:
         """Remember what a poll showed, so every process smooths from the same place.

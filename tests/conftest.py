@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server import store
+from server import redis_keys
 from server.app import create_app
 from server.overview import runs
 from server.settings import Settings
@@ -140,7 +140,7 @@ async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         client = await real_redis_or_skip()
     client.test_workflows = []
     yield client
-    names = [k for wf in client.test_workflows for k in store.workflow_keys(wf)]
+    names = [k for wf in client.test_workflows for k in redis_keys.workflow_keys(wf)]
     if names:
         await client.delete(*names)
         await runs.RunIndex(client, retention_seconds=1).forget(client.test_workflows)

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import app_keys, store
+from server import app_keys, redis_keys
 from tests.conftest import Serve
 from tests.sse_client import iter_messages
 
@@ -59,7 +59,7 @@ async def test_polling_never_keeps_a_workflow_past_its_retention(
             assert time.monotonic() < deadline, "polling kept the workflow past its retention"
             await asyncio.sleep(0.05)
     assert status == 404
-    assert await redis.exists(*store.workflow_keys(wf)) == 0
+    assert await redis.exists(*redis_keys.workflow_keys(wf)) == 0
 
 
 async def test_every_key_present_and_etag_answers_304(

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
+from server import redis_keys
 from tests.conftest import Serve
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
@@ -35,7 +35,7 @@ def assert_problem(status: int, headers: dict[str, str], body: Any, expected: in
 
 
 async def stored(redis: Any, wf: str) -> list[dict[str, Any]]:
-    rows = await redis.xrange(store.stream_key(wf))
+    rows = await redis.xrange(redis_keys.stream_key(wf))
     return [json.loads(fields[b"d"]) for _, fields in rows]
 
 
@@ -52,7 +52,7 @@ async def test_publish_returns_ids_in_input_order_and_stores_normalised_events(
     ]  # fmt: skip
     status, _, body2 = await post(f"{base}/workflows/{wf}/events", batch)
     assert status == 201 and len(body2["ids"]) == 2
-    ids = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+    ids = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
     assert ids == body["ids"] + body2["ids"]
     events = await stored(redis, wf)
     assert events[1]["timestamp"] == "2026-01-22T10:30:45Z"  # converted to UTC with Z
@@ -69,7 +69,7 @@ async def test_rejected_batch_stores_nothing(
     status, headers, body = await post(f"{base}/workflows/{wf}/events", batch)
     assert_problem(status, headers, body, 422)
     assert body["errors"][0]["loc"][0] == 1
-    assert await redis.exists(*store.workflow_keys(wf)) == 0
+    assert await redis.exists(*redis_keys.workflow_keys(wf)) == 0
 
 
 async def test_idempotent_retry_stores_one_event(
@@ -148,7 +148,7 @@ async def test_invalid_publish_is_a_problem_and_stores_nothing(
     assert_problem(status, headers, answer, expected)
     if expected == 422 and body not in ([], 3, "node_started"):
         assert answer["errors"] and {"loc", "msg"} <= answer["errors"][0].keys()
-    assert await redis.exists(*store.workflow_keys(wf)) == 0
+    assert await redis.exists(*redis_keys.workflow_keys(wf)) == 0
 
 
 async def test_event_over_max_event_bytes_is_422_but_a_big_plan_is_fine(
@@ -190,7 +190,7 @@ async def test_body_over_max_body_bytes_is_413_also_when_chunked(
     ):
         assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
         assert_problem(resp.status, dict(resp.headers), await resp.json(content_type=None), 413)
-    assert await redis.exists(*store.workflow_keys(wf)) == 0
+    assert await redis.exists(*redis_keys.workflow_keys(wf)) == 0
 
 
 async def test_unknown_route_is_a_404_problem(serve: Serve) -> None:

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from server import app_keys, store
+from server import app_keys, redis_keys, store
 from tests.conftest import Serve
 from tests.sse_client import Message, collect, iter_messages
 
@@ -60,7 +60,7 @@ async def test_headers_and_exact_frame_bytes(
 ) -> None:
     base, wf = await serve(), new_workflow()
     (eid,) = await publish(base, wf, [started("n1", node_name="품질 판정")])
-    ((_, fields),) = await redis.xrange(store.stream_key(wf))
+    ((_, fields),) = await redis.xrange(redis_keys.stream_key(wf))
     async with (
         aiohttp.ClientSession() as s,
         s.get(
@@ -221,7 +221,7 @@ async def test_trimmed_history_is_announced_as_gap(
 ) -> None:
     base, wf = await serve(history_maxlen=5), new_workflow()
     ids = await publish(base, wf, [started(f"n{i}") for i in range(9)] + [DONE])
-    assert await redis.xlen(store.stream_key(wf)) == 5  # exact MAXLEN
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 5  # exact MAXLEN
     url = f"{base}/workflows/{wf}/events"
     async with aiohttp.ClientSession() as s:
         msgs = await collect(s, url, headers={"Last-Event-ID": ids[1]})
@@ -271,7 +271,7 @@ async def test_handover_stress_every_client_gets_exactly_the_stored_ids_after_it
         pub = asyncio.create_task(publish_fast())
         results = await asyncio.gather(*(client(s) for _ in range(20)))
         await pub
-    stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+    stored = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
     assert stored == published and len(stored) == 2021
     for start, got in results:
         expected = stored if start is None else stored[stored.index(start) + 1 :]

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
+from server import redis_keys
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.sse_client import collect
@@ -225,7 +225,7 @@ async def test_dashboard_reconnects_by_itself_after_a_server_restart(
     finally:
         for srv in servers:
             srv.stop()
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
         await redis.aclose()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth, store
+from server import auth, redis_keys
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.test_dashboard_browser import PHONE, WAIT_MS, badge_is, open_page
@@ -320,7 +320,7 @@ async def test_home_is_right_after_a_server_restart(browser: Any) -> None:
         servers[0].end(signal.SIGKILL)
         await badge_is(page, "reconnecting", timeout=10_000)
         await publish(other.url, r1, finish(time.time())[4:])  # c, d, e and COMPLETED
-        await redis.delete(*store.workflow_keys(r2))  # as if its keys had expired
+        await redis.delete(*redis_keys.workflow_keys(r2))  # as if its keys had expired
         await publish(other.url, r3, run_events(definition, time.time(), done=3))
         servers.append(ServerProcess("--retry-ms", "500", port=port, env=env, clean=True))
         await servers[-1].start()

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
+from server import redis_keys
 from server.overview import runs
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
@@ -234,7 +234,7 @@ async def forget(redis: Any, workflows: list[str]) -> None:
     """Delete every key the test's runs made: theirs and the run index's (the history's
     go with the session's, tests/conftest.py)."""
     for wf in workflows:
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
     await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
 
 

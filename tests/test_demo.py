@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from server import demo, store
+from server import demo, redis_keys
 from server.app import create_app
 from server.models import WorkflowPlanned
 from server.settings import Settings
@@ -56,7 +56,7 @@ async def demo_server(redis: Any) -> AsyncIterator[Start]:
     for server in servers:
         await server.close()
     for wf in runs:
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
 
 
 def check_run(msgs: list[Message]) -> dict[str, str]:

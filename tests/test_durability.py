@@ -21,7 +21,7 @@ import uuid
 import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
-from server import store
+from server import redis_keys
 from testing.procs import RedisClusterProcesses, ServerProcess, server_env
 from testing.redis_reads import node_port, stream_entries
 from tests.test_sentinel import Engine, wait_until
@@ -40,7 +40,7 @@ async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledg
         await client.initialize()
         try:
             ids = (f"durable-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
-            wf = next(w for w in ids if node_port(client, store.channel(w)) == master.port)
+            wf = next(w for w in ids if node_port(client, redis_keys.channel(w)) == master.port)
         finally:
             await client.aclose()
 
@@ -81,7 +81,7 @@ async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledg
 
         redis = RedisCluster.from_url(f"redis://127.0.0.1:{replica.port}/0")
         try:
-            rows = await stream_entries(redis, store.stream_key(wf))
+            rows = await stream_entries(redis, redis_keys.stream_key(wf))
         finally:
             await redis.aclose()
         stored = {i.decode(): json.loads(f[b"d"]).get("message") for i, f in rows}

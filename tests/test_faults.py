@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from server import publisher as publisher_mod
-from server import store
+from server import redis_keys
 from server.app import create_app
 from server.settings import Settings
 from testing.procs import RedisProcess, ServerProcess
@@ -90,7 +90,7 @@ async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicat
             await asyncio.wait_for(reader, 20)  # the stream stayed open and ends at terminal
             resp.release()
 
-        stored = await stream_ids(client, store.stream_key(wf))
+        stored = await stream_ids(client, redis_keys.stream_key(wf))
         # Redis kept nothing: the stream says so (its last id is gone) before the new events.
         gaps = [m for m in received if m.event == "gap"]
         assert [m.json()["requested"] for m in gaps] == [received[4].id]
@@ -183,13 +183,13 @@ async def test_client_reconnects_to_second_server_after_sigkill_and_gets_every_e
                     if msg.id:
                         received.append(msg.id)
             await pub
-        stored = await stream_ids(real, store.stream_key(wf))
+        stored = await stream_ids(real, redis_keys.stream_key(wf))
         assert received == stored  # every event exactly once, in order, across the kill
         assert len(received) > cut
     finally:
         first.stop()
         second.stop()
-        await real.delete(*store.workflow_keys(wf))
+        await real.delete(*redis_keys.workflow_keys(wf))
         await real.aclose()
 
 

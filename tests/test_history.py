@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from server import redis_keys
 from server.progress import history
 from server.progress.history import MemoryHistory, Stats
 
@@ -74,9 +75,9 @@ def test_zero_duration_is_clamped_not_minus_infinity() -> None:
 
 def test_definition_key_hashes_the_client_string() -> None:
     hostile = "a:{b}*?[x]\n한"
-    key = history.definition_key(hostile, prefix="p")
+    key = redis_keys.history_definition_key(hostile, prefix="p")
     assert key == "p:hist:def:" + hashlib.sha256(hostile.encode()).hexdigest()
-    assert history.types_key(prefix="p") == "p:hist:types"
+    assert redis_keys.history_types_key(prefix="p") == "p:hist:types"
 
 
 def test_view_answers_only_for_its_definition() -> None:
@@ -125,8 +126,13 @@ async def test_keys_never_contain_client_strings_and_expire(store: tuple[Any, st
     hostile = "wf:{x}*\n"
     await history.record(client, [(hostile, "n", "t", 1.0)], ttl_seconds=120, prefix=prefix)
     keys = sorted([k.decode() async for k in client.scan_iter(match=f"{prefix}:*")])
-    hashes = [history.definition_key(hostile, prefix=prefix), history.types_key(prefix=prefix)]
-    assert keys == sorted(hashes + [history.recent_key(k, prefix=prefix) for k in hashes])
+    hashes = [
+        redis_keys.history_definition_key(hostile, prefix=prefix),
+        redis_keys.history_types_key(prefix=prefix),
+    ]
+    assert keys == sorted(
+        hashes + [redis_keys.history_recent_key(k, prefix=prefix) for k in hashes]
+    )
     for key in keys:
         assert 0 < await client.ttl(key) <= 120
 
@@ -147,7 +153,9 @@ async def test_concurrent_records_lose_no_update(store: tuple[Any, str]) -> None
 
 async def test_unreadable_stored_value_counts_as_no_history(store: tuple[Any, str]) -> None:
     client, prefix = store
-    await client.hset(history.types_key(prefix=prefix), mapping={"bad": "x y", "nan": "2 nan 1"})
+    await client.hset(
+        redis_keys.history_types_key(prefix=prefix), mapping={"bad": "x y", "nan": "2 nan 1"}
+    )
     view = await history.load(client, None, [], ["bad", "nan"], prefix=prefix)
     assert view.empty
 

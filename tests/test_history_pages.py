@@ -12,7 +12,7 @@ import aiohttp
 import jwt
 import pytest
 
-from server import store
+from server import redis_keys, store
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
 
@@ -56,7 +56,7 @@ async def test_a_page_is_the_stored_json_with_its_id_first_in_raw_utf8(
 ) -> None:
     base, wf = await serve(), new_workflow()
     ids = await publish(base, wf, [started("n1", node_name="품질 판정"), started("n2")])
-    rows = await redis.xrange(store.stream_key(wf))
+    rows = await redis.xrange(redis_keys.stream_key(wf))
     async with (
         aiohttp.ClientSession() as s,
         s.get(f"{base}/workflows/{wf}/events", headers=ACCEPT) as resp,

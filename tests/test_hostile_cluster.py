@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from server import store
+from server import redis_keys, store
 from testing.procs import RedisClusterProcesses, RedisProcess, ServerProcess
 from testing.redis_reads import node_port, stream_ids
 from tests.sse_client import iter_messages
@@ -93,8 +93,8 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
     await client.initialize()
     try:
         ids = (f"failover-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
-        victim = next(wf for wf in ids if node_port(client, store.channel(wf)) == master.port)
-        healthy = next(wf for wf in ids if node_port(client, store.channel(wf)) != master.port)
+        victim = next(wf for wf in ids if node_port(client, redis_keys.channel(wf)) == master.port)
+        healthy = next(wf for wf in ids if node_port(client, redis_keys.channel(wf)) != master.port)
     finally:
         await client.aclose()
 
@@ -134,7 +134,7 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
         redis = RedisCluster.from_url(f"redis://127.0.0.1:{replica.port}/0")
         try:
             for wf, reader in readers.items():
-                retained = await stream_ids(redis, store.stream_key(wf))
+                retained = await stream_ids(redis, redis_keys.stream_key(wf))
                 got = reader.ids
                 # No duplicate, in order, and nothing the stream retains was missed.
                 assert got == sorted(set(got), key=store.id_key), wf

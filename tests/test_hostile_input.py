@@ -23,7 +23,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from server import app_keys, store
+from server import app_keys, redis_keys
 from server.legacy import legacy_key
 from server.models import MAX_JSON_DEPTH, EventRejected
 from server.progress import history
@@ -64,13 +64,13 @@ async def assert_rejected(
     assert got == status, problem
     assert content_type.startswith(PROBLEM)
     assert problem["status"] == status
-    assert await redis.xlen(store.stream_key(wf)) == 0
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 0
     result: dict[str, Any] = problem
     return result
 
 
 async def stored(redis: Any, wf: str) -> list[dict[str, Any]]:
-    rows = await redis.xrange(store.stream_key(wf))
+    rows = await redis.xrange(redis_keys.stream_key(wf))
     return [json.loads(fields[b"d"]) for _, fields in rows]
 
 
@@ -232,9 +232,9 @@ async def test_the_python_publisher_rejects_deep_and_non_finite_dicts_with_the_s
     loop["self"] = loop
     with pytest.raises(EventRejected, match="deeper than"):
         await publisher.publish(wf, {**node, "output": loop})
-    assert await redis.xlen(store.stream_key(wf)) == 0
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 0
     await publisher.publish(wf, {**node, "output": {"x": deep_list(MAX_JSON_DEPTH - 2)}})
-    assert await redis.xlen(store.stream_key(wf)) == 1
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 1
 
 
 # The legacy bridge -----------------------------------------------------------------------
@@ -268,7 +268,7 @@ async def test_the_legacy_bridge_counts_deep_and_non_finite_messages_as_invalid(
         await asyncio.sleep(0.025)
     assert (ingest.received, ingest.invalid, ingest.failed) == (1, 1, 0)
     assert any(reason in r.getMessage() for r in caplog.records), caplog.text
-    assert await redis.xlen(store.stream_key(wf)) == 0
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 0
 
 
 # CORS ------------------------------------------------------------------------------------
@@ -373,9 +373,9 @@ async def test_the_node_type_hash_stays_under_its_cap_and_keeps_the_busy_types(
 ) -> None:
     redis, prefix = hist
     cap = history.MAX_HISTORY_FIELDS
-    key = history.types_key(prefix=prefix)
+    key = redis_keys.history_types_key(prefix=prefix)
     # A hash already full of one-off types, as 10,000 workflows of junk publishers leave it.
-    recent = history.recent_key(key, prefix=prefix)
+    recent = redis_keys.history_recent_key(key, prefix=prefix)
     await redis.hset(key, mapping={f"junk-{i}": "1 0.0 0.0" for i in range(cap)})
     await redis.hset(recent, mapping={f"junk-{i}": "1 0 0 5 " for i in range(cap)})
     busy = [(None, "n", "busy", 2.0)] * 5
@@ -404,6 +404,6 @@ async def test_a_definition_hash_stays_under_its_cap_when_node_ids_never_repeat(
     for run in range(3):  # node ids made up per run: the definition would grow without end
         items = [("def-x", f"run{run}-n{i}", None, 1.0) for i in range(cap // 2 + 1)]
         await history.record(redis, items, ttl_seconds=60, prefix=prefix)
-    key = history.definition_key("def-x", prefix=prefix)
+    key = redis_keys.history_definition_key("def-x", prefix=prefix)
     assert await redis.hlen(key) == cap
-    assert await redis.hlen(history.recent_key(key, prefix=prefix)) == cap
+    assert await redis.hlen(redis_keys.history_recent_key(key, prefix=prefix)) == cap

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import store
+from server import redis_keys, store
 from server.app import create_app
 from server.settings import Settings
 from testing.procs import RedisProcess
@@ -47,7 +47,7 @@ async def check_all_stored(redis: Any, wf: str, answers: list[tuple[int, str, An
     """Every answer is a 201 whose id holds exactly the event it was sent with."""
     failures = [a for a in answers if a[0] != 201]
     assert not failures, f"{len(failures)} of {len(answers)} failed, e.g. {failures[:3]}"
-    rows = await redis.xrange(store.stream_key(wf))
+    rows = await redis.xrange(redis_keys.stream_key(wf))
     by_id = {eid.decode(): json.loads(fields[b"d"]) for eid, fields in rows}
     node_of_answer = [by_id[body["ids"][0]]["node_id"] for _, _, body in answers]
     assert node_of_answer == [f"n{i}" for i in range(len(answers))]
@@ -107,7 +107,7 @@ async def test_concurrent_retries_of_one_idempotency_key_store_it_once(
         answers = await post_all(session, [url] * 50, [event] * 50)
     assert {a[0] for a in answers} == {201}
     assert len({a[2]["ids"][0] for a in answers}) == 1
-    assert await redis.xlen(store.stream_key(wf)) == 1
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 1
 
 
 async def test_a_publish_answered_503_by_a_frozen_redis_is_not_stored_when_it_thaws() -> None:
@@ -138,10 +138,10 @@ async def test_a_publish_answered_503_by_a_frozen_redis_is_not_stored_when_it_th
             async with Redis.from_url(proc.url) as client:
                 for _ in range(3):  # Redis reads the buffered script before answering these
                     assert await client.ping()
-                assert await client.xlen(store.stream_key(wf)) == 1
+                assert await client.xlen(redis_keys.stream_key(wf)) == 1
                 async with s.post(events_url, json=retried) as resp:  # the client's retry
                     assert resp.status == 201
-                rows = await stream_entries(client, store.stream_key(wf))
+                rows = await stream_entries(client, redis_keys.stream_key(wf))
             assert [json.loads(f[b"d"])["event_type"] for _, f in rows] == [
                 "node_started", "node_completed"
             ]  # fmt: skip
@@ -167,13 +167,13 @@ async def test_idempotency_keys_are_bounded_while_recent_retries_still_store_not
             ]  # fmt: skip
             async with s.post(url, json=batch) as resp:
                 assert resp.status == 201
-        assert await redis.hlen(store.idempotency_key(wf)) == store.IDEMPOTENCY_KEYS
-        assert await redis.llen(store.idempotency_order_key(wf)) == store.IDEMPOTENCY_KEYS
-        assert await redis.xlen(store.stream_key(wf)) == 10
-        last = await redis.xrevrange(store.stream_key(wf), count=1)
+        assert await redis.hlen(redis_keys.idempotency_key(wf)) == store.IDEMPOTENCY_KEYS
+        assert await redis.llen(redis_keys.idempotency_order_key(wf)) == store.IDEMPOTENCY_KEYS
+        assert await redis.xlen(redis_keys.stream_key(wf)) == 10
+        last = await redis.xrevrange(redis_keys.stream_key(wf), count=1)
         recent = {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
                   "idempotency_key": f"k{total - 1}"}  # fmt: skip
         async with s.post(url, json=recent) as resp:
             assert resp.status == 201
             assert (await resp.json())["ids"] == [last[0][0].decode()]  # the first id
-    assert await redis.xrevrange(store.stream_key(wf), count=1) == last  # nothing new
+    assert await redis.xrevrange(redis_keys.stream_key(wf), count=1) == last  # nothing new

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import aiohttp
 import pytest
 
-from server import app_keys, connections, problems, store
+from server import app_keys, connections, problems, redis_keys
 from server.app import create_app
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
@@ -71,7 +71,7 @@ async def test_a_late_subscribe_confirmation_does_not_hold_back_a_finished_workf
 ) -> None:
     base, wf = await serve(), new_workflow()
     ids = await publish(base, wf, [{"event_type": "node_started", "node_id": "a"}, DONE])
-    held_confirmations[store.channel(wf)] = asyncio.Event()
+    held_confirmations[redis_keys.channel(wf)] = asyncio.Event()
     started = time.monotonic()
     got: list[str] = []
     async with aiohttp.ClientSession() as s, s.get(f"{base}/workflows/{wf}/events") as resp:
@@ -93,7 +93,7 @@ async def test_history_read_before_a_late_confirmation_is_read_again_after_it(
 ) -> None:
     base, wf = await serve(), new_workflow()
     first = await publish(base, wf, [{"event_type": "node_started", "node_id": "a"}])
-    release = held_confirmations[store.channel(wf)] = asyncio.Event()
+    release = held_confirmations[redis_keys.channel(wf)] = asyncio.Event()
     got: list[str] = []
     async with aiohttp.ClientSession() as s, s.get(f"{base}/workflows/{wf}/events") as resp:
         assert resp.status == 200
@@ -120,7 +120,7 @@ async def test_a_late_confirmation_does_not_hold_back_the_first_progress_object(
 ) -> None:
     base, wf = await serve(), new_workflow()
     ids = await publish(base, wf, [{"event_type": "node_started", "node_id": "a"}])
-    held_confirmations[store.channel(wf)] = asyncio.Event()
+    held_confirmations[redis_keys.channel(wf)] = asyncio.Event()
     headers = {"Accept": "text/event-stream"}
     async with (
         aiohttp.ClientSession() as s,

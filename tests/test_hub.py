@@ -12,7 +12,7 @@ import aiohttp
 import fakeredis
 import pytest
 
-from server import app_keys, store
+from server import app_keys, redis_keys
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame, Live, Subscription
 from server.fanout.upstream import parse_message, parse_messages
@@ -43,7 +43,7 @@ async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
     base = await serve()
     hub = serve.apps[0][app_keys.hub_key]
     workflows = [new_workflow() for _ in range(50)]
-    channels = [store.channel(wf) for wf in workflows]
+    channels = [redis_keys.channel(wf) for wf in workflows]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         responses = []
         for i in range(200):
@@ -136,7 +136,7 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
     # Chunked transfer encoding: strip the chunk framing before parsing SSE.
     msgs = Parser().feed(_dechunk(body))
     ids = [m.id for m in msgs if m.id]
-    stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+    stored = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
     assert ids == stored and len(ids) == n + 1
 
 
@@ -169,7 +169,7 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
             asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events")) for wf in workflows
         ]
         await wait_until(lambda: _true(hub.channel_count == 30))
-        shards = {redis.get_node_from_key(store.channel(wf)).name for wf in workflows}
+        shards = {redis.get_node_from_key(redis_keys.channel(wf)).name for wf in workflows}
         assert hub.connection_count == len(shards) == 3  # 30 workflows, 3 connections
         for wf in workflows:
             await publisher.publish(wf, DONE)
@@ -253,7 +253,7 @@ async def test_a_fresh_cluster_client_takes_concurrent_first_commands(cluster_ur
     url = cluster_url.replace("redis://", "redis+cluster://", 1)
     for _ in range(3):
         async with open_redis(url) as client:
-            keys_ = [store.stream_key(f"fresh-{i}") for i in range(20)]
+            keys_ = [redis_keys.stream_key(f"fresh-{i}") for i in range(20)]
             replies = await asyncio.gather(
                 *(client.xrevrange(k, count=1) for k in keys_), return_exceptions=True
             )
@@ -337,7 +337,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
         writer.write(request.encode())
 
         async def parked() -> bool:  # caught up: the hub writes what follows to the socket
-            chan = hub._channels.get(store.channel(wf))
+            chan = hub._channels.get(redis_keys.channel(wf))
             return chan is not None and any(sub.direct for sub in chan.subs)
 
         await wait_until(parked)
@@ -350,7 +350,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
     head, _, body = raw.partition(b"\r\n\r\n")
     assert (b"transfer-encoding: chunked" in head.lower()) == (version == "1.1")
     msgs = Parser().feed(_dechunk(body) if version == "1.1" else body)
-    stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
+    stored = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
     assert [m.id for m in msgs if m.id] == stored and len(stored) == 6
     assert msgs[-1].event == "workflow_state_changed"
 

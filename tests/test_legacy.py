@@ -18,7 +18,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server import app_keys, store
+from server import app_keys, redis_keys
 from server.legacy import (
     KEY_PREFIX,
     InvalidMessage,
@@ -209,11 +209,11 @@ async def test_two_bridges_store_each_message_once_and_refuse_invalid_ones(
             await redis.publish(channel, json.dumps(event))
 
         async def all_stored() -> bool:
-            return bool(await redis.xlen(store.stream_key(wf)) >= len(events))
+            return bool(await redis.xlen(redis_keys.stream_key(wf)) >= len(events))
 
         await wait_for(all_stored)
         await wait_for(lambda: _done(bridges, len(events) + 2))
-        rows = await redis.xrange(store.stream_key(wf))
+        rows = await redis.xrange(redis_keys.stream_key(wf))
         stored = [json.loads(fields[b"d"]) for _, fields in rows]
         assert [(e["event_type"], e.get("node_id")) for e in stored] == [
             (e["event_type"], e.get("node_id")) for e in events
@@ -245,7 +245,7 @@ async def test_byte_identical_messages_are_one_event(
         for _ in range(3):
             await redis.publish(f"workflow:{wf}:events", raw)
         await wait_for(lambda: _done([bridge], 3))
-        assert await redis.xlen(store.stream_key(wf)) == 1
+        assert await redis.xlen(redis_keys.stream_key(wf)) == 1
     finally:
         await bridge.close()
 
@@ -270,12 +270,12 @@ async def test_the_bridge_resubscribes_after_a_redis_restart() -> None:
             # same bytes each time, so however many arrive, one event is stored).
             while True:
                 with contextlib.suppress(RedisError):
-                    if await client.xlen(store.stream_key("r1")) == 1:
+                    if await client.xlen(redis_keys.stream_key("r1")) == 1:
                         break
                     await client.publish("workflow:r1:events", raw)
                 await asyncio.sleep(0.1)
         await asyncio.sleep(0.3)
-        assert await client.xlen(store.stream_key("r1")) == 1
+        assert await client.xlen(redis_keys.stream_key("r1")) == 1
     finally:
         await bridge.close()
         await client.aclose()
@@ -321,7 +321,7 @@ async def test_emit_node_event_and_emit_state_change_publish_like_publish(
         await pub.emit_node_event(wf, "node_failed", "n2", error="boom"),
         await pub.emit_state_change(wf, "RUNNING", "FAILED", reason="n2 failed"),
     ]
-    rows = await redis.xrange(store.stream_key(wf))
+    rows = await redis.xrange(redis_keys.stream_key(wf))
     assert [r[0].decode() for r in rows] == ids
     stored = [json.loads(fields[b"d"]) for _, fields in rows]
     assert {k: v for k, v in stored[0].items() if k != "timestamp"} == {
@@ -400,7 +400,7 @@ async def test_two_servers_store_every_original_publish_once_and_survive_a_sigki
             (e["event_type"], e.get("node_id")) for e in events
         ]
         assert len({m.id for m in messages}) == len(events)
-        assert await real.xlen(store.stream_key(wf)) == len(events)
+        assert await real.xlen(redis_keys.stream_key(wf)) == len(events)
         assert progress["state"] == "COMPLETED" and progress["completed_nodes"] == 150
         assert progress["last_event_id"] == messages[-1].id
         assert invalid_after - invalid_before == 2
@@ -422,5 +422,5 @@ async def test_two_servers_store_every_original_publish_once_and_survive_a_sigki
     finally:
         for s in servers:
             s.stop()
-        await real.delete(*store.workflow_keys(wf))
+        await real.delete(*redis_keys.workflow_keys(wf))
         await real.aclose()

@@ -13,7 +13,7 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server import store
+from server import redis_keys
 from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL, REQUIRE_REDIS
 from tests.sse_client import Parser
@@ -224,5 +224,5 @@ async def test_stalled_reader_keeps_rss_bounded_and_another_client_is_not_delaye
             stalled.close()
         server.stop()
         if redis is not None:
-            await redis.delete(*store.workflow_keys(wf), *store.workflow_keys(control_wf))
+            await redis.delete(*redis_keys.workflow_keys(wf), *redis_keys.workflow_keys(control_wf))
             await redis.aclose()

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import aiohttp
@@ -34,9 +35,25 @@ async def test_the_wheel_built_from_the_sdist_serves_the_dashboard_when_installe
     run(sys.executable, "-m", "build", "--outdir", dist, ROOT, cwd=tmp_path)
     wheels = list(dist.glob("*.whl"))
     assert len(wheels) == 1 and list(dist.glob("*.tar.gz"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        assert "server/lua/append.lua" in wheel.namelist()
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     run(env_dir / "bin" / "python", "-m", "pip", "install", "-q", wheels[0], cwd=tmp_path)
+    # The installed package loads its append script (package data, not the checkout's).
+    loads = (
+        "from server import append_script as a; assert 'XADD' in a.APPEND_LUA; print(a.__file__)"
+    )
+    loaded = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-c", loads],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert Path(loaded.stdout.strip()).is_relative_to(env_dir)
 
     elsewhere = tmp_path / "elsewhere"  # not the checkout: nothing found by accident
     elsewhere.mkdir()

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth, store
+from server import auth, redis_keys
 from server.overview import runs
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
@@ -174,7 +174,7 @@ async def test_an_expired_run_is_no_longer_listed_and_leaves_the_index(
     await publish(base, gone, [plan(definition, "a"), state("RUNNING")])
     assert await walk(base, 10, definition_id=definition) == [gone]
     deadline = time.monotonic() + 10
-    while await redis.exists(store.progress_key(gone)):
+    while await redis.exists(redis_keys.progress_key(gone)):
         assert time.monotonic() < deadline, "the workflow's keys did not expire"
         await asyncio.sleep(0.1)
     await publish(base, kept, [plan(definition, "a"), state("RUNNING")])
@@ -320,6 +320,6 @@ async def test_sweep_forgets_runs_whose_keys_are_gone(
     gone, kept = new_workflow(), new_workflow()
     for i, wf in enumerate((gone, kept)):
         await index.note(wf, f"{i + 1}-0", [_state_event("RUNNING")])
-    await redis.set(store.progress_key(kept), b"x")  # stands for a live run's keys
+    await redis.set(redis_keys.progress_key(kept), b"x")  # stands for a live run's keys
     assert await index.sweep() >= 1
     assert set(await index.records([gone, kept])) == {kept}

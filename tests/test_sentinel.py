@@ -26,7 +26,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import redis_client, store
+from server import redis_client, redis_keys
 from server.app import create_app
 from server.redis_client import parse_sentinel_url
 from server.settings import Settings, from_sources
@@ -98,7 +98,7 @@ async def test_with_min_replicas_ack_a_publish_is_503_until_a_replica_holds_it()
                     assert resp.status == 503 and resp.headers["Retry-After"] == "1"
                     assert problem["type"] == "/problems/outcome-unknown"
                     assert "0 confirmed" in problem["detail"]
-            assert await client.xlen(store.stream_key("wait-1")) == 1
+            assert await client.xlen(redis_keys.stream_key("wait-1")) == 1
             replica.extra = ["--replicaof", "127.0.0.1", str(primary.port)]
             replica.start()
             await wait_until(
@@ -106,7 +106,7 @@ async def test_with_min_replicas_ack_a_publish_is_503_until_a_replica_holds_it()
             )
             async with s.post(post, json=body) as resp:  # the same key: answered now
                 assert resp.status == 201, await resp.text()
-            assert await client.xlen(store.stream_key("wait-1")) == 1
+            assert await client.xlen(redis_keys.stream_key("wait-1")) == 1
             async with s.post(post, json={**body, "idempotency_key": "k2"}) as resp:
                 assert resp.status == 201  # a new event: stored and replicated at once
     finally:
@@ -362,7 +362,7 @@ async def fail_over(
 
     redis = Redis(port=new_primary.port)
     try:
-        rows = await stream_entries(redis, store.stream_key(wf))
+        rows = await stream_entries(redis, redis_keys.stream_key(wf))
     finally:
         await redis.aclose()
     stored = [(i.decode(), _message(f)) for i, f in rows]

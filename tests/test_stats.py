@@ -15,7 +15,7 @@ import aiohttp
 import jwt
 import pytest
 
-from server import auth, progress
+from server import auth, progress, redis_keys
 from server.models import event_adapter
 from server.progress import history
 from tests.conftest import HISTORY_PREFIX, Serve
@@ -259,8 +259,8 @@ async def test_the_recent_record_keeps_the_last_durations_and_counts_every_run(
     assert node.durations == expected
     assert node.node_type == kind and types[kind].durations == expected
     assert history.figures(node)["last_seen"] == "2023-11-14T22:13:20.500Z"
-    key = history.definition_key(definition, prefix=prefix)
-    assert 0 < await redis.ttl(history.recent_key(key, prefix=prefix)) <= 60
+    key = redis_keys.history_definition_key(definition, prefix=prefix)
+    assert 0 < await redis.ttl(redis_keys.history_recent_key(key, prefix=prefix)) <= 60
     # The ETA's log-stats are as before: Welford over the same durations.
     view = await history.load(redis, definition, ["n"], [kind], prefix=prefix)
     stats = view.for_node(definition, "n")

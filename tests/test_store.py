@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from server import progress, store
+from server import progress, redis_keys
 from server.models import Event, event_adapter
+from server.progress import parts
 from server.store import Store
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
@@ -64,7 +65,7 @@ def _parts(state: progress.FoldState) -> tuple[bytes, dict[str, bytes]]:
 async def replayed_state(redis: Any, wf: str) -> tuple[bytes, dict[str, bytes]]:
     """Fold of every stored event in stream order: what the stored state must equal."""
     state = progress.new_state()
-    for _id, fields in await redis.xrange(store.stream_key(wf)):
+    for _id, fields in await redis.xrange(redis_keys.stream_key(wf)):
         state = progress.fold(state, event_adapter.validate_json(fields[b"d"]))
     return _parts(state)
 
@@ -138,7 +139,7 @@ async def test_concurrent_writers_in_several_processes_keep_the_fold_exact(
     # Two appends of one workflow at once in the same process, too.
     await asyncio.gather(*(stores[0].append(wf, [e]) for e in node_events(8, 6, seed=9)))
     await stores[1].append(wf, [ev(500, "workflow_state_changed", to_state="FAILED")])
-    assert await redis.xlen(store.stream_key(wf)) == appended[0] + 8 + 1
+    assert await redis.xlen(redis_keys.stream_key(wf)) == appended[0] + 8 + 1
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
 
 
@@ -152,14 +153,14 @@ async def test_a_big_plan_of_any_text_is_stored_exactly_and_a_smaller_one_drops_
     nodes = [
         {"node_id": f"n{i} {texts[i % 5]}", "node_name": texts[(i + 1) % 5],
          "node_type": texts[(i + 2) % 5], "depends_on": [f"n{i - 1} {texts[(i - 1) % 5]}"]}
-        for i in range(1, store.THREAD_NODES + 500)
+        for i in range(1, parts.THREAD_NODES + 500)
     ]  # fmt: skip
     wf, s = new_workflow(), new_store(redis)
     await s.append(wf, [ev(0, "workflow_planned", nodes=[{"node_id": "n0 " + texts[0]}, *nodes])])
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
     await s.append(wf, [ev(1, "workflow_planned", nodes=[{"node_id": "n0 " + texts[0]}])])
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
-    fields = await redis.hkeys(store.progress_key(wf))
+    fields = await redis.hkeys(redis_keys.progress_key(wf))
     assert sorted(f for f in fields if f.startswith(b"n:")) == [f"n:n0 {texts[0]}".encode()]
 
 
@@ -168,7 +169,7 @@ async def test_a_workflow_that_expired_and_came_back_is_not_mistaken_for_the_cac
 ) -> None:
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
     await a.append(wf, [ev(1, "node_started", node_id="old")])
-    await redis.delete(*store.workflow_keys(wf))  # as if it expired
+    await redis.delete(*redis_keys.workflow_keys(wf))  # as if it expired
     await asyncio.sleep(0.01)  # expiry takes RETENTION_SECONDS: the new ids are later
     await b.append(wf, [ev(2, "node_started", node_id="new")])  # ver is 1 again
     await a.append(wf, [ev(3, "node_completed", node_id="new")])
@@ -195,7 +196,7 @@ async def test_idempotency_keys_with_a_cached_state_store_once(
     )
     assert mixed.ids[0] == other.ids[0] and mixed.ids[1] == mixed.ids[2]
     assert len(mixed.new_events) == 1
-    assert await redis.xlen(store.stream_key(wf)) == 3
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 3
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
 
 
@@ -206,12 +207,12 @@ async def test_the_cache_stays_within_its_budget(
     workflows = [new_workflow() for _ in range(6)]
     for wf in workflows:
         await s.append(wf, [plan(5)])
-        assert s._weight <= 30
-        assert s._weight == sum(v.weight for v in s._views.values())
-    assert list(s._views) == workflows[-3:]  # 9 each: the three written last
+        assert s.cache.weight <= 30
+        assert s.cache.weight == sum(v.weight for v in s.cache.views.values())
+    assert list(s.cache.views) == workflows[-3:]  # 9 each: the three written last
     big = new_workflow()
     await s.append(big, [plan(40)])  # heavier than the whole budget: not kept
-    assert big not in s._views
+    assert big not in s.cache.views
     for wf in workflows:
         await s.append(wf, [ev(1, "node_started", node_id="n1")])
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
@@ -222,11 +223,11 @@ async def test_saving_what_was_shown_neither_extends_nor_revives_a_workflow(
 ) -> None:
     wf, s = new_workflow(), Store(redis, maxlen=10_000, retention_seconds=60)
     await s.append(wf, [ev(1, "node_started", node_id="n")])
-    key = store.progress_key(wf)
+    key = redis_keys.progress_key(wf)
     await redis.pexpire(key, 5_000)  # as if the last event were 55 s old
     await s.save_shown(wf, b"shown")
     assert 0 < await redis.pttl(key) <= 5_000
     assert await redis.hget(key, "shown") == b"shown"
     gone = new_workflow()  # expired, or never known: a poll must not create its key
     await s.save_shown(gone, b"shown")
-    assert await redis.exists(store.progress_key(gone)) == 0
+    assert await redis.exists(redis_keys.progress_key(gone)) == 0

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
+from server import redis_keys, store
 from server.fanout.hub import Hub
 from server.store import Store
 from testing.procs import ServerProcess
@@ -104,10 +104,10 @@ async def test_a_missed_write_drops_the_view_and_costs_a_retry_not_a_wrong_state
         await b.append(wf, [ev(3, "node_completed", node_id="x")])
         await published.wait_for(3)
         a.follow(wf, published.messages[2])  # the second of b's, without the first
-        assert wf not in a._views
+        assert wf not in a.cache.views
         await a.append(wf, [ev(4, "node_progress", node_id="x", fraction=0.5)])
         a.follow(wf, b"=1 2 x")  # not this version's form: forgotten, the hub unharmed
-        assert wf not in a._views
+        assert wf not in a.cache.views
         attempts = Attempts(a)
         await a.append(wf, [ev(5, "node_completed", node_id="x")])
         assert attempts.lost == 0  # read afresh
@@ -127,13 +127,13 @@ async def test_a_write_over_a_state_of_the_same_version_but_another_last_id_is_n
     try:
         await a.append(wf, [ev(1, "node_started", node_id="x")])
         await a.append(wf, [ev(2, "node_completed", node_id="x")])
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
         await b.append(wf, [ev(3, "node_started", node_id="y")])
         await b.append(wf, [ev(4, "node_started", node_id="z")])  # version 2 again
         await b.append(wf, [ev(5, "node_completed", node_id="y")])  # written over it
         await published.wait_for(5)
         a.follow(wf, published.messages[-1])
-        assert wf not in a._views
+        assert wf not in a.cache.views
         await a.append(wf, [ev(6, "node_completed", node_id="z")])
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
     finally:
@@ -228,7 +228,7 @@ async def test_two_server_processes_appending_to_one_workflow_at_once_store_it_e
         await asyncio.wait_for(asyncio.gather(*readers), 30)
         stored = [
             raw.decode() if isinstance(raw, bytes) else raw
-            for raw, _ in await redis.xrange(store.stream_key(wf))
+            for raw, _ in await redis.xrange(redis_keys.stream_key(wf))
         ]
         assert seen[0] == stored and seen[1] == stored  # none lost, none twice, in order
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
@@ -238,7 +238,7 @@ async def test_two_server_processes_appending_to_one_workflow_at_once_store_it_e
         for srv in servers:
             srv.end(signal.SIGTERM)  # a clean exit deletes its watcher counts
             srv.stop()
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
 
 
 async def _progress(url: str, wf: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import store
+from server import redis_keys
 from server.client.watch import SSEParser, format_duration
 from testing.procs import ServerProcess, free_port, server_env
 from tests.conftest import REDIS_URL, real_redis_or_skip
@@ -226,7 +226,7 @@ async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) 
             watch.kill()
         for srv in servers:
             srv.stop()
-        await redis.delete(*store.workflow_keys(wf))
+        await redis.delete(*redis_keys.workflow_keys(wf))
         await redis.aclose()
     assert code == 0, err
     assert event_types(watch.out) == [e["event_type"] for e in events]

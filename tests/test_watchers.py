@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from server import redis_keys
 from server.streams import watchers
 from server.streams.watchers import Reporter, WatcherCounts
 from testing.procs import RedisProcess, ServerProcess
@@ -49,7 +50,7 @@ async def reporters(redis: Any) -> AsyncIterator[Reporters]:
     yield made
     for reporter in made.made:
         await redis.delete(reporter.key)
-    await redis.delete(watchers.procs_key(prefix=made.prefix))
+    await redis.delete(redis_keys.watcher_procs_key(prefix=made.prefix))
 
 
 async def test_counts_of_several_processes_are_summed(reporters: Reporters) -> None:
@@ -97,7 +98,7 @@ async def test_an_idle_process_writes_nothing_and_a_clean_exit_removes_its_repor
 ) -> None:
     idle, busy = reporters(), reporters()
     await idle.report()
-    assert await redis.exists(idle.key, watchers.procs_key(prefix=reporters.prefix)) == 0
+    assert await redis.exists(idle.key, redis_keys.watcher_procs_key(prefix=reporters.prefix)) == 0
     busy.counts.opened("a")
     await busy.report()
     busy.counts.closed("a")
@@ -106,7 +107,7 @@ async def test_an_idle_process_writes_nothing_and_a_clean_exit_removes_its_repor
     busy.counts.opened("a")
     await busy.report()
     await busy.remove()
-    assert await redis.exists(busy.key, watchers.procs_key(prefix=reporters.prefix)) == 0
+    assert await redis.exists(busy.key, redis_keys.watcher_procs_key(prefix=reporters.prefix)) == 0
     assert await reporters.read("a") == {"a": 0}
 
 

@@ -10,7 +10,7 @@ import uuid
 
 import aiohttp
 
-from server import store
+from server import redis_keys
 from testing.procs import ServerProcess
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.sse_client import collect
@@ -84,7 +84,7 @@ async def test_two_workers_share_the_port_restart_on_crash_and_stop_on_sigterm()
     finally:
         server.stop()
         real = await real_redis_or_skip()
-        await real.delete(*store.workflow_keys(wf))
+        await real.delete(*redis_keys.workflow_keys(wf))
         await real.aclose()
 
 

@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from server import store
+from server import redis_keys
 from server.fanout.ring import DEFAULT_QUEUE_BYTES, Channel, Subscription
 from server.fanout.upstream import Upstream, parse_messages
 from server.store import AnyRedis
@@ -62,7 +62,7 @@ class Hub:
         self._on_reconnect = on_reconnect or (lambda: None)
         self._on_overflow = on_overflow or (lambda: None)
         self._channels: dict[str, Channel] = {}
-        self._control = f"wfsse:hub:{os.getpid()}:{id(self)}"
+        self._control = redis_keys.hub_control_channel(os.getpid(), id(self))
         self._cluster = isinstance(redis, RedisCluster)
         self._upstreams: dict[str, Upstream] = {}
         self.overflows = 0  # subscribers that fell behind and were sent to catch up
@@ -164,7 +164,7 @@ class Hub:
         503. On a cluster only that shard counts: the others keep serving."""
         if not self._cluster:
             return self.redis_down
-        name = store.channel(workflow_id)
+        name = redis_keys.channel(workflow_id)
         try:
             node: Any = self._redis.get_node_from_key(name)  # type: ignore[union-attr]
         except NO_OWNER:
@@ -180,7 +180,7 @@ class Hub:
         """Register a reader and ask Redis for its channel. Its stream must wait for
         `sub.confirmed` before reading history (the hub wakes it then), so that nothing
         published after the read can be missed."""
-        name = store.channel(workflow_id)
+        name = redis_keys.channel(workflow_id)
         chan = self._channels.get(name)
         if chan is None:
             try:
@@ -199,7 +199,7 @@ class Hub:
         """Forget a reader; unsubscribe its channel after the last one."""
         chan = sub.channel
         chan.subs.discard(sub)
-        name = store.channel(sub.workflow_id)
+        name = redis_keys.channel(sub.workflow_id)
         if not chan.subs and self._channels.get(name) is chan:
             del self._channels[name]
             await chan.upstream.unsubscribe(name)

@@ -35,7 +35,7 @@ def parse_message(payload: bytes) -> Frame:
 
 
 def parse_messages(payload: bytes) -> list[Frame]:
-    """A live message: one event per line, in stored order (see store.APPEND_LUA).
+    """A live message: one event per line, in stored order (see server/lua/append.lua).
 
     parse_message() per line, inlined: every process pays this for every event of the
     workflows it streams (a third less per event). The ids are the stream's own."""

@@ -37,9 +37,10 @@ from server import app_keys, connections, sse
 from server.fanout.hub import Hub
 from server.fanout.ring import Subscription, Wakeup
 from server.models import TERMINAL_STATES
-from server.overview.runs import RunIndex, notice_channel_id
+from server.overview.runs import RunIndex
 from server.overview.summaries import list_page, summaries
 from server.progress.service import ProgressService
+from server.redis_keys import runs_notice_id
 from server.streams.events import Heartbeat
 from server.streams.watchers import watchers
 
@@ -163,7 +164,7 @@ class OverviewFeed:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         for k in range(self.index.shards):
-            sub = await self.hub.attach(notice_channel_id(k, prefix=self.index.prefix))
+            sub = await self.hub.attach(runs_notice_id(k, prefix=self.index.prefix))
             self._notices.append(sub)
             self._tasks.append(loop.create_task(self._read_notices(sub)))
         self._tasks.append(loop.create_task(self._tick()))

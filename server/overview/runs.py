@@ -54,6 +54,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from server.models import Event, WorkflowPlanned, WorkflowStateChanged
+from server.redis_keys import (
+    PREFIX,
+    channel,
+    progress_key,
+    runs_keys,
+    runs_notice_id,
+    runs_shard_tag,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -341,18 +349,6 @@ def shard_of(workflow_id: str, shards: int) -> int:
     return zlib.adler32(workflow_id.encode()) % shards
 
 
-def shard_tag(k: int, *, prefix: str = "wfsse") -> str:
-    """A shard's hash tag, which every key of the shard starts with."""
-    return f"{{{prefix}:runs:{k}}}"
-
-
-def notice_channel_id(k: int, *, prefix: str = "wfsse") -> str:
-    """The pseudo workflow id whose live channel carries the shard's notices (a new run, a
-    changed state): `store.channel()` of it shares the shard's slot, and no real workflow
-    can have it (a `:` is not allowed in a workflow id)."""
-    return f"{prefix}:runs:{k}"
-
-
 def index_changes(events: Sequence[Event]) -> tuple[str | None, str | None, bool]:
     """The state and definition these events leave the run with, as far as they set them:
     (state or None if unchanged, definition or None, whether a plan set the definition)."""
@@ -375,7 +371,7 @@ class RunIndex:
         redis: Any,
         *,
         retention_seconds: int,
-        prefix: str = "wfsse",
+        prefix: str = PREFIX,
         clock: Any = time.time,
         on_error: Callable[[], None] = lambda: None,
         on_write: Callable[[], None] = lambda: None,
@@ -401,8 +397,7 @@ class RunIndex:
         self.on_write = on_write  # one update script sent
 
     def _keys(self, k: int) -> list[str]:
-        tag = shard_tag(k, prefix=self.prefix)
-        return [f"{tag}:all", f"{tag}:rec"]
+        return runs_keys(k, prefix=self.prefix)
 
     async def note(self, workflow_id: str, last_id: str, events: Sequence[Event]) -> bool:
         """After an append of `events` (the last stored as `last_id`): write the index if a
@@ -451,9 +446,7 @@ class RunIndex:
 
     async def _write(self, k: int, rows: list[Any]) -> None:
         """One update script on shard k for runs given 6 values each (see _UPDATE_LUA)."""
-        from server.store import channel
-
-        tag = shard_tag(k, prefix=self.prefix)
+        tag = runs_shard_tag(k, prefix=self.prefix)
         await self._update(
             keys=self._keys(k),
             args=[
@@ -462,7 +455,7 @@ class RunIndex:
                 self.retention_seconds * 1000,
                 CURSOR_SECONDS * 1000,
                 self.publish_command,
-                channel(notice_channel_id(k, prefix=self.prefix)),
+                channel(runs_notice_id(k, prefix=self.prefix)),
                 MOVES_KEPT,
                 *rows,
             ],
@@ -542,7 +535,7 @@ class RunIndex:
         ]
 
         async def one(k: int) -> list[Any]:
-            tag = shard_tag(k, prefix=self.prefix)
+            tag = runs_shard_tag(k, prefix=self.prefix)
             try:
                 rows: list[Any] = await self._page(keys=self._keys(k), args=[tag, *args_tail])
             except ResponseError as exc:
@@ -574,7 +567,7 @@ class RunIndex:
             by_shard.setdefault(shard_of(w, self.shards), []).append(w)
 
         async def one(k: int, ids: list[str]) -> list[tuple[str, Any]]:
-            tag = shard_tag(k, prefix=self.prefix)
+            tag = runs_shard_tag(k, prefix=self.prefix)
             raws = await self._records(keys=[f"{tag}:rec"], args=ids)
             return list(zip(ids, raws, strict=True))
 
@@ -589,8 +582,6 @@ class RunIndex:
     async def sweep(self) -> int:
         """Forget every run whose keys are gone now (expiry does it lazily; a test suite
         cleaning up after itself does it at once). Returns how many were forgotten."""
-        from server.store import progress_key
-
         gone: list[str] = []
         for k in range(self.shards):
             # Pairs, not NOVALUES: that needs Redis 7.4.
@@ -615,6 +606,8 @@ class RunIndex:
         for w in workflow_ids:
             by_shard.setdefault(shard_of(w, self.shards), []).append(w)
         for k, ids in by_shard.items():
-            await self._forget(keys=self._keys(k), args=[shard_tag(k, prefix=self.prefix), *ids])
+            await self._forget(
+                keys=self._keys(k), args=[runs_shard_tag(k, prefix=self.prefix), *ids]
+            )
         for w in workflow_ids:
             self._written.pop(w, None)

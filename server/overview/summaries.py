@@ -17,8 +17,10 @@ from typing import Any
 from server import progress
 from server.models import format_timestamp
 from server.overview.runs import Cursor, RunIndex
+from server.progress.parts import META
 from server.progress.service import ProgressService
-from server.store import META, AnyRedis, progress_key
+from server.redis_keys import progress_key
+from server.store import AnyRedis
 from server.streams.watchers import watchers
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

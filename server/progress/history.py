@@ -7,7 +7,6 @@ KEEP_DURATIONS durations), which GET /definitions/{id}/stats reads for p50 and p
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Iterable
@@ -17,6 +16,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+
+from server.redis_keys import (
+    PREFIX,
+    history_definition_key,
+    history_recent_key,
+    history_types_key,
+)
 
 # Older runs weigh less once this many are recorded, so a definition that got slower is
 # followed; below the cap the update is exact Welford.
@@ -35,7 +41,7 @@ EVICTION_SAMPLES = 5
 # a KiB and a full hash of 10,000 nodes under 5 MB).
 KEEP_DURATIONS = 50
 # An item's seconds when it records a failed attempt instead of a duration: the item shape
-# is store.HistoryItem's, (definition_id, node_id, node_type, seconds).
+# is progress.parts.HistoryItem's, (definition_id, node_id, node_type, seconds).
 FAILED_ATTEMPT = -1.0
 # Items per script call: a 10,000-node run's end would otherwise hold Redis for one long
 # script; each item is its own update, so splitting changes nothing but the stall.
@@ -44,7 +50,8 @@ RECORD_CHUNK = 1_000
 RedisClient = Redis | RedisCluster
 
 # Two keys per script call, the log-stats hash and its recent record, which share a slot
-# (recent_key puts the first's name in a hash tag), so the script runs on Redis Cluster.
+# (redis_keys.history_recent_key puts the first's name in a hash tag), so the script runs on
+# Redis Cluster.
 # ARGV: ttl, max_count, max_fields, samples, keep, now (ms), then per item 4 values: field,
 # log_duration ('' for a failed attempt), microseconds ('' for a failed attempt), node_type
 # ('' if unknown). The fields are client strings, fine in a hash field and never in a key
@@ -243,23 +250,6 @@ class MemoryHistory:
         return HistoryView(definition_id, nodes, types)
 
 
-def definition_key(definition_id: str, *, prefix: str = "wfsse") -> str:
-    """Key of a definition's per-node hash; the client string is hashed, never embedded."""
-    digest = hashlib.sha256(definition_id.encode()).hexdigest()
-    return f"{prefix}:hist:def:{digest}"
-
-
-def types_key(*, prefix: str = "wfsse") -> str:
-    """Key of the per-node_type hash shared by all definitions."""
-    return f"{prefix}:hist:types"
-
-
-def recent_key(key: str, *, prefix: str = "wfsse") -> str:
-    """Key of the recent record beside log-stats hash `key`: `key` is its hash tag, so the
-    two share a Redis Cluster slot (and one script call)."""
-    return f"{prefix}:hist:recent:{{{key}}}"
-
-
 async def _eval(redis: RedisClient, keys: list[str], args: list[str]) -> None:
     client: Any = redis
     await client.eval(_RECORD_LUA, len(keys), *keys, *args)
@@ -270,7 +260,7 @@ async def record(
     items: Iterable[tuple[str | None, str, str | None, float]],
     *,
     ttl_seconds: int,
-    prefix: str = "wfsse",
+    prefix: str = PREFIX,
     now: float | None = None,
 ) -> None:
     """Fold (definition_id, node_id, node_type, seconds) items into the stored history;
@@ -285,7 +275,7 @@ async def record(
         else:
             x, micros = repr(log_seconds(seconds)), str(round(seconds * 1_000_000))
         if definition_id is not None:
-            key = definition_key(definition_id, prefix=prefix)
+            key = history_definition_key(definition_id, prefix=prefix)
             per_def.setdefault(key, []).append([node_id, x, micros, node_type or ""])
         if node_type is not None:
             per_type.append([node_type, x, micros, ""])
@@ -296,13 +286,13 @@ async def record(
     ]  # fmt: skip
     scopes = list(per_def.items())
     if per_type:
-        scopes.append((types_key(prefix=prefix), per_type))
+        scopes.append((history_types_key(prefix=prefix), per_type))
     # One atomic script per key and chunk: read-modify-write of Welford stats cannot be a
     # plain HINCRBYFLOAT, and concurrent runs finishing together must not lose an update.
     for key, rows in scopes:
         for start in range(0, len(rows), RECORD_CHUNK):
             args = [value for row in rows[start : start + RECORD_CHUNK] for value in row]
-            await _eval(redis, [key, recent_key(key, prefix=prefix)], head + args)
+            await _eval(redis, [key, history_recent_key(key, prefix=prefix)], head + args)
 
 
 async def load(
@@ -311,20 +301,20 @@ async def load(
     node_ids: list[str],
     node_types: list[str],
     *,
-    prefix: str = "wfsse",
+    prefix: str = PREFIX,
 ) -> HistoryView:
     """Fetch the stats for these nodes and types: at most one HMGET per key."""
     client: Any = redis
     nodes: dict[str, Stats] = {}
     types: dict[str, Stats] = {}
     if definition_id is not None and node_ids:
-        raw = await client.hmget(definition_key(definition_id, prefix=prefix), node_ids)
+        raw = await client.hmget(history_definition_key(definition_id, prefix=prefix), node_ids)
         for node_id, value in zip(node_ids, raw, strict=True):
             stats = _decode(value)
             if stats is not None:
                 nodes[node_id] = stats
     if node_types:
-        raw = await client.hmget(types_key(prefix=prefix), node_types)
+        raw = await client.hmget(history_types_key(prefix=prefix), node_types)
         for node_type, value in zip(node_types, raw, strict=True):
             stats = _decode(value)
             if stats is not None:
@@ -374,13 +364,13 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 
 
 async def load_recent(
-    redis: RedisClient, definition_id: str, *, prefix: str = "wfsse"
+    redis: RedisClient, definition_id: str, *, prefix: str = PREFIX
 ) -> tuple[dict[str, Recent], dict[str, Recent]]:
     """A definition's recent records per node, and those of its node types (across every
     definition, as the ETA uses them): two round trips."""
     client: Any = redis
     raw = await client.hgetall(
-        recent_key(definition_key(definition_id, prefix=prefix), prefix=prefix)
+        history_recent_key(history_definition_key(definition_id, prefix=prefix), prefix=prefix)
     )
     nodes: dict[str, Recent] = {}
     for name, value in raw.items():
@@ -390,7 +380,9 @@ async def load_recent(
     kinds = sorted({r.node_type for r in nodes.values() if r.node_type is not None})
     types: dict[str, Recent] = {}
     if kinds:
-        values = await client.hmget(recent_key(types_key(prefix=prefix), prefix=prefix), kinds)
+        values = await client.hmget(
+            history_recent_key(history_types_key(prefix=prefix), prefix=prefix), kinds
+        )
         for kind, value in zip(kinds, values, strict=True):
             found = decode_recent(value)
             if found is not None:

@@ -32,6 +32,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from server import app_keys
+from server.redis_keys import PREFIX, watcher_process_key, watcher_procs_key
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +41,6 @@ TTL_MS = 5_000  # a report outlives a few missed ones; a dead process's counts l
 FULL_EVERY = 10  # every this many reports the whole hash is rewritten (repairs a lost diff)
 PRUNE_MS = 60_000  # the process set forgets a process that has not reported for this long
 REMOVE_TIMEOUT = 1.0  # a clean shutdown waits at most this long for a report, and a removal
-
-
-def _tag(prefix: str) -> str:
-    return f"{{{prefix}:watchers}}"
-
-
-def procs_key(*, prefix: str = "wfsse") -> str:
-    """Sorted set: the process ids that reported recently, scored by their last report (ms)."""
-    return f"{_tag(prefix)}:procs"
-
-
-def process_key(process_id: str, *, prefix: str = "wfsse") -> str:
-    """Hash: one process's open streams per workflow id."""
-    return f"{_tag(prefix)}:p:{process_id}"
 
 
 def new_process_id() -> str:
@@ -121,7 +108,7 @@ class Reporter:
         redis: Any,
         counts: WatcherCounts,
         *,
-        prefix: str = "wfsse",
+        prefix: str = PREFIX,
         process_id: str | None = None,
         interval: float = REPORT_SECONDS,
         ttl_ms: int = TTL_MS,
@@ -134,7 +121,7 @@ class Reporter:
         self.interval = interval
         self.ttl_ms = ttl_ms
         self.clock = clock
-        self.key = process_key(self.process_id, prefix=prefix)
+        self.key = watcher_process_key(self.process_id, prefix=prefix)
         self._held = False  # our hash holds counts (as far as we know)
         self._since_full = 0
         self._failed = False
@@ -166,7 +153,7 @@ class Reporter:
             str(self.ttl_ms), self.process_id, str(now), str(now - PRUNE_MS), str(PRUNE_MS),
             mode, json.dumps(flat, ensure_ascii=False),
         ]  # fmt: skip
-        keys = [self.key, procs_key(prefix=self.prefix)]
+        keys = [self.key, watcher_procs_key(prefix=self.prefix)]
         done = await self.redis.eval(_REPORT_LUA, 2, *keys, *args)
         return bool(done)
 
@@ -191,24 +178,24 @@ class Reporter:
         try:
             async with asyncio.timeout(REMOVE_TIMEOUT):
                 await self.redis.delete(self.key)
-                await self.redis.zrem(procs_key(prefix=self.prefix), self.process_id)
+                await self.redis.zrem(watcher_procs_key(prefix=self.prefix), self.process_id)
         except (RedisError, OSError, TimeoutError) as exc:
             logger.debug("watcher report not removed (it expires by itself): %s", exc)
 
 
-async def watchers(redis: Any, workflow_ids: list[str], *, prefix: str = "wfsse") -> dict[str, int]:
+async def watchers(redis: Any, workflow_ids: list[str], *, prefix: str = PREFIX) -> dict[str, int]:
     """Open streams per workflow across every live process: two round trips for any list."""
     ids = list(dict.fromkeys(workflow_ids))
     result = dict.fromkeys(ids, 0)
     if not ids:
         return result
-    members = await redis.zrange(procs_key(prefix=prefix), 0, -1)
+    members = await redis.zrange(watcher_procs_key(prefix=prefix), 0, -1)
     if not members:
         return result
     async with redis.pipeline(transaction=False) as pipe:
         for member in members:
             name = member.decode() if isinstance(member, bytes) else member
-            pipe.hmget(process_key(name, prefix=prefix), ids)
+            pipe.hmget(watcher_process_key(name, prefix=prefix), ids)
         rows = await pipe.execute()
     for row in rows:
         for workflow_id, value in zip(ids, row, strict=True):
