@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from functools import cache
 from typing import Any, get_args
@@ -21,29 +20,6 @@ REF = "#/components/schemas/{model}"
 PROBLEM = "application/problem+json"
 SSE = "text/event-stream"
 
-
-_PROBLEM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "RFC 9457 problem details.",
-    "required": ["type", "title", "status", "detail"],
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer", "minimum": 400, "maximum": 599},
-        "detail": {"type": "string"},
-        "errors": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["loc", "msg"],
-                "properties": {
-                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
-                    "msg": {"type": "string"},
-                },
-            },
-        },
-    },
-}
 
 _REASONS = {
     400: "Malformed JSON, a bad workflow id or a bad Last-Event-ID.",
@@ -385,7 +361,6 @@ def _components() -> dict[str, Any]:
         generated = wire.schema(answer, REF)
         for name, schema in {**generated.pop("$defs", {}), answer.__name__: generated}.items():
             _add(schemas, name, schema)
-    schemas["Problem"] = {"title": "Problem", **copy.deepcopy(_PROBLEM_SCHEMA)}
     schemas["EventMessage"] = _message(
         "EventMessage",
         [*events["discriminator"]["mapping"], "gap"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -13,6 +13,9 @@ from redis.exceptions import RedisError
 from server import app_keys
 from server.fanout.hub import HubUnavailable
 from server.store import AppendConflict, AppendExpired, AppendNotReplicated, AppendUnknown
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class Problem(Exception):
         status: int,
         detail: str,
         *,
-        errors: list[dict[str, Any]] | None = None,
+        errors: list[wire.ProblemError] | None = None,
         headers: Mapping[str, str] | None = None,
         slug: str | None = None,
     ) -> None:
@@ -56,13 +59,13 @@ def problem_response(
     status: int,
     detail: str,
     *,
-    errors: list[dict[str, Any]] | None = None,
+    errors: list[wire.ProblemError] | None = None,
     headers: Mapping[str, str] | None = None,
     slug: str | None = None,
 ) -> web.Response:
     """Build the problem+json response for `status`."""
     title = _TITLES.get(status, "Error")
-    body: dict[str, Any] = {
+    body: wire.Problem = {
         "type": f"/problems/{slug or title.lower().replace(' ', '-')}",
         "title": title,
         "status": status,

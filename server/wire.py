@@ -18,6 +18,7 @@ definitions (`schema()`, pydantic's TypeAdapter), and the tests read the key set
     DefinitionStats  GET /definitions/{id}/stats                        progress.history
       NodeStats, NodeTypeStats
     Problem          every error (RFC 9457)                             problems
+      ProblemError   one of its `errors`                                models.EventRejected
 
 The key order of a definition is the order the answers have on the wire.
 
@@ -27,12 +28,18 @@ imports the limits it documents (page sizes, batch size) from them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,  # pydantic's TypedDict before 3.12
+)
 
 from pydantic import AfterValidator, ConfigDict, Field, NonNegativeInt, TypeAdapter, with_config
 from pydantic.json_schema import WithJsonSchema
-from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
+from typing_extensions import TypedDict
 
 from server.models import MAX_BATCH, State
 from server.overview.runs import CURSOR_SECONDS
@@ -258,9 +265,30 @@ class Accepted(TypedDict):
     ids: Annotated[list[EventId], Field(min_length=1, max_length=MAX_BATCH)]
 
 
+class ProblemError(TypedDict):
+    """Where a request is invalid (a JSON path, or a query parameter), and why."""
+
+    loc: Annotated[
+        Sequence[str | int],
+        WithJsonSchema({"type": "array", "items": {"type": ["string", "integer"]}}),
+    ]
+    msg: str
+
+
+class Problem(TypedDict):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: Annotated[int, Field(ge=400, le=599)]
+    detail: str
+    errors: NotRequired[list[ProblemError]]
+
+
 # Every answer with a component schema of its own, in the order the document lists them.
 ANSWERS: tuple[type[Any], ...] = (
     Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats, Schedule, RunList,
+    Problem,
 )  # fmt: skip
 
 
@@ -295,6 +323,8 @@ __all__ = [
     "NodeStats",
     "NodeStatus",
     "NodeTypeStats",
+    "Problem",
+    "ProblemError",
     "Progress",
     "RunList",
     "RunSummary",

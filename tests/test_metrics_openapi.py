@@ -276,6 +276,16 @@ async def server(
     await redis.aclose()
 
 
+async def test_real_problem_answers_match_the_schema(
+    server: TestClient[web.Request, web.Application],
+) -> None:
+    resp = await server.post("/workflows/wf-oa/events", json=[{"event_type": "node_started"}])
+    assert resp.status == 422 and resp.content_type == "application/problem+json"
+    body = await resp.json()
+    wire.adapter(wire.Problem).validate_python(body)
+    assert body["errors"] and set(body) == wire.keys(wire.Problem) | {"errors"}
+
+
 async def test_real_publish_and_progress_answers_match_the_schemas(
     server: TestClient[web.Request, web.Application],
 ) -> None:
