@@ -8,8 +8,8 @@ definitions (`schema()`, pydantic's TypeAdapter), and the tests read the key set
     Progress         GET /workflows/{id}/progress, `event: progress`   progress.snapshot
       RunningNode    its `running` entries
     Gap              the data of `event: gap` (and the WebSocket's gap)  streams.events
-    Accepted         201 of POST /workflows/{id}/events                 views.publish
-    HistoryPage      GET /workflows/{id}/events as JSON                 views (joined bytes)
+    Accepted         201 of POST /workflows/{id}/events                 views (joined text)
+    HistoryPage      GET /workflows/{id}/events as JSON                 views (joined text)
       StoredEvent    one of its events
     RunSummary       a summary of GET /workflows, `event: run`          overview.summaries
     RunList          GET /workflows                                     views.list_workflows
@@ -20,7 +20,9 @@ definitions (`schema()`, pydantic's TypeAdapter), and the tests read the key set
     Problem          every error (RFC 9457)                             problems
       ProblemError   one of its `errors`                                models.EventRejected
 
-The key order of a definition is the order the answers have on the wire.
+The key order of a definition is the order the answers have on the wire (tests compare
+bytes), except NodeStats and NodeTypeStats: their own keys come first on the wire, the
+shared figures (_Figures) first in the definition.
 
 Modules that build answers import this one only for type checking (`TYPE_CHECKING`): it
 imports the limits it documents (page sizes, batch size) from them.
@@ -30,16 +32,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import (
-    Annotated,
-    Any,
-    Literal,
-    NotRequired,  # pydantic's TypedDict before 3.12
-)
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, NonNegativeInt, TypeAdapter, with_config
 from pydantic.json_schema import WithJsonSchema
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic takes no typing.TypedDict before 3.12
 
 from server.models import MAX_BATCH, State
 from server.overview.runs import CURSOR_SECONDS
@@ -275,14 +272,19 @@ class ProblemError(TypedDict):
     msg: str
 
 
-class Problem(TypedDict):
-    """RFC 9457 problem details."""
-
+class _ProblemFields(TypedDict):
     type: str
     title: str
     status: Annotated[int, Field(ge=400, le=599)]
     detail: str
-    errors: NotRequired[list[ProblemError]]
+
+
+# `total=False`, not NotRequired: under `from __future__ import annotations` a TypedDict
+# cannot read NotRequired (its __required_keys__ would hold `errors`), pydantic can.
+class Problem(_ProblemFields, total=False):
+    """RFC 9457 problem details."""
+
+    errors: list[ProblemError]  # validation errors only
 
 
 # Every answer with a component schema of its own, in the order the document lists them.

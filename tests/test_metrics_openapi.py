@@ -240,6 +240,7 @@ def test_wire_definitions_have_the_spec_keys() -> None:
     assert wire.keys(wire.Accepted) == {"ids"}
     assert wire.keys(wire.RunList) == {"workflows", "next"}
     assert wire.keys(wire.HistoryPage) == {"events", "next", "earliest_available"}
+    assert wire.keys(wire.Problem) == {"type", "title", "status", "detail"}  # `errors`: 422
 
 
 def test_progress_schema_has_every_spec_key_required(doc: dict[str, Any]) -> None:
