@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -29,6 +29,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails
+
+if TYPE_CHECKING:
+    from server import wire
 
 WORKFLOW_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 EVENT_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only: Redis takes no other
@@ -301,7 +304,7 @@ def _validate(raw: dict[str, Any]) -> Event | list[ErrorDetails]:
 class EventRejected(ValueError):
     """An event (or batch) failed validation; `errors` is a list of {loc, msg}."""
 
-    def __init__(self, detail: str, errors: list[dict[str, Any]]) -> None:
+    def __init__(self, detail: str, errors: list[wire.ProblemError]) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors

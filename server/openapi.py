@@ -1,252 +1,25 @@
-"""The OpenAPI 3.1 document of the HTTP API, generated from the pydantic models."""
+"""The OpenAPI 3.1 document of the HTTP API, generated from the event models
+(server.models) and the answers' definitions (server.wire)."""
 
 from __future__ import annotations
 
-import copy
 import json
-from datetime import datetime
 from functools import cache
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, get_args
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
+from server import wire
 from server.models import MAX_BATCH, State, event_adapter
-from server.overview.runs import CURSOR_SECONDS
 from server.overview.runs import PAGE_DEFAULT as RUNS_PAGE_DEFAULT
 from server.overview.runs import PAGE_MAX as RUNS_PAGE_MAX
-from server.progress.history import KEEP_DURATIONS
 from server.views import PAGE_DEFAULT, PAGE_MAX
+from server.wire import EVENT_ID_PATTERN, WORKFLOW_ID_PATTERN
 
 REF = "#/components/schemas/{model}"
-WORKFLOW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-EVENT_ID_PATTERN = r"^[0-9]+-[0-9]+$"
 PROBLEM = "application/problem+json"
 SSE = "text/event-stream"
 
-
-class RunningNode(BaseModel):
-    """A node that runs now."""
-
-    model_config = ConfigDict(extra="forbid", title="RunningNode")
-
-    node_id: str
-    node_name: str | None
-    started_at: datetime | None
-
-
-class Progress(BaseModel):
-    """The progress object of the SPEC: every key always present, null where unknown."""
-
-    # Named as its title: pydantic names a `$defs` entry after the class, and a second name
-    # for one schema made a client generator refuse the duplicate (and drop Gap with it).
-    model_config = ConfigDict(extra="forbid", title="Progress")
-
-    workflow_id: str
-    state: State | None
-    total_nodes: NonNegativeInt
-    total_known: bool
-    completed_nodes: NonNegativeInt
-    failed_nodes: NonNegativeInt
-    skipped_nodes: NonNegativeInt
-    running_nodes: NonNegativeInt
-    percentage: float = Field(ge=0, le=100)
-    time_percentage: float | None = Field(ge=0, le=100)
-    current_node: str | None
-    running: list[RunningNode]
-    started_at: datetime | None
-    updated_at: datetime | None
-    elapsed_seconds: float | None = Field(ge=0)
-    estimated_remaining_seconds: float | None = Field(ge=0)
-    estimated_completion_at: datetime | None
-    last_event_id: str | None = Field(pattern=EVENT_ID_PATTERN)
-
-
-ProgressModel = Progress  # the former name, for code that imports it
-
-
-class Gap(BaseModel):
-    """The data of an `event: gap` frame: history was trimmed past the client's position."""
-
-    model_config = ConfigDict(extra="forbid", title="Gap")
-
-    requested: str = Field(pattern=EVENT_ID_PATTERN)
-    earliest_available: str | None = Field(pattern=EVENT_ID_PATTERN)
-    progress: Progress | None
-
-
-class StoredEvent(BaseModel):
-    """A stored event as a history page lists it: the Event object with its `id` first."""
-
-    # Open: the rest is one of the Event schemas, which forbid an `id` of their own.
-    model_config = ConfigDict(extra="allow", title="StoredEvent")
-
-    id: str = Field(pattern=EVENT_ID_PATTERN)
-    event_type: str
-
-
-class HistoryPage(BaseModel):
-    """A page of the retained history, oldest first."""
-
-    model_config = ConfigDict(extra="forbid", title="HistoryPage")
-
-    events: list[StoredEvent] = Field(max_length=PAGE_MAX)
-    next: str | None = Field(
-        pattern=EVENT_ID_PATTERN,
-        description="Pass as `after` for the next page; null when this page reached the end.",
-    )
-    earliest_available: str = Field(
-        pattern=EVENT_ID_PATTERN, description="The oldest retained event's id."
-    )
-
-
-class _Figures(BaseModel):
-    """What the duration history knows of a node or a node type."""
-
-    runs: NonNegativeInt = Field(description="Completed runs recorded.")
-    p50_seconds: float | None = Field(
-        ge=0, description=f"Median of the last {KEEP_DURATIONS} recorded durations."
-    )
-    p90_seconds: float | None = Field(ge=0, description="90th percentile of the same.")
-    failure_rate: float = Field(
-        ge=0, le=1, description="Failed attempts (node_failed) / (runs + failed attempts)."
-    )
-    last_seen: datetime = Field(description="When the history last recorded it.")
-
-
-class NodeStats(_Figures):
-    """One node of a definition."""
-
-    model_config = ConfigDict(extra="forbid", title="NodeStats")
-
-    node_id: str
-    node_type: str | None
-
-
-class NodeTypeStats(_Figures):
-    """One node type, across every definition (as the ETA uses it)."""
-
-    model_config = ConfigDict(extra="forbid", title="NodeTypeStats")
-
-    node_type: str
-
-
-class RunSummary(BaseModel):
-    """One run in GET /workflows and its overview stream: the figures /progress gives."""
-
-    model_config = ConfigDict(extra="forbid", title="RunSummary")
-
-    workflow_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
-    definition_id: str | None
-    state: State | None
-    total_nodes: NonNegativeInt
-    completed_nodes: NonNegativeInt
-    failed_nodes: NonNegativeInt
-    percentage: float = Field(ge=0, le=100)
-    estimated_remaining_seconds: float | None = Field(ge=0)
-    started_at: datetime | None
-    updated_at: datetime | None
-    watchers: NonNegativeInt = Field(
-        description="Event, progress and WebSocket streams open on the run, all processes "
-        "together (a few seconds behind)."
-    )
-
-
-class RunList(BaseModel):
-    """GET /workflows: the known runs, most recently updated first."""
-
-    model_config = ConfigDict(extra="forbid", title="RunList")
-
-    workflows: list[RunSummary] = Field(max_length=RUNS_PAGE_MAX)
-    next: str | None = Field(
-        description="Pass as `cursor` for the next page of the same walk (valid "
-        f"{CURSOR_SECONDS} s); null at the end."
-    )
-
-
-class DefinitionStats(BaseModel):
-    """GET /definitions/{definition_id}/stats: per node and per node type, sorted by name."""
-
-    model_config = ConfigDict(extra="forbid", title="DefinitionStats")
-
-    definition_id: str = Field(pattern=WORKFLOW_ID_PATTERN)
-    nodes: list[NodeStats] = Field(min_length=1)
-    node_types: list[NodeTypeStats]
-
-
-class ScheduledNode(BaseModel):
-    """One node's real times (from its events) and predicted ones (from the ETA's futures)."""
-
-    model_config = ConfigDict(extra="forbid", title="ScheduledNode")
-
-    node_id: str
-    node_name: str | None
-    node_type: str | None
-    depends_on: list[str]
-    status: Literal["pending", "running", "completed", "failed", "skipped"]
-    attempts: NonNegativeInt
-    started_at: datetime | None = Field(description="The latest attempt's start.")
-    finished_at: datetime | None = Field(description="Its end (completed, failed, skipped).")
-    expected_start_at: datetime | None = Field(
-        description="Predicted start: pending and failed nodes (a retry), while the run goes."
-    )
-    expected_end_at: datetime | None = Field(
-        description="Predicted end: pending, failed and running nodes, while the run goes."
-    )
-
-
-class Schedule(BaseModel):
-    """GET /workflows/{id}/schedule: the plan's nodes in plan order, then unplanned ones."""
-
-    model_config = ConfigDict(extra="forbid", title="Schedule")
-
-    workflow_id: str
-    state: State | None
-    last_event_id: str | None = Field(pattern=EVENT_ID_PATTERN)
-    started_at: datetime | None
-    elapsed_seconds: float | None = Field(ge=0)
-    estimated_remaining_seconds: float | None = Field(
-        ge=0, description="As /progress answers at `as_of` (smoothed)."
-    )
-    estimated_completion_at: datetime | None = Field(
-        description="The latest expected_end_at: the right edge of the schedule."
-    )
-    as_of: datetime = Field(description="The server's clock when it answered.")
-    nodes: list[ScheduledNode]
-
-
-class Accepted(BaseModel):
-    """The answer to a publish: the stored ids, in input order."""
-
-    model_config = ConfigDict(extra="forbid", title="Accepted")
-
-    ids: list[Annotated[str, Field(pattern=EVENT_ID_PATTERN)]] = Field(
-        min_length=1, max_length=MAX_BATCH
-    )
-
-
-_PROBLEM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "RFC 9457 problem details.",
-    "required": ["type", "title", "status", "detail"],
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer", "minimum": 400, "maximum": 599},
-        "detail": {"type": "string"},
-        "errors": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["loc", "msg"],
-                "properties": {
-                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
-                    "msg": {"type": "string"},
-                },
-            },
-        },
-    },
-}
 
 _REASONS = {
     400: "Malformed JSON, a bad workflow id or a bad Last-Event-ID.",
@@ -584,14 +357,10 @@ def _components() -> dict[str, Any]:
             # The model checks it in a validator, invisible to the generated schema.
             schema["properties"]["workflow_id"]["anyOf"][0]["pattern"] = WORKFLOW_ID_PATTERN
     schemas["Event"] = {"title": "Event", **events}
-    models = (
-        Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats, Schedule, RunList,
-    )  # fmt: skip
-    for model in models:
-        generated = model.model_json_schema(ref_template=REF, mode="serialization")
-        for name, schema in {**generated.pop("$defs", {}), model.__name__: generated}.items():
+    for answer in wire.ANSWERS:
+        generated = wire.schema(answer, REF)
+        for name, schema in {**generated.pop("$defs", {}), answer.__name__: generated}.items():
             _add(schemas, name, schema)
-    schemas["Problem"] = {"title": "Problem", **copy.deepcopy(_PROBLEM_SCHEMA)}
     schemas["EventMessage"] = _message(
         "EventMessage",
         [*events["discriminator"]["mapping"], "gap"],

@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -17,6 +17,9 @@ from server.models import EventRejected
 from server.store import AppendConflict, AppendExpired, AppendNotReplicated, AppendUnknown
 from server.streams.registry import StreamsFull
 from server.throttle import Throttle
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 _throttle = Throttle(logger)
@@ -45,7 +48,7 @@ class Problem(Exception):
         status: int,
         detail: str,
         *,
-        errors: list[dict[str, Any]] | None = None,
+        errors: list[wire.ProblemError] | None = None,
         headers: Mapping[str, str] | None = None,
         slug: str | None = None,
     ) -> None:
@@ -61,13 +64,13 @@ def problem_response(
     status: int,
     detail: str,
     *,
-    errors: list[dict[str, Any]] | None = None,
+    errors: list[wire.ProblemError] | None = None,
     headers: Mapping[str, str] | None = None,
     slug: str | None = None,
 ) -> web.Response:
     """Build the problem+json response for `status`."""
     title = _TITLES.get(status, "Error")
-    body: dict[str, Any] = {
+    body: wire.Problem = {
         "type": f"/problems/{slug or title.lower().replace(' ', '-')}",
         "title": title,
         "status": status,

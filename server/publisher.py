@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -16,6 +16,9 @@ from server.progress.service import ProgressService
 from server.redis_client import open_redis
 from server.settings import Settings
 from server.store import AnyRedis, Appended, Store, id_key
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class Publisher:
         if batch and not (text_checked and size is not None and size <= self.max_event_bytes):
             item_size = None
         events: list[Event] = []
-        errors: list[dict[str, Any]] = []
+        errors: list[wire.ProblemError] = []
         for i, item in enumerate(raw):
             try:
                 events.append(

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
@@ -33,6 +33,9 @@ from server.store import Page, Store, id_key
 from server.streams.events import LAST_KEY, SSE_HEADERS, EventStream, Sink, SseSink
 from server.streams.progress_stream import ProgressStream, is_final
 from server.streams.registry import StreamHandle
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ async def publish_events(request: web.Request) -> web.Response:
     else:
         events = parse_events(publisher, workflow_id, body)
     ids = await publisher.store_events(workflow_id, events)
-    # Stream ids are digits and a dash: the answer needs no JSON encoder.
+    # A wire.Accepted. Stream ids are digits and a dash: the answer needs no JSON encoder.
     return web.Response(
         text='{"ids": ["' + '", "'.join(ids) + '"]}',
         status=201,
@@ -314,8 +317,8 @@ async def history_page(
 ) -> web.Response:
     """Up to `limit` retained events after `after` as JSON: one read, two with `after`.
 
-    The events are the stored JSON with `"id"` first (the WebSocket's text), joined as they
-    are stored: no event is parsed or encoded again.
+    A wire.HistoryPage: the events are the stored JSON with `"id"` first (the WebSocket's
+    text), joined as they are stored: no event is parsed or encoded again.
     """
     store = request.app[app_keys.store_key]
     # One more than asked: whether a next page exists is known without another read.
@@ -416,7 +419,7 @@ async def list_workflows(request: web.Request) -> web.StreamResponse:
         )
     except runs.BadCursor as exc:
         raise _query_problem("cursor", str(exc), "walk too old", "stale-cursor") from None
-    body = {"workflows": found, "next": None if nxt is None else nxt.encode()}
+    body: wire.RunList = {"workflows": found, "next": None if nxt is None else nxt.encode()}
     return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
 
 
@@ -487,7 +490,7 @@ def _dumps(obj: Any) -> str:
 
 
 async def _progress_stream(
-    request: web.Request, workflow_id: str, snap: dict[str, Any], start: str | None
+    request: web.Request, workflow_id: str, snap: wire.Progress, start: str | None
 ) -> web.StreamResponse:
     app = request.app
     if start is not None and is_final(snap) and start == snap["last_event_id"]:

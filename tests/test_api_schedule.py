@@ -11,17 +11,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import app_keys
-from server.openapi import Schedule
+from server import app_keys, wire
 from tests.conftest import Serve
 from tests.test_api_progress import _iso, state
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
-NODE_KEYS = {
-    "node_id", "node_name", "node_type", "depends_on", "status", "attempts", "started_at",
-    "finished_at", "expected_start_at", "expected_end_at",
-}  # fmt: skip
+NODE_KEYS = wire.keys(wire.ScheduledNode)
 
 
 def at(iso: str | None) -> float:
@@ -110,7 +106,7 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
         # The same estimate answered both: the schedule was read from its futures.
         assert tracker._cache[wf] is cached and cached.forecast._schedule is not None
 
-        Schedule.model_validate(sched)  # as /openapi.json documents it
+        wire.adapter(wire.Schedule).validate_python(sched)  # as /openapi.json documents it
         assert sched["workflow_id"] == wf and sched["state"] == "RUNNING"
         assert sched["last_event_id"] == progress["last_event_id"]
         nodes = {n["node_id"]: n for n in sched["nodes"]}
@@ -152,7 +148,7 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
             assert resp.status == 201
         status, sched = await get(s, f"{base}/workflows/{wf}/schedule")
         assert status == 200 and sched["state"] == "COMPLETED"
-        Schedule.model_validate(sched)
+        wire.adapter(wire.Schedule).validate_python(sched)
         assert sched["estimated_remaining_seconds"] == 0
         assert all(n["expected_start_at"] is None and n["expected_end_at"] is None
                    for n in sched["nodes"])  # fmt: skip

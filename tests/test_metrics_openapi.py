@@ -13,11 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import models
+from server import models, wire
 from server.app import create_app
 from server.fanout.upstream import parse_message
 from server.metrics import FANOUT_BUCKETS, NAMESPACE, Metrics
-from server.openapi import Accepted, ProgressModel, openapi_document, openapi_handler
+from server.openapi import openapi_document, openapi_handler
 from server.settings import Settings
 from tests.conftest import HISTORY_PREFIX
 
@@ -224,6 +224,24 @@ SPEC_PROGRESS_KEYS = {
     "updated_at", "elapsed_seconds", "estimated_remaining_seconds", "estimated_completion_at",
     "last_event_id",
 }  # fmt: skip
+# The SPEC's summary of GET /workflows, as the SPEC lists it.
+SPEC_SUMMARY_KEYS = {
+    "workflow_id", "definition_id", "state", "total_nodes", "completed_nodes",
+    "failed_nodes", "percentage", "estimated_remaining_seconds", "started_at",
+    "updated_at", "watchers",
+}  # fmt: skip
+
+
+def test_wire_definitions_have_the_spec_keys() -> None:
+    # Written out from the SPEC, not derived from the code: a renamed key fails here, and
+    # the other tests (which read their key sets from server.wire) follow these definitions.
+    assert wire.keys(wire.Progress) == SPEC_PROGRESS_KEYS | {"total_known"}
+    assert wire.keys(wire.RunSummary) == SPEC_SUMMARY_KEYS
+    assert wire.keys(wire.Gap) == {"requested", "earliest_available", "progress"}
+    assert wire.keys(wire.Accepted) == {"ids"}
+    assert wire.keys(wire.RunList) == {"workflows", "next"}
+    assert wire.keys(wire.HistoryPage) == {"events", "next", "earliest_available"}
+    assert wire.keys(wire.Problem) == {"type", "title", "status", "detail"}  # `errors`: 422
 
 
 def test_progress_schema_has_every_spec_key_required(doc: dict[str, Any]) -> None:
@@ -260,19 +278,29 @@ async def server(
     await redis.aclose()
 
 
+async def test_real_problem_answers_match_the_schema(
+    server: TestClient[web.Request, web.Application],
+) -> None:
+    resp = await server.post("/workflows/wf-oa/events", json=[{"event_type": "node_started"}])
+    assert resp.status == 422 and resp.content_type == "application/problem+json"
+    body = await resp.json()
+    wire.adapter(wire.Problem).validate_python(body)
+    assert body["errors"] and set(body) == wire.keys(wire.Problem) | {"errors"}
+
+
 async def test_real_publish_and_progress_answers_match_the_schemas(
     server: TestClient[web.Request, web.Application],
 ) -> None:
     async def publish(events: list[dict[str, Any]]) -> None:
         resp = await server.post("/workflows/wf-oa/events", json=events)
         assert resp.status == 201, await resp.text()
-        Accepted.model_validate(await resp.json())
+        wire.adapter(wire.Accepted).validate_python(await resp.json())
 
     async def progress() -> dict[str, Any]:
         resp = await server.get("/workflows/wf-oa/progress")
         assert resp.status == 200
         body: dict[str, Any] = await resp.json()
-        ProgressModel.model_validate(body)
+        wire.adapter(wire.Progress).validate_python(body)
         return body
 
     await publish([{"event_type": "node_started", "node_id": "a", "node_name": "이상 탐지"}])

@@ -7,11 +7,11 @@ import json
 import math
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from server import progress
+from server import progress, wire
 from server.models import Event, event_adapter
 from server.progress import estimate
 from server.progress.fold import FoldState
@@ -20,12 +20,7 @@ from server.progress.snapshot import Shown
 
 T0 = datetime(2026, 1, 22, 10, 28, tzinfo=UTC)
 E0 = T0.timestamp()
-SPEC_KEYS = {
-    "workflow_id", "state", "total_nodes", "completed_nodes", "failed_nodes", "skipped_nodes",
-    "running_nodes", "percentage", "time_percentage", "current_node", "running", "started_at",
-    "updated_at", "elapsed_seconds", "estimated_remaining_seconds", "estimated_completion_at",
-    "last_event_id", "total_known",
-}  # fmt: skip
+SPEC_KEYS = wire.keys(wire.Progress)  # checked against the SPEC's list in test_metrics_openapi
 
 
 def ev(at: float, event_type: str, **fields: Any) -> Event:
@@ -72,9 +67,10 @@ def view_with(durations: dict[str, list[float]], definition: str = "def") -> His
 def snap(
     state: FoldState, now: float, history: HistoryView = EMPTY, shown: Shown | None = None
 ) -> tuple[dict[str, Any], Shown]:
-    return progress.snapshot(
+    out, new = progress.snapshot(
         state, workflow_id="wf", last_event_id="1-0", history=history, now=E0 + now, shown=shown
     )
+    return cast("dict[str, Any]", out), new  # the tests index it with any key
 
 
 # ------------------------------------------------------------------------- the fold
@@ -451,6 +447,7 @@ def test_snapshot_has_every_key_and_spec_formats() -> None:
                 started(3, "c"), completed(4, "c"))  # fmt: skip
     out, shown = snap(state, 10.04, history)
     assert set(out) == SPEC_KEYS
+    assert list(out) == list(wire.Progress.__annotations__)  # the order on the wire
     assert json.loads(json.dumps(out)) == out
     assert out["running"] == [
         {"node_id": "b", "node_name": "이상 탐지", "started_at": "2026-01-22T10:28:01Z"},

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import auth, redis_keys
+from server import auth, redis_keys, wire
 from server.overview import runs
 from tests.conftest import Serve
 from tests.test_api_stream import publish, started
@@ -21,11 +21,7 @@ from tests.test_api_stream import publish, started
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
 SECRET = "sub-" + "s" * 60
-SUMMARY_KEYS = {
-    "workflow_id", "definition_id", "state", "total_nodes", "completed_nodes",
-    "failed_nodes", "percentage", "estimated_remaining_seconds", "started_at",
-    "updated_at", "watchers",
-}  # fmt: skip
+SUMMARY_KEYS = wire.keys(wire.RunSummary)  # checked against the SPEC in test_metrics_openapi
 
 
 def plan(definition: str, *nodes: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -43,6 +43,9 @@ from server.progress.service import ProgressService
 from server.redis_keys import runs_notice_id
 from server.streams.events import Heartbeat
 from server.streams.watchers import watchers
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +65,22 @@ _COMPARED = (
 )  # fmt: skip
 
 
-def run_frame(summary: dict[str, Any]) -> bytes:
+def run_frame(summary: wire.RunSummary) -> bytes:
     data = json.dumps(summary, ensure_ascii=False, separators=(",", ":"))
     return b"event: run\ndata: " + data.encode() + b"\n\n"
 
 
-def _updated(summary: dict[str, Any]) -> datetime:
+def _updated(summary: wire.RunSummary) -> datetime:
     try:
-        return datetime.fromisoformat(summary["updated_at"])
-    except (KeyError, TypeError, ValueError):
-        return datetime.min.replace(tzinfo=UTC)
+        updated = summary["updated_at"]
+        if updated is not None:
+            return datetime.fromisoformat(updated)
+    except (KeyError, TypeError, ValueError):  # a frame's summary, decoded again
+        pass
+    return datetime.min.replace(tzinfo=UTC)
 
 
-def not_older(frames: list[bytes], first: Sequence[dict[str, Any]]) -> list[bytes]:
+def not_older(frames: list[bytes], first: Sequence[wire.RunSummary]) -> list[bytes]:
     """The frames queued while a first page was read, less those older than the page's
     summary of their run (written after the page, they would move a list back)."""
     floor = {s["workflow_id"]: _updated(s) for s in first}
@@ -87,7 +93,7 @@ def not_older(frames: list[bytes], first: Sequence[dict[str, Any]]) -> list[byte
     return kept
 
 
-def changed(old: dict[str, Any] | None, new: dict[str, Any], *, eta_moved: bool) -> bool:
+def changed(old: wire.RunSummary | None, new: wire.RunSummary, *, eta_moved: bool) -> bool:
     """Whether `new` is news to a client that has `old`: a compared field, or a new ETA."""
     if old is None:
         return True
@@ -105,7 +111,7 @@ class OverviewClient:
     wakeup: Wakeup = field(default_factory=Wakeup)
     overflowed: bool = False
 
-    def wants(self, summary: dict[str, Any]) -> bool:
+    def wants(self, summary: wire.RunSummary) -> bool:
         return (
             (not self.states or summary.get("state") in self.states)
             and (self.definition_id is None or summary.get("definition_id") == self.definition_id)
@@ -138,7 +144,7 @@ class OverviewFeed:
         self._notices: list[Subscription] = []
         self._dirty: set[str] = set()
         self._etas: dict[str, float | None] = {}  # the ETA last sent, as a finish time
-        self._shown: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._shown: OrderedDict[str, wire.RunSummary] = OrderedDict()
         self._sent_at: dict[str, float] = {}
         self._estimated_at: dict[str, float] = {}  # loop time of the last new estimate
         self._tasks: list[asyncio.Task[None]] = []
@@ -316,7 +322,7 @@ class OverviewFeed:
             if summary["state"] in TERMINAL_STATES:
                 await self._unfollow(w)
 
-    def _publish(self, workflow_id: str, summary: dict[str, Any], now: float) -> None:
+    def _publish(self, workflow_id: str, summary: wire.RunSummary, now: float) -> None:
         eta = summary.get("estimated_remaining_seconds")
         finish = None if eta is None else time.time() + float(eta)  # epoch: see summaries()
         last_finish = self._etas.get(workflow_id)
@@ -343,7 +349,7 @@ class OverviewFeed:
                 client.offer(frame)
                 self.on_frame()
 
-    def seen(self, summary: dict[str, Any]) -> None:
+    def seen(self, summary: wire.RunSummary) -> None:
         """A summary a client got in its first page: changes are compared with it."""
         w = summary["workflow_id"]
         if w not in self._shown:

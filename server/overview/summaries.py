@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import progress
 from server.models import format_timestamp
@@ -23,24 +23,13 @@ from server.redis_keys import progress_key
 from server.store import AnyRedis
 from server.streams.watchers import watchers
 
+if TYPE_CHECKING:
+    from server import wire
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Runs still going whose progress a page computes at once: a page of 200 running runs does
 # not take all of the process's Redis connections (POOL_SIZE) for itself.
 SUMMARY_CONCURRENCY = 16
-
-SUMMARY_KEYS = (
-    "workflow_id",
-    "definition_id",
-    "state",
-    "total_nodes",
-    "completed_nodes",
-    "failed_nodes",
-    "percentage",
-    "estimated_remaining_seconds",
-    "started_at",
-    "updated_at",
-    "watchers",
-)
 
 
 def _iso_us(us: int | None) -> str | None:
@@ -56,7 +45,7 @@ def meta_summary(
     state: progress.FoldState,
     shown: progress.Shown | None,
     remaining: float | None = 0.0,
-) -> dict[str, Any]:
+) -> wire.RunSummary:
     """A summary from a run's meta part (pure): what its /progress says when the run is
     finished (`remaining` 0); for a run still going, with the time left given."""
     total = state.total
@@ -80,12 +69,21 @@ def meta_summary(
     }
 
 
-def from_progress(snap: dict[str, Any], definition_id: str | None) -> dict[str, Any]:
+def from_progress(snap: wire.Progress, definition_id: str | None) -> wire.RunSummary:
     """A summary from a /progress object (the definition is not one of its keys)."""
-    out = {k: snap.get(k) for k in SUMMARY_KEYS}
-    out["definition_id"] = definition_id
-    out["watchers"] = 0
-    return out
+    return {
+        "workflow_id": snap["workflow_id"],
+        "definition_id": definition_id,
+        "state": snap["state"],
+        "total_nodes": snap["total_nodes"],
+        "completed_nodes": snap["completed_nodes"],
+        "failed_nodes": snap["failed_nodes"],
+        "percentage": snap["percentage"],
+        "estimated_remaining_seconds": snap["estimated_remaining_seconds"],
+        "started_at": snap["started_at"],
+        "updated_at": snap["updated_at"],
+        "watchers": 0,
+    }
 
 
 async def summaries(
@@ -95,7 +93,7 @@ async def summaries(
     *,
     finishes: Mapping[str, float | None] | None = None,
     now: float | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, wire.RunSummary]:
     """Summaries of the runs that still exist, by id: a pipeline of the small parts, the
     progress service for the runs still going, and the watcher counts (two round trips).
 
@@ -111,7 +109,7 @@ async def summaries(
         for w in ids:
             pipe.hmget(progress_key(w), [META, "shown", "last"])
         rows = await pipe.execute()
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, wire.RunSummary] = {}
     going: list[tuple[str, str | None, tuple[str | None, bytes | None]]] = []
     for w, (meta, shown_raw, last) in zip(ids, rows, strict=True):
         if not meta:
@@ -134,7 +132,7 @@ async def summaries(
     # write what it showed: only polls advance the smoothing.
     gate = asyncio.Semaphore(SUMMARY_CONCURRENCY)
 
-    async def one(w: str, head: tuple[str | None, bytes | None]) -> dict[str, Any] | None:
+    async def one(w: str, head: tuple[str | None, bytes | None]) -> wire.Progress | None:
         async with gate:
             return await tracker.snapshot(w, head=head, save=False)
 
@@ -157,7 +155,7 @@ async def list_page(
     limit: int,
     cursor: Cursor | None = None,
     readable: Sequence[str] | None = None,
-) -> tuple[list[dict[str, Any]], Cursor | None]:
+) -> tuple[list[wire.RunSummary], Cursor | None]:
     """A page of `GET /workflows`: summaries best first, and the cursor after them.
 
     `readable`: the runs a token may read (None: all). A token lists its runs itself, so the

@@ -35,6 +35,7 @@ from server.models import (
     NodeProgress,
     NodeSkipped,
     NodeStarted,
+    State,
     WorkflowPlanned,
     WorkflowStateChanged,
 )
@@ -93,7 +94,7 @@ class FoldState:
     has_deps: bool = False  # some planned node has depends_on
     definition_id: str | None = None
     max_concurrency: int | None = None
-    state: str | None = None
+    state: State | None = None
     started_us: int | None = None
     ended_us: int | None = None
     updated_us: int | None = None

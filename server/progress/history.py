@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -23,6 +23,9 @@ from server.redis_keys import (
     history_recent_key,
     history_types_key,
 )
+
+if TYPE_CHECKING:
+    from server import wire
 
 # Older runs weigh less once this many are recorded, so a definition that got slower is
 # followed; below the cap the update is exact Welford.
@@ -390,7 +393,7 @@ async def load_recent(
     return nodes, types
 
 
-def figures(recent: Recent) -> dict[str, Any]:
+def figures(recent: Recent) -> wire._Figures:
     """runs, p50_seconds, p90_seconds, failure_rate and last_seen of a record (the SPEC's
     figures; the failed attempts are in the rate)."""
     p50, p90 = percentile(recent.durations, 0.5), percentile(recent.durations, 0.9)
@@ -406,7 +409,7 @@ def figures(recent: Recent) -> dict[str, Any]:
 
 def definition_stats(
     definition_id: str, nodes: dict[str, Recent], types: dict[str, Recent]
-) -> dict[str, Any]:
+) -> wire.DefinitionStats:
     """The body of GET /definitions/{id}/stats: per node and per node type, sorted by name."""
     return {
         "definition_id": definition_id,

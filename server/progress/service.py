@@ -7,11 +7,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from server import progress
 from server.progress import history
 from server.store import AnyRedis, Appended, Store
+
+if TYPE_CHECKING:
+    from server import wire
 
 # A fold state of more nodes than this is parsed and estimated in a worker thread: the
 # estimate of a 10,000-node plan costs a few hundred ms of CPU, which on the event loop
@@ -78,7 +81,7 @@ class ProgressService:
         *,
         head: tuple[str | None, bytes | None] | None = None,
         save: bool = True,
-    ) -> dict[str, Any] | None:
+    ) -> wire.Progress | None:
         """The SPEC's progress object, or None for an unknown workflow.
 
         `head`: the last event id and what was last shown, when the caller read them already
@@ -88,7 +91,7 @@ class ProgressService:
         current = await self._current(workflow_id, head=head, save=save)
         return None if current is None else current[1]
 
-    async def schedule(self, workflow_id: str) -> dict[str, Any] | None:
+    async def schedule(self, workflow_id: str) -> wire.Schedule | None:
         """Each node's real and predicted times, with the progress figures of the same
         moment (the right edge is its `estimated_completion_at`); None when unknown."""
         current = await self._current(workflow_id)
@@ -101,10 +104,14 @@ class ProgressService:
             estimate.state, estimate.forecast, estimate.at, now,
             snap["estimated_remaining_seconds"],
         )  # fmt: skip
-        keys = ("workflow_id", "state", "last_event_id", "started_at", "elapsed_seconds",
-                "estimated_remaining_seconds", "estimated_completion_at")  # fmt: skip
         return {
-            **{k: snap[k] for k in keys},
+            "workflow_id": snap["workflow_id"],
+            "state": snap["state"],
+            "last_event_id": snap["last_event_id"],
+            "started_at": snap["started_at"],
+            "elapsed_seconds": snap["elapsed_seconds"],
+            "estimated_remaining_seconds": snap["estimated_remaining_seconds"],
+            "estimated_completion_at": snap["estimated_completion_at"],
             "as_of": progress.format_epoch(now),
             "nodes": nodes,
         }
@@ -115,7 +122,7 @@ class ProgressService:
         *,
         head: tuple[str | None, bytes | None] | None = None,
         save: bool = True,
-    ) -> tuple[_Estimate, dict[str, Any], float] | None:
+    ) -> tuple[_Estimate, wire.Progress, float] | None:
         """The cached estimate (refreshed when due), the progress object from it, and now."""
         if head is None:
             head = await self.store.progress_head(workflow_id)

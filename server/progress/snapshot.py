@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from server.models import (
     format_timestamp,
@@ -26,6 +26,9 @@ from server.progress.fold import (
     NodeState,
 )
 from server.progress.history import HistoryView
+
+if TYPE_CHECKING:
+    from server import wire
 
 TAU_FRACTION = 0.03  # smoothing time constant, as a share of the estimated total time
 TAU_MIN = 1.0
@@ -89,7 +92,7 @@ def snapshot(
     now: float,
     shown: Shown | None,
     estimate: Callable[[FoldState, HistoryView, float], float | None] = eta,
-) -> tuple[dict[str, Any], Shown]:
+) -> tuple[wire.Progress, Shown]:
     """The SPEC's progress object as of `now`, and what to remember as shown.
 
     `estimate` gives the raw ETA; the server passes one that reuses an estimate made at the
@@ -134,7 +137,7 @@ def snapshot(
         state.running,
         key=lambda n: (state.nodes[n].started_us or 0, state.nodes[n].start_seq),
     )
-    running = [
+    running: list[wire.RunningNode] = [
         {
             "node_id": n,
             "node_name": state.nodes[n].node_name,
@@ -142,7 +145,7 @@ def snapshot(
         }
         for n in running_ids
     ]
-    progress: dict[str, Any] = {
+    progress: wire.Progress = {
         "workflow_id": workflow_id,
         "state": state.state,
         "total_nodes": total,
@@ -175,7 +178,7 @@ def _node_started_us(node: NodeState) -> int | None:
 
 def schedule_nodes(
     state: FoldState, forecast: Forecast | None, made_at: float, now: float, remaining: float | None
-) -> list[dict[str, Any]]:
+) -> list[wire.ScheduledNode]:
     """Each node's real and predicted times as of `now`, planned nodes in plan order first.
 
     `forecast` was made at `made_at`; `remaining` is the shown (smoothed) time left of the
@@ -198,7 +201,7 @@ def schedule_nodes(
         for node_id, (b, e) in moved.items():
             until = e * scale if latest > 0.0 else remaining
             predicted[node_id] = (None if b is None else min(b * scale, until), until)
-    out: list[dict[str, Any]] = []
+    out: list[wire.ScheduledNode] = []
     for node_id in ids:
         node = state.nodes.get(node_id)
         if node is None:
@@ -211,7 +214,7 @@ def schedule_nodes(
                 "node_name": node.node_name,
                 "node_type": node.node_type,
                 "depends_on": node.depends_on,
-                "status": node.status,
+                "status": cast("wire.NodeStatus", node.status),
                 "attempts": node.attempts,
                 "started_at": _iso_us(_node_started_us(node)),
                 "finished_at": None if node.status == RUNNING else _iso_us(node.finished_us),

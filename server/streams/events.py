@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -15,6 +15,9 @@ from server import sse
 from server.fanout.ring import Frame, Live, Subscription, Wakeup
 from server.store import Entry, Page, Store, id_key
 from server.streams.registry import StreamHandle
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-ProgressFn = Callable[[str], Awaitable[dict[str, Any] | None]]
+ProgressFn = Callable[[str], Awaitable["wire.Progress | None"]]
 
 
 class Heartbeat:
@@ -94,7 +97,7 @@ class Sink(Protocol):
     def write_now(self, live: Live) -> bool:
         """Write live frames synchronously if the connection takes them without waiting."""
 
-    async def gap(self, payload: dict[str, Any]) -> None:
+    async def gap(self, payload: wire.Gap) -> None:
         """Announce trimmed history."""
 
     async def keep_alive(self) -> None:
@@ -140,7 +143,7 @@ class SseSink:
         transport.write(live.chunk if self.chunked else live.sse)
         return True
 
-    async def gap(self, payload: dict[str, Any]) -> None:
+    async def gap(self, payload: wire.Gap) -> None:
         await self.write(sse.encode(json.dumps(payload, ensure_ascii=False), event="gap"))
 
     async def keep_alive(self) -> None:
@@ -350,7 +353,7 @@ class EventStream:
                 return False
 
     async def _announce_gap(self, page: Page) -> None:
-        payload = {
+        payload: wire.Gap = {
             "requested": self.last_id or "0-0",
             "earliest_available": page.entries[0].id if page.entries else None,
             "progress": await self.progress(self.workflow_id),

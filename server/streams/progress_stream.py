@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -22,8 +22,11 @@ from server.streams.events import (
 )
 from server.streams.registry import StreamHandle
 
+if TYPE_CHECKING:
+    from server import wire
 
-def progress_frame(snap: dict[str, Any]) -> bytes:
+
+def progress_frame(snap: wire.Progress) -> bytes:
     """An `event: progress` frame; its id lets a reconnect after the end get 204."""
     return sse.encode(
         json.dumps(snap, ensure_ascii=False, separators=(",", ":")),
@@ -32,7 +35,7 @@ def progress_frame(snap: dict[str, Any]) -> bytes:
     )
 
 
-def is_final(snap: dict[str, Any]) -> bool:
+def is_final(snap: wire.Progress) -> bool:
     return snap.get("state") in TERMINAL_STATES
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -34,6 +34,9 @@ from server.fanout.ring import Live, ws_text
 from server.problems import Problem
 from server.store import Entry
 from server.streams.events import ClientGone, EventStream
+
+if TYPE_CHECKING:
+    from server import wire
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class WsSink:
     def write_now(self, live: Live) -> bool:
         return False
 
-    async def gap(self, payload: dict[str, Any]) -> None:
+    async def gap(self, payload: wire.Gap) -> None:
         message = {"event_type": "gap", **payload}
         await self._send(json.dumps(message, ensure_ascii=False, separators=(",", ":")))
 
