@@ -13,8 +13,8 @@ import pytest
 
 from server import app_keys, store
 from server.progress import history
+from testing.sse import iter_messages
 from tests.conftest import Serve
-from tests.sse_client import iter_messages
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 

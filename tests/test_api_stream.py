@@ -13,8 +13,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import app_keys, store
+from testing.sse import Message, collect, iter_messages
 from tests.conftest import Serve
-from tests.sse_client import Message, collect, iter_messages
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 

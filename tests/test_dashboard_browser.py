@@ -21,8 +21,8 @@ import pytest
 
 from server import store
 from testing.procs import ServerProcess, free_port
+from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import collect
 from tests.test_watch import publish, short_run
 
 DESKTOP = {"width": 1280, "height": 800}

@@ -20,7 +20,7 @@ from server.app import create_app
 from server.models import WorkflowPlanned
 from server.settings import Settings
 from testing.procs import ServerProcess
-from tests.sse_client import Message, collect
+from testing.sse import Message, collect
 
 FAST = 0.02  # a whole run in about a second
 

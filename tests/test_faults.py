@@ -18,8 +18,8 @@ from server.app import create_app
 from server.settings import Settings
 from testing.procs import RedisProcess, ServerProcess
 from testing.redis_reads import stream_ids
+from testing.sse import Message, iter_messages
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import Message, iter_messages
 
 
 def started(node: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from server import store
 from testing.procs import RedisClusterProcesses, RedisProcess, ServerProcess
 from testing.redis_reads import node_port, stream_ids
-from tests.sse_client import iter_messages
+from testing.sse import iter_messages
 from tests.test_sentinel import Engine
 
 RECOVERY_SECONDS = 10.0  # what "within a few seconds of the promotion" is held to

@@ -16,8 +16,8 @@ import pytest
 from server import app_keys, store
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
+from testing.sse import Parser, iter_messages
 from tests.conftest import Serve
-from tests.sse_client import Parser, iter_messages
 from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 JSON = {"Content-Type": "application/json"}

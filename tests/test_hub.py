@@ -17,8 +17,8 @@ from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame, Live, Subscription
 from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
+from testing.sse import Parser, collect, iter_messages
 from tests.conftest import Serve
-from tests.sse_client import Parser, collect, iter_messages
 
 
 def started(node: str, **extra: Any) -> dict[str, Any]:

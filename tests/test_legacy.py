@@ -30,8 +30,8 @@ from server.legacy import (
 from server.publisher import Publisher, assemble
 from server.settings import Settings
 from testing.procs import RedisProcess, ServerProcess
+from testing.sse import collect
 from tests.conftest import REDIS_URL, Serve, real_redis_or_skip
-from tests.sse_client import collect
 
 
 def now() -> str:

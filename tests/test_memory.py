@@ -15,8 +15,8 @@ from redis.exceptions import RedisError
 
 from server import store
 from testing.procs import ServerProcess
+from testing.sse import Parser
 from tests.conftest import REDIS_URL, REQUIRE_REDIS
-from tests.sse_client import Parser
 from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 N_EVENTS = 20_000

@@ -32,7 +32,7 @@ from server.redis_client import parse_sentinel_url
 from server.settings import Settings, from_sources
 from testing.procs import RedisProcess, SentinelProcesses, ServerProcess, server_env
 from testing.redis_reads import stream_entries
-from tests.sse_client import Message, iter_messages
+from testing.sse import Message, iter_messages
 
 RECOVERY_SECONDS = 10.0  # "within 10 s of the promotion"
 PUBLISH_EVERY = 0.02  # seconds between an engine's events

@@ -17,8 +17,8 @@ from server import store
 from server.fanout.hub import Hub
 from server.store import Store
 from testing.procs import ServerProcess
+from testing.sse import iter_messages
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import iter_messages
 from tests.test_store import ev, new_store, node_events, plan, replayed_state, stored_state
 
 pytestmark = pytest.mark.backends("fakeredis", "redis")

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import WSMsgType
 
 from server import app_keys, auth
+from testing.sse import collect
 from tests.conftest import Serve
-from tests.sse_client import collect
 
 DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 
