@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from server import store
-from server.client.watch import SSEParser, format_duration
+from server.client.sse import EventStreamParser
+from server.client.watch import format_duration
 from testing.procs import ServerProcess, free_port, server_env
 from tests.conftest import REDIS_URL, real_redis_or_skip
 
@@ -233,17 +234,19 @@ async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) 
     assert "reconnected to" in watch.out and "after event" in watch.out
 
 
-def test_sse_parser_handles_split_chunks_crlf_and_comments() -> None:
+def test_watch_parser_handles_split_chunks_crlf_and_comments() -> None:
+    # watch reads with the client's EventStreamParser: the `retry:` frame sets the parser's
+    # retry (no message, as in EventSource), the comment dispatches nothing.
     raw = (
         "retry: 500\r\n\r\n: keep-alive\n\n"
         'id: 1-0\nevent: node_started\ndata: {"a":\r\ndata: "품"}\r\n\r\n'
     ).encode()
     for size in (1, 2, 3, 7, len(raw)):
-        parser = SSEParser()
+        parser = EventStreamParser()
         msgs = [m for i in range(0, len(raw), size) for m in parser.feed(raw[i : i + size])]
-        got = [(m.event, m.id, m.retry) for m in msgs]
-        assert got == [("message", None, 500), ("node_started", "1-0", None)]
-        assert msgs[1].data == '{"a":\n"품"}'
+        assert [(m.event, m.id) for m in msgs] == [("node_started", "1-0")]
+        assert parser.retry == 500
+        assert msgs[0].data == '{"a":\n"품"}'
 
 
 @pytest.mark.parametrize(
