@@ -18,6 +18,7 @@ import aiohttp
 import jwt
 import pytest
 
+from testing.events import DONE
 from testing.procs import ROOT
 from tests.conftest import Serve
 
@@ -29,7 +30,6 @@ SETTINGS = {
     "subscribe_secret": SECRET,
     "cors_origins": (ORIGIN,),
 }
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 ENDPOINTS = ["events", "progress"]
 
 

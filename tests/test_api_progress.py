@@ -13,6 +13,7 @@ import pytest
 
 from server import app_keys, store
 from server.progress import history
+from testing.events import state
 from testing.sse import iter_messages
 from tests.conftest import Serve
 
@@ -24,10 +25,6 @@ SPEC_KEYS = {
     "updated_at", "elapsed_seconds", "estimated_remaining_seconds", "estimated_completion_at",
     "last_event_id", "total_known",
 }  # fmt: skip
-
-
-def state(to: str) -> dict[str, Any]:
-    return {"event_type": "workflow_state_changed", "to_state": to}
 
 
 @pytest.fixture

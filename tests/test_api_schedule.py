@@ -13,8 +13,9 @@ import pytest
 
 from server import app_keys
 from server.openapi import Schedule
+from testing.events import state
 from tests.conftest import Serve
-from tests.test_api_progress import _iso, clean_history, state
+from tests.test_api_progress import _iso, clean_history
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 

@@ -20,10 +20,11 @@ import aiohttp
 import pytest
 
 from server import store
+from testing.http import publish
 from testing.procs import ServerProcess, free_port
 from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.test_watch import publish, short_run
+from tests.test_watch import short_run
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}

@@ -22,11 +22,11 @@ import pytest
 from server import store
 from server.overview import runs
 from server.progress import history
+from testing.http import publish
 from testing.procs import ServerProcess, free_port
 from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.test_dashboard_browser import DESKTOP, PHONE, WAIT_MS, badge_is, open_page
-from tests.test_watch import publish
 
 AXE = Path(__file__).parent / "assets" / "axe.min.js"
 SCREENSHOTS = os.environ.get("DASHBOARD_SCREENSHOTS")

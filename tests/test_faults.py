@@ -16,17 +16,11 @@ from server import publisher as publisher_mod
 from server import store
 from server.app import create_app
 from server.settings import Settings
+from testing.events import DONE, started
 from testing.procs import RedisProcess, ServerProcess
 from testing.redis_reads import stream_ids
 from testing.sse import Message, iter_messages
 from tests.conftest import REDIS_URL, real_redis_or_skip
-
-
-def started(node: str) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node}
-
-
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 
 
 async def post(

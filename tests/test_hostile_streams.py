@@ -16,22 +16,13 @@ import pytest
 from server import app_keys, store
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
+from testing.events import DONE
+from testing.http import publish
 from testing.sse import Parser, iter_messages
 from tests.conftest import Serve
 from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 JSON = {"Content-Type": "application/json"}
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
-
-
-async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> list[str]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", json=events) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
-        ids: list[str] = (await resp.json())["ids"]
-        return ids
 
 
 @pytest.fixture

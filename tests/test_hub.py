@@ -17,15 +17,9 @@ from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame, Live, Subscription
 from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
+from testing.events import DONE, started
 from testing.sse import Parser, collect, iter_messages
 from tests.conftest import Serve
-
-
-def started(node: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node, **extra}
-
-
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:

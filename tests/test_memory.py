@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server import store
+from testing.events import DONE
 from testing.procs import ServerProcess
 from testing.sse import Parser
 from tests.conftest import REDIS_URL, REQUIRE_REDIS
@@ -23,7 +24,6 @@ N_EVENTS = 20_000
 BATCH = 200  # events per POST
 QUEUE_FRAMES = 256  # --client-queue-frames: the live queue of each stream
 PAYLOAD = "x" * 1000  # with its envelope, each stored event is ~1.1 KiB of JSON
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 # Bound on RSS growth while the stalled reader holds its stream and every event goes out:
 # one stream's live queue (QUEUE_FRAMES frames, ~0.3 MiB), one history page being written
 # (500 events, ~0.6 MiB as bytes, a few MiB as Python objects), aiohttp's write buffer, the

@@ -15,8 +15,9 @@ import pytest
 
 from server import auth, store
 from server.overview import runs
+from testing.events import plan, started, state
+from testing.http import publish
 from tests.conftest import Serve
-from tests.test_api_stream import publish, started
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
@@ -26,18 +27,6 @@ SUMMARY_KEYS = {
     "failed_nodes", "percentage", "estimated_remaining_seconds", "started_at",
     "updated_at", "watchers",
 }  # fmt: skip
-
-
-def plan(definition: str, *nodes: str) -> dict[str, Any]:
-    return {
-        "event_type": "workflow_planned",
-        "definition_id": definition,
-        "nodes": [{"node_id": n} for n in nodes],
-    }
-
-
-def state(to: str) -> dict[str, Any]:
-    return {"event_type": "workflow_state_changed", "to_state": to}
 
 
 async def listing(

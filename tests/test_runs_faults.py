@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 
 from server.app import create_app
 from server.settings import Settings
+from testing.events import plan, state
+from testing.http import publish
 from testing.procs import RedisProcess
-from tests.test_api_stream import publish
-from tests.test_runs import plan, state
 
 
 async def test_a_list_or_overview_without_redis_is_a_503_and_publishing_lists_again_after() -> None:

@@ -18,6 +18,7 @@ import pytest
 from server import auth, progress
 from server.models import event_adapter
 from server.progress import history
+from testing.http import publish
 from tests.conftest import Serve
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
@@ -55,14 +56,6 @@ async def used(redis: Any) -> AsyncIterator[Used]:
             types = history.types_key(prefix=prefix)
             await redis.hdel(types, *names.types)
             await redis.hdel(history.recent_key(types, prefix=prefix), *names.types)
-
-
-async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> None:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", data=json.dumps(events), headers=JSON) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
 
 
 async def get_stats(

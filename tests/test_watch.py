@@ -7,32 +7,20 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from server import store
 from server.client.sse import EventStreamParser
 from server.client.watch import format_duration
+from testing.http import publish
 from testing.procs import ServerProcess, free_port, server_env
 from tests.conftest import REDIS_URL, real_redis_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def publish(
-    base: str, wf: str, events: Sequence[dict[str, Any]] | dict[str, Any]
-) -> list[str]:
-    """POST events over HTTP; their ids."""
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/workflows/{wf}/events", json=events) as resp:
-            body = await resp.json()
-            assert resp.status == 201, body
-            ids: list[str] = body["ids"]
-            return ids
 
 
 def short_run(n: int = 4) -> list[dict[str, Any]]:
