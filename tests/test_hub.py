@@ -19,16 +19,8 @@ from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
 from testing.events import DONE, started
 from testing.sse import Parser, collect, iter_messages
+from testing.waiting import wait_until
 from tests.conftest import Serve
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    """Poll a condition that has no event to await (Redis-side state), bounded in time."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
@@ -64,7 +56,7 @@ async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
         numsub = dict(await redis.pubsub_numsub(*channels))
         return hub.channel_count == 0 and all(v == 0 for v in numsub.values())
 
-    await wait_until(unsubscribed)
+    await wait_until(unsubscribed, every=0.02)
 
 
 async def open_stalled_reader(base: str, path: str) -> socket.socket:
@@ -108,9 +100,11 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
     n = 6000  # ~6.5 MB: more than the kernel's socket buffers can hide
     try:
         async with aiohttp.ClientSession() as s:
-            await wait_until(lambda: _true(hub.channel_count == 1))
+            await wait_until(lambda: _true(hub.channel_count == 1), every=0.02)
             reader = asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events", timeout=120))
-            await wait_until(lambda: _true(sum(1 for _ in app[app_keys.streams_key].open) == 2))
+            await wait_until(
+                lambda: _true(sum(1 for _ in app[app_keys.streams_key].open) == 2), every=0.02
+            )
             peak = 0
             for i in range(n):
                 await publisher.publish(wf, {"event_type": "node_progress", "node_id": f"n{i % 40}",
@@ -162,7 +156,7 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
         readers = [
             asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events")) for wf in workflows
         ]
-        await wait_until(lambda: _true(hub.channel_count == 30))
+        await wait_until(lambda: _true(hub.channel_count == 30), every=0.02)
         shards = {redis.get_node_from_key(store.channel(wf)).name for wf in workflows}
         assert hub.connection_count == len(shards) == 3  # 30 workflows, 3 connections
         for wf in workflows:
@@ -334,7 +328,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
             chan = hub._channels.get(store.channel(wf))
             return chan is not None and any(sub.direct for sub in chan.subs)
 
-        await wait_until(parked)
+        await wait_until(parked, every=0.02)
         for i in range(5):
             await publisher.publish(wf, started(f"n{i}"))
         await publisher.publish(wf, DONE)

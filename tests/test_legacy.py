@@ -31,6 +31,7 @@ from server.publisher import Publisher, assemble
 from server.settings import Settings
 from testing.procs import RedisProcess, ServerProcess
 from testing.sse import collect
+from testing.waiting import wait_until
 from tests.conftest import REDIS_URL, Serve, real_redis_or_skip
 
 
@@ -174,12 +175,6 @@ def test_oversized_messages_are_refused() -> None:
 # The bridge in-process, on both backends ------------------------------------------------
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.02)
-
-
 @pytest.mark.backends("fakeredis", "redis", "cluster")
 async def test_two_bridges_store_each_message_once_and_refuse_invalid_ones(
     redis: Any, new_workflow: Callable[[], str]
@@ -211,8 +206,8 @@ async def test_two_bridges_store_each_message_once_and_refuse_invalid_ones(
         async def all_stored() -> bool:
             return bool(await redis.xlen(store.stream_key(wf)) >= len(events))
 
-        await wait_for(all_stored)
-        await wait_for(lambda: _done(bridges, len(events) + 2))
+        await wait_until(all_stored, every=0.02)
+        await wait_until(lambda: _done(bridges, len(events) + 2), every=0.02)
         rows = await redis.xrange(store.stream_key(wf))
         stored = [json.loads(fields[b"d"]) for _, fields in rows]
         assert [(e["event_type"], e.get("node_id")) for e in stored] == [
@@ -244,7 +239,7 @@ async def test_byte_identical_messages_are_one_event(
         raw = json.dumps(original(wf, "node_started", node_id="n"))
         for _ in range(3):
             await redis.publish(f"workflow:{wf}:events", raw)
-        await wait_for(lambda: _done([bridge], 3))
+        await wait_until(lambda: _done([bridge], 3), every=0.02)
         assert await redis.xlen(store.stream_key(wf)) == 1
     finally:
         await bridge.close()
@@ -261,7 +256,7 @@ async def test_the_bridge_resubscribes_after_a_redis_restart() -> None:
         await client.publish(
             "workflow:r1:events", json.dumps(original("r1", "node_started", node_id="a"))
         )
-        await wait_for(lambda: _done([bridge], 1))
+        await wait_until(lambda: _done([bridge], 1), every=0.02)
         server.kill()
         server.start()  # same port, empty: the bridge must find it and subscribe again
         raw = json.dumps(original("r1", "node_started", node_id="b"))
