@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import aiohttp
 import jwt
 import pytest
 
+from testing import tokens
 from testing.events import DONE
 from testing.procs import ROOT
 from tests.conftest import Serve
@@ -33,18 +33,7 @@ SETTINGS = {
 ENDPOINTS = ["events", "progress"]
 
 
-def forge(claims: dict[str, Any], key: str = SECRET, alg: str = "HS256") -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
-        return jwt.encode(claims, key, algorithm=alg)
-
-
-def _b64(obj: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-
-
-def alg_none(claims: dict[str, Any]) -> str:
-    return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
+forge = functools.partial(tokens.forge, key=SECRET)
 
 
 def later() -> int:
@@ -60,7 +49,7 @@ BAD_TOKENS: dict[str, Callable[[str], tuple[str | None, int]]] = {
         forge({"workflows": [wf], "exp": later()}, key="other-" + "o" * 60),
         401,
     ),
-    "alg none": lambda wf: (alg_none({"workflows": [wf], "exp": later()}), 401),
+    "alg none": lambda wf: (tokens.unsigned({"workflows": [wf], "exp": later()}), 401),
     "HS512": lambda wf: (
         forge({"workflows": [wf], "exp": later()}, key=SECRET * 2, alg="HS512"),
         401,
