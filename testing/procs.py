@@ -11,7 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -113,6 +117,31 @@ class RedisProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+
+@asynccontextmanager
+async def app_on_own_redis() -> AsyncIterator[tuple[str, str, RedisProcess, Any]]:
+    """The app in this process (an aiohttp TestServer) on a redis-server of its own, which
+    the test may kill and start again: (base URL, a fresh workflow id, that Redis, the
+    app's client of it)."""
+    from aiohttp.test_utils import TestServer
+    from redis.asyncio import Redis
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    redis_proc = RedisProcess()
+    redis_proc.start()
+    client = Redis.from_url(redis_proc.url, socket_timeout=2, socket_connect_timeout=1)
+    server = TestServer(create_app(Settings(), redis=client), host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        yield base, "outage-" + uuid.uuid4().hex[:8], redis_proc, client
+    finally:
+        await server.close()
+        await client.aclose()
+        redis_proc.kill()
 
 
 def server_env(**extra: str) -> dict[str, str]:
