@@ -237,6 +237,45 @@ class ServerProcess:
         return Path(self.log.name).read_text(errors="replace")
 
 
+class RestartPair:
+    """A server on a fixed port that a test ends and starts again, and `other`, a second
+    server on the same Redis that takes the publishes meanwhile (both `clean`)."""
+
+    def __init__(self, env: dict[str, str], retry_ms: int) -> None:
+        self.env, self.retry_ms, self.port = env, retry_ms, free_port()
+        self.other = ServerProcess(env=env, clean=True)
+        self.servers = [self._restartable(), self.other]
+
+    def _restartable(self) -> ServerProcess:
+        return ServerProcess(
+            "--retry-ms", str(self.retry_ms), port=self.port, env=self.env, clean=True
+        )
+
+    @property
+    def url(self) -> str:
+        """The restartable one's (the same across restarts)."""
+        return self.servers[0].url
+
+    async def start(self) -> None:
+        for srv in self.servers:
+            srv.launch()
+        for srv in self.servers:
+            await srv.wait_ready()
+
+    def end(self, sig: int) -> None:
+        """End the restartable one with `sig`."""
+        self.servers[0].end(sig)
+
+    async def restart(self) -> None:
+        """A new restartable one on the same port."""
+        self.servers.append(self._restartable())
+        await self.servers[-1].start()
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+
+
 def redis_cli(node: RedisProcess, *args: str) -> str:
     """One redis-cli command against `node`, bounded in time; its output."""
     return subprocess.run(

@@ -17,7 +17,7 @@ from server import store
 from server.client.sse import EventStreamParser
 from server.client.watch import format_duration
 from testing.http import publish
-from testing.procs import ServerProcess, free_port, server_env
+from testing.procs import RestartPair, ServerProcess, server_env
 from tests.conftest import REDIS_URL, real_redis_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,36 +185,29 @@ async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) 
     redis = await real_redis_or_skip()
     wf = "watch-" + uuid.uuid4().hex[:12]
     events = short_run(6)
-    port = free_port()
-    env = {"REDIS_URL": REDIS_URL}
-    other = ServerProcess(env=env, clean=True)
-    servers = [ServerProcess("--retry-ms", "300", port=port, env=env, clean=True), other]
+    pair = RestartPair({"REDIS_URL": REDIS_URL}, retry_ms=300)
+    other = pair.other
     watch = None
     try:
-        for srv in servers:
-            srv.launch()
-        for srv in servers:
-            await srv.wait_ready()
-        watch = await Watch.start(servers[0].url, wf)
+        await pair.start()
+        watch = await Watch.start(pair.url, wf)
         await watch.until(has("connected to"))
         half = len(events) // 2
         for event in events[:half]:
             await publish(other.url, wf, event)
         await watch.until(lambda w: len(event_lines(w.out)) == half)
-        servers[0].end(sig)
+        pair.end(sig)
         await watch.until(has("reconnecting in"))
         for event in events[half:-2]:
             await publish(other.url, wf, event)  # while the watched server is down
-        servers.append(ServerProcess("--retry-ms", "300", port=port, env=env, clean=True))
-        await servers[-1].start()
+        await pair.restart()
         for event in events[-2:]:
             await publish(other.url, wf, event)
         code, err = await watch.finish(timeout=30)
     finally:
         if watch is not None:
             watch.kill()
-        for srv in servers:
-            srv.stop()
+        pair.stop()
         await redis.delete(*store.workflow_keys(wf))
         await redis.aclose()
     assert code == 0, err
