@@ -18,9 +18,9 @@ from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
 from testing.events import DONE
 from testing.http import publish
+from testing.raw_http import dechunk, open_stalled_reader, read_all
 from testing.sse import Parser, iter_messages
 from tests.conftest import Serve
-from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 JSON = {"Content-Type": "application/json"}
 
@@ -177,7 +177,7 @@ async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_
         raw = await read_all(stalled, timeout=60)
         head, _, body_bytes = raw.partition(b"\r\n\r\n")
         assert b" 200 " in head.split(b"\r\n")[0]
-        stream, parser = _dechunk(body_bytes), Parser()
+        stream, parser = dechunk(body_bytes), Parser()
         got = [
             m.id
             for i in range(0, len(stream), 1 << 16)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -18,6 +17,7 @@ from server.fanout.ring import Channel, Frame, Live, Subscription
 from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
 from testing.events import DONE, started
+from testing.raw_http import dechunk, open_stalled_reader, read_all
 from testing.sse import Parser, collect, iter_messages
 from testing.waiting import wait_until
 from tests.conftest import Serve
@@ -59,36 +59,6 @@ async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
     await wait_until(unsubscribed, every=0.02)
 
 
-async def open_stalled_reader(base: str, path: str) -> socket.socket:
-    """A client that sends its GET and then does not read: a tiny receive window."""
-    parts = urlsplit(base)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (parts.hostname, parts.port))
-    request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n"
-    await loop.sock_sendall(sock, request.encode())
-    return sock
-
-
-async def read_all(sock: socket.socket, timeout: float) -> bytes:
-    loop = asyncio.get_running_loop()
-    chunks: list[bytes] = []
-
-    async def run() -> None:
-        while True:
-            chunk = await loop.sock_recv(sock, 1 << 16)
-            if not chunk:
-                return
-            chunks.append(chunk)
-            if b"COMPLETED" in chunk[-400:]:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return b"".join(chunks)
-
-
 async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing(
     serve: Serve, redis: Any, new_workflow: Callable[[], str]
 ) -> None:
@@ -122,7 +92,7 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"200 OK" in head
     # Chunked transfer encoding: strip the chunk framing before parsing SSE.
-    msgs = Parser().feed(_dechunk(body))
+    msgs = Parser().feed(dechunk(body))
     ids = [m.id for m in msgs if m.id]
     stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
     assert ids == stored and len(ids) == n + 1
@@ -130,18 +100,6 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
 
 async def _true(value: bool) -> bool:
     return value
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = bytearray()
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        body = rest[size + 2 :]
-    return bytes(out)
 
 
 @pytest.mark.backends("cluster")
@@ -337,7 +295,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert (b"transfer-encoding: chunked" in head.lower()) == (version == "1.1")
-    msgs = Parser().feed(_dechunk(body) if version == "1.1" else body)
+    msgs = Parser().feed(dechunk(body) if version == "1.1" else body)
     stored = [eid.decode() for eid, _ in await redis.xrange(store.stream_key(wf))]
     assert [m.id for m in msgs if m.id] == stored and len(stored) == 6
     assert msgs[-1].event == "workflow_state_changed"
