@@ -6,7 +6,6 @@ import asyncio
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from testing import tokens
 from testing.events import DONE
+from testing.metrics import sample
 from testing.procs import ROOT
 from tests.conftest import Serve
 
@@ -110,18 +110,6 @@ def problem(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]
     doc: dict[str, Any] = json.loads(body)
     assert doc["status"] == status and doc["title"] and doc["detail"] and doc["type"]
     return doc
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of the Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
-        if m and m.group(1) == name:
-            got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
-            if got == want:
-                return float(m.group(3))
-    return 0.0
 
 
 # Publishing -------------------------------------------------------------------------------
@@ -287,9 +275,8 @@ async def test_auth_failures_are_counted_in_metrics(
         after = await (await s.get(f"{base}/metrics")).text()
     for (kind, reason), count in expected.items():
         name = "wfsse_auth_failures_total"
-        delta = metric(after, name, kind=kind, reason=reason) - metric(
-            before, name, kind=kind, reason=reason
-        )
+        labels = {"kind": kind, "reason": reason}
+        delta = (sample(after, name, **labels) or 0.0) - (sample(before, name, **labels) or 0.0)
         assert delta == count, (kind, reason, delta)
     assert PUBLISH_TOKEN not in after and SECRET not in after
 

@@ -29,6 +29,7 @@ from server.legacy import (
 )
 from server.publisher import Publisher, assemble
 from server.settings import Settings
+from testing.metrics import sample
 from testing.procs import RedisProcess, ServerProcess
 from testing.sse import collect
 from testing.waiting import wait_until
@@ -332,10 +333,9 @@ async def test_emit_node_event_and_emit_state_change_publish_like_publish(
 
 
 def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    value = sample(text, name)
+    assert value is not None, f"{name} not in /metrics"
+    return value
 
 
 async def wait_subscribed(proc: ServerProcess, timeout: float = 10.0) -> None:
