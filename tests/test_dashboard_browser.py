@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 
 from server import store
+from testing.events import short_run
 from testing.http import publish
 from testing.procs import RestartPair, ServerProcess
 from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.test_watch import short_run
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
