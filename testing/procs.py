@@ -112,6 +112,14 @@ class RedisProcess:
     def logfile(self) -> str:
         return f"{self.dir}/redis.log"
 
+    def sigkill(self) -> None:
+        """SIGKILL it by its PID, as a crash would end it (no shutdown, no save)."""
+        if self.proc is None:
+            raise ValueError(f"node on {self.port} is not running")
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -387,12 +395,8 @@ class RedisClusterProcesses:
         raise RuntimeError("no master with a live replica")
 
     def sigkill(self, node: RedisProcess) -> None:
-        """SIGKILL one node by its PID, as a crash would end it (no shutdown, no save)."""
-        if node.proc is None:
-            raise ValueError(f"node on {node.port} is not running")
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait(10)
-        node.proc = None
+        """SIGKILL one node, as a crash would end it (no shutdown, no save)."""
+        node.sigkill()
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -482,12 +486,8 @@ class SentinelProcesses:
         raise RuntimeError(f"the sentinels name {port}, which is not a live node")
 
     def sigkill(self, node: RedisProcess) -> None:
-        """SIGKILL one node by its PID, as a crash would end it (no shutdown, no save)."""
-        if node.proc is None:
-            raise ValueError(f"node on {node.port} is not running")
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait(10)
-        node.proc = None
+        """SIGKILL one node, as a crash would end it (no shutdown, no save)."""
+        node.sigkill()
 
     def stop(self) -> None:
         for process in [*self.sentinels, *self.nodes]:
