@@ -245,6 +245,46 @@ def _seconds(ts: datetime | None) -> float:
     return ts.timestamp()
 
 
+def _first(ready: list[str]) -> int:
+    return 0
+
+
+def makespan(
+    d: Definition,
+    busy: list[tuple[float, str]],
+    left: list[str],
+    slots: int | None,
+    pick: Callable[[list[str]], int],
+    duration: Callable[[str], float],
+) -> float:
+    """When the last node ends: `busy` are (seconds left, node) running now, `left` the
+    nodes still to run (in definition order); at most `slots` at once (None: no limit), the
+    next of the ready ones chosen by `pick` (its index), each taking `duration(node)`."""
+    unfinished = set(left) | {n for _, n in busy}
+    waiting = {n: sum(1 for p in d.deps[n] if p in unfinished) for n in left}
+    children: dict[str, list[str]] = {}
+    for n in left:
+        for p in d.deps[n]:
+            if p in unfinished:
+                children.setdefault(p, []).append(n)
+    heapq.heapify(busy)
+    ready = [n for n in left if waiting[n] == 0]
+    t = end = 0.0
+    while True:
+        while ready and (slots is None or len(busy) < slots):
+            n = ready.pop(pick(ready))
+            heapq.heappush(busy, (t + duration(n), n))
+        if not busy:
+            break
+        t, n = heapq.heappop(busy)
+        end = max(end, t)
+        for child in children.get(n, ()):
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    return end
+
+
 class Estimator:
     """Something that shows a remaining time for a run in progress."""
 
@@ -380,28 +420,7 @@ class Oracle(Estimator):
                 busy.append((max(self.medians[n] - ran, 0.0), n))
             elif node.status in (progress.PENDING, progress.FAILED):
                 left[n] = self.medians[n]
-        unfinished = left.keys() | {n for _, n in busy}
-        waiting = {n: sum(1 for p in self.d.deps[n] if p in unfinished) for n in left}
-        children: dict[str, list[str]] = {}
-        for n in left:
-            for p in self.d.deps[n]:
-                if p in unfinished:
-                    children.setdefault(p, []).append(n)
-        heapq.heapify(busy)
-        ready = [n for n in self.d.node_ids if n in waiting and waiting[n] == 0]
-        t = end = 0.0
-        while True:
-            while ready and (self.slots is None or len(busy) < self.slots):
-                n = ready.pop(0)
-                heapq.heappush(busy, (t + left[n], n))
-            if not busy:
-                break
-            t, n = heapq.heappop(busy)
-            end = max(end, t)
-            for child in children.get(n, ()):
-                waiting[child] -= 1
-                if waiting[child] == 0:
-                    ready.append(child)
+        end = makespan(self.d, busy, list(left), self.slots, _first, left.__getitem__)
         return _plain(state, end, elapsed)
 
 
@@ -419,6 +438,9 @@ class Ideal(Estimator):
         self.d, self.medians, self.sc = d, medians, sc
         self.rng = random.Random(seed)
         self.sample = False
+
+    def _pick(self, ready: list[str]) -> int:
+        return self.rng.randrange(len(ready))
 
     def _draw(self, node: str) -> float:
         """One node's time to success: failed attempts, then a full one."""
@@ -456,29 +478,7 @@ class Ideal(Estimator):
                 for n in self.d.node_ids
                 if state.nodes[n].status in (progress.PENDING, progress.FAILED)
             ]
-            unfinished = set(left) | {n for _, n in busy}
-            waiting = {n: sum(1 for p in self.d.deps[n] if p in unfinished) for n in left}
-            children: dict[str, list[str]] = {}
-            for n in left:
-                for p in self.d.deps[n]:
-                    if p in unfinished:
-                        children.setdefault(p, []).append(n)
-            heapq.heapify(busy)
-            ready = [n for n in left if waiting[n] == 0]
-            t = end = 0.0
-            while True:
-                while ready and len(busy) < slots:
-                    n = ready.pop(self.rng.randrange(len(ready)))
-                    heapq.heappush(busy, (t + self._draw(n), n))
-                if not busy:
-                    break
-                t, n = heapq.heappop(busy)
-                end = max(end, t)
-                for child in children.get(n, ()):
-                    waiting[child] -= 1
-                    if waiting[child] == 0:
-                        ready.append(child)
-            ends.append(end)
+            ends.append(makespan(self.d, busy, left, slots, self._pick, self._draw))
         return _plain(state, statistics.median(ends), elapsed)
 
 

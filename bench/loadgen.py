@@ -7,6 +7,15 @@ each data line (a regex over the received block, no JSON decoding of the rest), 
 sequence per publisher lane (every event, once, in order) and records the delay from the
 publisher's clock to receipt in a histogram (0.1 ms bins).
 
+Why not `server.client.EventStreamParser`: this process's CPU share is part of the measured
+figures (on a shared box the generator competes with the server), and the client's parser
+decodes every byte to text, splits every line and builds one object per frame, where the
+fast path here is a regex over each block of whole frames (and, in the default `--parse
+shared` mode, one parse per distinct block for all streams of a workflow). Measured on a
+block of 100 node_progress frames: 0.3 us a frame here, 6 us with the client's parser (no
+JSON either way), 20 times the cost, which would move every figure in RESULTS.md. The
+tests, watch and bench/run_list.py read streams with the client's parser.
+
 With `reconnect`, a stream behaves like EventSource when its connection ends: it waits the
 last `retry:` the server sent (ms), then reconnects with `Last-Event-ID` set to the last
 `id:` it received; a `204` stops it for good, any other status fails it (no retry), and a

@@ -39,6 +39,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from server import redis_keys
+from server.client.sse import EventStreamParser
 from server.publisher import assemble
 from server.settings import Settings
 
@@ -242,16 +243,14 @@ async def overview_delay(args: argparse.Namespace) -> dict[str, Any]:
                 headers = {"Accept": "text/event-stream"}
                 async with s.get(f"{srv.base}/workflows", headers=headers) as resp:
                     first = True
-                    async for raw in resp.content:
-                        line = raw.decode()
-                        if line.startswith("data: "):
-                            summary = json.loads(line[6:])
+                    parser = EventStreamParser()  # one stream: its parsing cost is nothing
+                    async for chunk in resp.content.iter_any():
+                        for frame in parser.feed(chunk):
+                            summary = json.loads(frame.data)
                             if not first or summary["completed_nodes"] > 0:
                                 frames += 1
                                 if summary["updated_at"] and summary["completed_nodes"] > 0:
                                     delays.append(time.time() - _parse_time(summary["updated_at"]))
-                        elif line == "\n":
-                            pass
                         if stop.is_set():
                             return
 

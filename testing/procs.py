@@ -11,7 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -108,11 +112,44 @@ class RedisProcess:
     def logfile(self) -> str:
         return f"{self.dir}/redis.log"
 
+    def sigkill(self) -> None:
+        """SIGKILL it by its PID, as a crash would end it (no shutdown, no save)."""
+        if self.proc is None:
+            raise ValueError(f"node on {self.port} is not running")
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+
+@asynccontextmanager
+async def app_on_own_redis() -> AsyncIterator[tuple[str, str, RedisProcess, Any]]:
+    """The app in this process (an aiohttp TestServer) on a redis-server of its own, which
+    the test may kill and start again: (base URL, a fresh workflow id, that Redis, the
+    app's client of it)."""
+    from aiohttp.test_utils import TestServer
+    from redis.asyncio import Redis
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    redis_proc = RedisProcess()
+    redis_proc.start()
+    client = Redis.from_url(redis_proc.url, socket_timeout=2, socket_connect_timeout=1)
+    server = TestServer(create_app(Settings(), redis=client), host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        yield base, "outage-" + uuid.uuid4().hex[:8], redis_proc, client
+    finally:
+        await server.close()
+        await client.aclose()
+        redis_proc.kill()
 
 
 def server_env(**extra: str) -> dict[str, str]:
@@ -208,6 +245,45 @@ class ServerProcess:
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
+
+
+class RestartPair:
+    """A server on a fixed port that a test ends and starts again, and `other`, a second
+    server on the same Redis that takes the publishes meanwhile (both `clean`)."""
+
+    def __init__(self, env: dict[str, str], retry_ms: int) -> None:
+        self.env, self.retry_ms, self.port = env, retry_ms, free_port()
+        self.other = ServerProcess(env=env, clean=True)
+        self.servers = [self._restartable(), self.other]
+
+    def _restartable(self) -> ServerProcess:
+        return ServerProcess(
+            "--retry-ms", str(self.retry_ms), port=self.port, env=self.env, clean=True
+        )
+
+    @property
+    def url(self) -> str:
+        """The restartable one's (the same across restarts)."""
+        return self.servers[0].url
+
+    async def start(self) -> None:
+        for srv in self.servers:
+            srv.launch()
+        for srv in self.servers:
+            await srv.wait_ready()
+
+    def end(self, sig: int) -> None:
+        """End the restartable one with `sig`."""
+        self.servers[0].end(sig)
+
+    async def restart(self) -> None:
+        """A new restartable one on the same port."""
+        self.servers.append(self._restartable())
+        await self.servers[-1].start()
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()
 
 
 def redis_cli(node: RedisProcess, *args: str) -> str:
@@ -321,12 +397,8 @@ class RedisClusterProcesses:
         raise RuntimeError("no master with a live replica")
 
     def sigkill(self, node: RedisProcess) -> None:
-        """SIGKILL one node by its PID, as a crash would end it (no shutdown, no save)."""
-        if node.proc is None:
-            raise ValueError(f"node on {node.port} is not running")
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait(10)
-        node.proc = None
+        """SIGKILL one node, as a crash would end it (no shutdown, no save)."""
+        node.sigkill()
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -416,12 +488,8 @@ class SentinelProcesses:
         raise RuntimeError(f"the sentinels name {port}, which is not a live node")
 
     def sigkill(self, node: RedisProcess) -> None:
-        """SIGKILL one node by its PID, as a crash would end it (no shutdown, no save)."""
-        if node.proc is None:
-            raise ValueError(f"node on {node.port} is not running")
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait(10)
-        node.proc = None
+        """SIGKILL one node, as a crash would end it (no shutdown, no save)."""
+        node.sigkill()
 
     def stop(self) -> None:
         for process in [*self.sentinels, *self.nodes]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import fakeredis
@@ -74,6 +75,23 @@ async def real_redis_or_skip() -> Redis:
             pytest.fail(f"REQUIRE_REDIS=1 but Redis at {REDIS_URL} does not answer: {exc}")
         pytest.skip(f"no Redis at {REDIS_URL}")
     return client
+
+
+@asynccontextmanager
+async def prefixed_redis(kind: str) -> AsyncIterator[tuple[Any, str]]:
+    """(client, unique key prefix) on "fakeredis" or the real server ("redis"); every key
+    under the prefix is deleted afterwards."""
+    client: Any = fakeredis.FakeAsyncRedis() if kind == "fakeredis" else None
+    if client is None:
+        client = await real_redis_or_skip()
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    try:
+        yield client, prefix
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +16,9 @@ import aiohttp
 import jwt
 import pytest
 
+from testing import tokens
+from testing.events import DONE
+from testing.metrics import sample
 from testing.procs import ROOT
 from tests.conftest import Serve
 
@@ -29,22 +30,10 @@ SETTINGS = {
     "subscribe_secret": SECRET,
     "cors_origins": (ORIGIN,),
 }
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 ENDPOINTS = ["events", "progress"]
 
 
-def forge(claims: dict[str, Any], key: str = SECRET, alg: str = "HS256") -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
-        return jwt.encode(claims, key, algorithm=alg)
-
-
-def _b64(obj: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-
-
-def alg_none(claims: dict[str, Any]) -> str:
-    return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
+forge = functools.partial(tokens.forge, key=SECRET)
 
 
 def later() -> int:
@@ -60,7 +49,7 @@ BAD_TOKENS: dict[str, Callable[[str], tuple[str | None, int]]] = {
         forge({"workflows": [wf], "exp": later()}, key="other-" + "o" * 60),
         401,
     ),
-    "alg none": lambda wf: (alg_none({"workflows": [wf], "exp": later()}), 401),
+    "alg none": lambda wf: (tokens.unsigned({"workflows": [wf], "exp": later()}), 401),
     "HS512": lambda wf: (
         forge({"workflows": [wf], "exp": later()}, key=SECRET * 2, alg="HS512"),
         401,
@@ -121,18 +110,6 @@ def problem(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]
     doc: dict[str, Any] = json.loads(body)
     assert doc["status"] == status and doc["title"] and doc["detail"] and doc["type"]
     return doc
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of the Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
-        if m and m.group(1) == name:
-            got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
-            if got == want:
-                return float(m.group(3))
-    return 0.0
 
 
 # Publishing -------------------------------------------------------------------------------
@@ -298,9 +275,8 @@ async def test_auth_failures_are_counted_in_metrics(
         after = await (await s.get(f"{base}/metrics")).text()
     for (kind, reason), count in expected.items():
         name = "wfsse_auth_failures_total"
-        delta = metric(after, name, kind=kind, reason=reason) - metric(
-            before, name, kind=kind, reason=reason
-        )
+        labels = {"kind": kind, "reason": reason}
+        delta = (sample(after, name, **labels) or 0.0) - (sample(before, name, **labels) or 0.0)
         assert delta == count, (kind, reason, delta)
     assert PUBLISH_TOKEN not in after and SECRET not in after
 

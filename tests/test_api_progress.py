@@ -12,16 +12,13 @@ import aiohttp
 import pytest
 
 from server import app_keys, redis_keys, wire
+from testing.events import state
+from testing.sse import iter_messages
 from tests.conftest import Serve
-from tests.sse_client import iter_messages
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
 SPEC_KEYS = wire.keys(wire.Progress)  # checked against the SPEC's list in test_metrics_openapi
-
-
-def state(to: str) -> dict[str, Any]:
-    return {"event_type": "workflow_state_changed", "to_state": to}
 
 
 async def get_progress(

@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 
 from server import app_keys, wire
+from testing.events import state
 from tests.conftest import Serve
-from tests.test_api_progress import _iso, state
+from tests.test_api_progress import _iso
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -13,29 +12,12 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import app_keys, redis_keys, store
+from testing.events import DONE, started
+from testing.http import publish
+from testing.sse import Message, collect, iter_messages
 from tests.conftest import Serve
-from tests.sse_client import Message, collect, iter_messages
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
-
-JSON = {"Content-Type": "application/json"}
-
-
-def started(node: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node, **extra}
-
-
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
-
-
-async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> list[str]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", data=json.dumps(events), headers=JSON) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
-        ids: list[str] = (await resp.json())["ids"]
-        return ids
 
 
 async def read_messages(

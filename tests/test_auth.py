@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import warnings
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +13,8 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 
 from server import auth, cors
 from server.problems import Problem, problem_middleware
+from testing import tokens
+from testing.tokens import b64, unsigned
 
 SECRET = "s3cret-" + "x" * 40
 NOW = 1_769_077_817.0
@@ -22,19 +22,7 @@ LATER = NOW + 600
 WF = "wf-1"
 
 
-def forge(claims: dict[str, Any], key: Any = SECRET, alg: str = "HS256") -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
-        return jwt.encode(claims, key, algorithm=alg)
-
-
-def b64(obj: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-
-
-def unsigned(claims: dict[str, Any]) -> str:
-    """An `alg: none` token, built by hand as an attacker would."""
-    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
+forge = functools.partial(tokens.forge, key=SECRET)
 
 
 def foreign(alg: str, claims: dict[str, Any]) -> str:

@@ -17,28 +17,12 @@ from server.auth import mint
 from server.client import Event, Gap, ProblemError, Unavailable, WorkflowClient
 from server.client.workflow import _retry_after
 from server.publisher import connect
+from testing.events import DONE, started
+from testing.http import publish
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, Serve
 
 SECRET = "client-test-secret-of-32-bytes!!"
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
-
-
-def started(node: str) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node}
-
-
-async def publish(
-    base: str, wf: str, *events: dict[str, Any], token: str | None = None
-) -> list[str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", json=list(events), headers=headers) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
-        ids: list[str] = (await resp.json())["ids"]
-        return ids
 
 
 class Requests:
@@ -90,7 +74,7 @@ async def test_events_replays_then_follows_live_in_order_and_ends_after_terminal
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    ids = await publish(base, wf, *(started(f"a{i}") for i in range(3)))
+    ids = await publish(base, wf, [started(f"a{i}") for i in range(3)])
     got: list[Event | Gap] = []
     replayed = asyncio.Event()
 
@@ -103,8 +87,8 @@ async def test_events_replays_then_follows_live_in_order_and_ends_after_terminal
 
     reader = asyncio.create_task(read())
     await asyncio.wait_for(replayed.wait(), 10)
-    ids += await publish(base, wf, started("b0"), started("b1"))
-    ids += await publish(base, wf, DONE)
+    ids += await publish(base, wf, [started("b0"), started("b1")])
+    ids += await publish(base, wf, [DONE])
     await asyncio.wait_for(reader, 10)  # the iterator ended by itself after the terminal event
     assert all(isinstance(m, Event) for m in got)
     assert [m.id for m in got if isinstance(m, Event)] == ids
@@ -123,7 +107,7 @@ async def test_events_end_at_once_on_204_after_the_terminal_event(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    ids = await publish(base, wf, started("a"), DONE)
+    ids = await publish(base, wf, [started("a"), DONE])
     async with WorkflowClient(base) as client:
         assert await read_all(client, wf, ids[-1]) == []
         assert [m.id for m in await read_all(client, wf, ids[0]) if isinstance(m, Event)] == ids[1:]
@@ -133,7 +117,7 @@ async def test_trimmed_history_is_surfaced_as_a_gap_before_the_rest(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(history_maxlen=5), new_workflow()
-    ids = await publish(base, wf, *(started(f"n{i}") for i in range(10)), DONE)
+    ids = await publish(base, wf, [*(started(f"n{i}") for i in range(10)), DONE])
     async with WorkflowClient(base) as client:
         got = await read_all(client, wf, ids[0])
     gap, *rest = got
@@ -177,7 +161,7 @@ async def test_progress_sends_if_none_match_and_returns_the_cached_object_on_304
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    ids = await publish(base, wf, started("a"))
+    ids = await publish(base, wf, [started("a")])
     trace = Requests()
     async with (
         aiohttp.ClientSession(trace_configs=[trace.config]) as session,
@@ -186,7 +170,7 @@ async def test_progress_sends_if_none_match_and_returns_the_cached_object_on_304
         first = await client.progress(wf)
         again = await client.progress(wf)
         assert first["last_event_id"] == ids[0] and again == first
-        ids += await publish(base, wf, started("b"))
+        ids += await publish(base, wf, [started("b")])
         changed = await client.progress(wf)
     assert changed["last_event_id"] == ids[1] and changed["running_nodes"] == 2
     assert [r["status"] for r in trace.seen] == [200, 304, 200]
@@ -198,13 +182,13 @@ async def test_wait_returns_the_final_progress(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
     base, wf = await serve(), new_workflow()
-    await publish(base, wf, started("a"))
+    await publish(base, wf, [started("a")])
     async with WorkflowClient(base) as client:
         with pytest.raises(TimeoutError):
             await client.wait(wf, timeout=0.3)  # still running
         waiting = asyncio.create_task(client.wait(wf, timeout=15))
-        await publish(base, wf, {"event_type": "node_completed", "node_id": "a"})
-        ids = await publish(base, wf, DONE)
+        await publish(base, wf, [{"event_type": "node_completed", "node_id": "a"}])
+        ids = await publish(base, wf, [DONE])
         final = await waiting
         assert (final["state"], final["last_event_id"], final["percentage"]) == (
             "COMPLETED",
@@ -238,7 +222,7 @@ async def test_503_is_retried_after_retry_after_until_a_stream_slot_frees(
                 reader = asyncio.create_task(read_all(client, wf))
                 await trace.until(lambda seen: len(seen) >= refused + 2)  # refused again
                 holder.close()
-                ids = await publish(base, wf, started("a"), DONE)
+                ids = await publish(base, wf, [started("a"), DONE])
                 got = await asyncio.wait_for(reader, 10)
         finally:
             holder.close()
@@ -311,7 +295,7 @@ async def test_reconnects_wait_the_servers_retry_not_the_default(
     trace = Requests()
     try:
         await server.start()
-        ids = await publish(server.url, wf, started("a"))
+        ids = await publish(server.url, wf, [started("a")])
         async with (
             aiohttp.ClientSession(trace_configs=[trace.config]) as session,
             WorkflowClient(server.url, session=session, jitter=0) as client,

@@ -20,10 +20,11 @@ import aiohttp
 import pytest
 
 from server import redis_keys
-from testing.procs import ServerProcess, free_port
+from testing.events import short_run
+from testing.http import publish
+from testing.procs import RestartPair, ServerProcess
+from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import collect
-from tests.test_watch import publish, short_run
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -172,17 +173,12 @@ async def test_dashboard_reconnects_by_itself_after_a_server_restart(
     redis = await real_redis_or_skip()
     wf = "dash-" + uuid.uuid4().hex[:12]
     events = short_run(12)
-    port = free_port()
-    env = {"REDIS_URL": REDIS_URL}
-    other = ServerProcess(env=env, clean=True)
-    servers = [ServerProcess("--retry-ms", "500", port=port, env=env, clean=True), other]
+    pair = RestartPair({"REDIS_URL": REDIS_URL}, retry_ms=500)
+    other = pair.other
     ids: list[str] = []
     try:
-        for srv in servers:
-            srv.launch()
-        for srv in servers:
-            await srv.wait_ready()
-        page, errors = await open_page(browser, f"{servers[0].url}/?workflow={wf}")
+        await pair.start()
+        page, errors = await open_page(browser, f"{pair.url}/?workflow={wf}")
         await badge_is(page, "live", timeout=10_000)
         third = len(events) // 3
         for event in events[:third]:
@@ -191,15 +187,14 @@ async def test_dashboard_reconnects_by_itself_after_a_server_restart(
             "n => window.__seenIds.length === n", arg=third, timeout=10_000
         )
 
-        servers[0].end(sig)
+        pair.end(sig)
         await badge_is(page, "reconnecting", timeout=10_000)
         for event in events[third : 2 * third]:
             ids += await publish(other.url, wf, event)  # while the page's server is down
         await asyncio.sleep(1.0)  # let the page fail to reconnect at least once
         assert await page.text_content("#badge") == "reconnecting"
 
-        servers.append(ServerProcess("--retry-ms", "500", port=port, env=env, clean=True))
-        await servers[-1].start()
+        await pair.restart()
         t0 = time.monotonic()
         await page.wait_for_function(
             "n => window.__seenIds.length >= n", arg=2 * third, timeout=20_000
@@ -223,8 +218,7 @@ async def test_dashboard_reconnects_by_itself_after_a_server_restart(
         assert errors == []
         assert reconnect_s < 15
     finally:
-        for srv in servers:
-            srv.stop()
+        pair.stop()
         await redis.delete(*redis_keys.workflow_keys(wf))
         await redis.aclose()
 

@@ -21,11 +21,11 @@ import pytest
 
 from server import redis_keys
 from server.overview import runs
-from testing.procs import ServerProcess, free_port
+from testing.http import publish
+from testing.procs import RestartPair, ServerProcess
+from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import collect
 from tests.test_dashboard_browser import DESKTOP, PHONE, WAIT_MS, badge_is, open_page
-from tests.test_watch import publish
 
 AXE = Path(__file__).parent / "assets" / "axe.min.js"
 SCREENSHOTS = os.environ.get("DASHBOARD_SCREENSHOTS")
@@ -241,17 +241,12 @@ async def forget(redis: Any, workflows: list[str]) -> None:
 async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -> None:
     redis = await real_redis_or_skip()
     wf, definition = "pic-" + uuid.uuid4().hex[:12], "pic-def-" + uuid.uuid4().hex[:8]
-    port = free_port()
-    env = {"REDIS_URL": REDIS_URL}
-    other = ServerProcess(env=env, clean=True)
-    servers = [ServerProcess("--retry-ms", "500", port=port, env=env, clean=True), other]
+    pair = RestartPair({"REDIS_URL": REDIS_URL}, retry_ms=500)
+    other = pair.other
     ids: list[str] = []
     try:
-        for srv in servers:
-            srv.launch()
-        for srv in servers:
-            await srv.wait_ready()
-        page, errors = await open_page(browser, f"{servers[0].url}/?workflow={wf}")
+        await pair.start()
+        page, errors = await open_page(browser, f"{pair.url}/?workflow={wf}")
         await badge_is(page, "live", timeout=10_000)
         t = time.time()
         ids += await publish(other.url, wf, [
@@ -261,15 +256,14 @@ async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -
         ])  # fmt: skip
         await check_edge(page)
 
-        servers[0].end(signal.SIGKILL)
+        pair.end(signal.SIGKILL)
         await badge_is(page, "reconnecting", timeout=10_000)
         t = time.time()
         ids += await publish(other.url, wf, [
             ev("node_completed", "b", t - 1),
             ev("node_failed", "c", t - 1, error="timeout"), ev("node_started", "c", t),
         ])  # fmt: skip
-        servers.append(ServerProcess("--retry-ms", "500", port=port, env=env, clean=True))
-        await servers[-1].start()
+        await pair.restart()
         await page.wait_for_function("n => window.__seenIds.length === n", arg=len(ids),
                                      timeout=30_000)  # fmt: skip
         await check_edge(page)
@@ -297,8 +291,7 @@ async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -
         assert await page.locator(".bar.pending, .bar.rest").count() == 0
         assert errors == []
     finally:
-        for srv in servers:
-            srv.stop()
+        pair.stop()
         await forget(redis, [wf])
         await redis.aclose()
 

@@ -20,8 +20,8 @@ from server.app import create_app
 from server.models import WorkflowPlanned
 from server.settings import Settings
 from testing.procs import ServerProcess
+from testing.sse import Message, collect
 from tests.conftest import HISTORY_PREFIX
-from tests.sse_client import Message, collect
 
 FAST = 0.02  # a whole run in about a second
 

@@ -24,7 +24,8 @@ from redis.asyncio.cluster import RedisCluster
 from server import redis_keys
 from testing.procs import RedisClusterProcesses, ServerProcess, server_env
 from testing.redis_reads import node_port, stream_entries
-from tests.test_sentinel import Engine, wait_until
+from testing.waiting import wait_until
+from tests.test_sentinel import Engine
 
 RECOVERY_SECONDS = 15.0  # the promotion, then the old master back and synced as a replica
 

@@ -9,24 +9,14 @@ import uuid
 from typing import Any
 
 import aiohttp
-from aiohttp.test_utils import TestServer
-from redis.asyncio import Redis
 
 from server import publisher as publisher_mod
 from server import redis_keys
-from server.app import create_app
-from server.settings import Settings
-from testing.procs import RedisProcess, ServerProcess
+from testing.events import DONE, started
+from testing.procs import ServerProcess, app_on_own_redis
 from testing.redis_reads import stream_ids
+from testing.sse import Message, iter_messages
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import Message, iter_messages
-
-
-def started(node: str) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node}
-
-
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 
 
 async def post(
@@ -38,14 +28,8 @@ async def post(
 
 
 async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicates() -> None:
-    redis_proc = RedisProcess()
-    redis_proc.start()
-    client = Redis.from_url(redis_proc.url, socket_timeout=2, socket_connect_timeout=1)
-    server = TestServer(create_app(Settings(), redis=client), host="127.0.0.1")
-    await server.start_server()
-    base, wf = str(server.make_url("")).rstrip("/"), "outage-" + uuid.uuid4().hex[:8]
     received: list[Message] = []
-    try:
+    async with app_on_own_redis() as (base, wf, redis_proc, client):
         async with aiohttp.ClientSession() as s:
             before = [(await post(s, base, wf, started(f"a{i}"))) for i in range(5)]
             assert all(r.status == 201 for r in before)
@@ -102,10 +86,6 @@ async def test_redis_restart_mid_stream_503_then_resume_without_loss_or_duplicat
         assert [m.json()["node_id"] for m in events[:10]] == [f"a{i}" for i in range(5)] + [
             f"b{i}" for i in range(5)
         ]
-    finally:
-        await server.close()
-        await client.aclose()
-        redis_proc.kill()
 
 
 async def test_sigterm_with_200_open_streams_ends_all_cleanly_within_5s() -> None:

@@ -5,45 +5,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import os
 import statistics
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import fakeredis
 import pytest
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from server import redis_keys
 from server.progress import history
 from server.progress.history import MemoryHistory, Stats
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.conftest import prefixed_redis
 
 
 @pytest.fixture(params=["fakeredis", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
     """(client, unique key prefix); every key under the prefix is deleted afterwards."""
-    client: Any
-    if request.param == "fakeredis":
-        client = fakeredis.FakeAsyncRedis()
-    else:
-        client = Redis.from_url(REDIS_URL)
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            if os.environ.get("REQUIRE_REDIS") == "1":
-                pytest.fail(f"REQUIRE_REDIS=1 but Redis at {REDIS_URL} does not answer: {exc}")
-            pytest.skip(f"no Redis at {REDIS_URL}")
-    prefix = "test-" + uuid.uuid4().hex[:12]
-    yield client, prefix
-    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    async with prefixed_redis(request.param) as pair:
+        yield pair
 
 
 def test_add_is_welford_over_log_durations() -> None:

@@ -13,15 +13,15 @@ import jwt
 import pytest
 
 from server import redis_keys, store
+from testing.events import DONE, started
+from testing.http import publish
 from tests.conftest import Serve
-from tests.test_api_stream import publish, started
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
 JSON = {"Content-Type": "application/json"}
 ACCEPT = {"Accept": "application/json"}
 SECRET = "sub-" + "s" * 60
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 MAX_ID = f"{2**64 - 1}-{2**64 - 1}"
 
 

@@ -23,7 +23,8 @@ from redis.asyncio.cluster import RedisCluster
 from server import redis_keys, store
 from testing.procs import RedisClusterProcesses, RedisProcess, ServerProcess
 from testing.redis_reads import node_port, stream_ids
-from tests.sse_client import iter_messages
+from testing.sse import iter_messages
+from testing.waiting import wait_until
 from tests.test_sentinel import Engine
 
 RECOVERY_SECONDS = 10.0  # what "within a few seconds of the promotion" is held to
@@ -60,15 +61,6 @@ class Reader:
                         self.ids.append(msg.id)
         finally:
             self.ended.set()
-
-
-async def wait_until(predicate: object, timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return time.monotonic()
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 async def first_event_within(session: aiohttp.ClientSession, url: str, timeout: float) -> str:

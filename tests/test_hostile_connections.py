@@ -31,6 +31,7 @@ import pytest
 from server import app_keys, auth, connections
 from server.app import create_app
 from server.settings import Settings
+from testing.metrics import sample
 from testing.procs import ROOT, RedisProcess, ServerProcess
 
 MAX_ID = "18446744073709551615-18446744073709551615"
@@ -88,15 +89,6 @@ def split_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(lines[0].split()[1]), headers, body
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    want = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-    for line in text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == name + want:
-            return float(value)
-    return None
 
 
 async def wait_for(check: Callable[[], Any], timeout: float, step: float = 0.02) -> Any:
@@ -370,7 +362,7 @@ async def test_a_client_that_leaves_frees_its_stream_slot_and_gauge_at_once(
         def gauges() -> float:
             text = app_metrics.render().decode()
             return sum(
-                metric(text, "wfsse_open_streams", kind=k) or 0.0
+                sample(text, "wfsse_open_streams", kind=k) or 0.0
                 for k in ("events", "progress", "websocket")
             )
 

@@ -13,13 +13,11 @@ import logging
 import math
 import shutil
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
@@ -27,7 +25,7 @@ from server import app_keys, redis_keys
 from server.legacy import legacy_key
 from server.models import MAX_JSON_DEPTH, EventRejected
 from server.progress import history
-from tests.conftest import Serve, real_redis_or_skip
+from tests.conftest import Serve, prefixed_redis
 
 PROBLEM = "application/problem+json"
 
@@ -357,15 +355,8 @@ async def test_openapi_python_client_generates_a_model_for_gap_and_progress(
 @pytest.fixture(params=["fakeredis", "redis"])
 async def hist(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
     """(client, unique key prefix); every key under the prefix is deleted afterwards."""
-    client: Any = fakeredis.FakeAsyncRedis() if request.param == "fakeredis" else None
-    if client is None:
-        client = await real_redis_or_skip()
-    prefix = "test-" + uuid.uuid4().hex[:12]
-    yield client, prefix
-    names = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-    if names:
-        await client.delete(*names)
-    await client.aclose()
+    async with prefixed_redis(request.param) as pair:
+        yield pair
 
 
 async def test_the_node_type_hash_stays_under_its_cap_and_keeps_the_busy_types(

@@ -20,23 +20,14 @@ from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame
 from server.settings import Settings
 from server.throttle import Throttle
+from testing.events import DONE
+from testing.http import publish
+from testing.raw_http import dechunk, open_stalled_reader, read_all
+from testing.sse import Parser, iter_messages
 from tests.conftest import Serve
-from tests.sse_client import Parser, iter_messages
 from tests.test_hostile_connections import close, raw, read_until_closed, split_response
-from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 JSON = {"Content-Type": "application/json"}
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
-
-
-async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> list[str]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", json=events) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
-        ids: list[str] = (await resp.json())["ids"]
-        return ids
 
 
 @pytest.fixture
@@ -191,7 +182,7 @@ async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_
         raw = await read_all(stalled, timeout=60)
         head, _, body_bytes = raw.partition(b"\r\n\r\n")
         assert b" 200 " in head.split(b"\r\n")[0]
-        stream, parser = _dechunk(body_bytes), Parser()
+        stream, parser = dechunk(body_bytes), Parser()
         got = [
             m.id
             for i in range(0, len(stream), 1 << 16)

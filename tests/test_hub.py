@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -17,24 +16,11 @@ from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame, Live, Subscription
 from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
+from testing.events import DONE, started
+from testing.raw_http import dechunk, open_stalled_reader, read_all
+from testing.sse import Parser, collect, iter_messages
+from testing.waiting import wait_until
 from tests.conftest import Serve
-from tests.sse_client import Parser, collect, iter_messages
-
-
-def started(node: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node, **extra}
-
-
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    """Poll a condition that has no event to await (Redis-side state), bounded in time."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
@@ -70,37 +56,7 @@ async def test_200_streams_on_50_workflows_share_one_pubsub_connection(
         numsub = dict(await redis.pubsub_numsub(*channels))
         return hub.channel_count == 0 and all(v == 0 for v in numsub.values())
 
-    await wait_until(unsubscribed)
-
-
-async def open_stalled_reader(base: str, path: str) -> socket.socket:
-    """A client that sends its GET and then does not read: a tiny receive window."""
-    parts = urlsplit(base)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (parts.hostname, parts.port))
-    request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n"
-    await loop.sock_sendall(sock, request.encode())
-    return sock
-
-
-async def read_all(sock: socket.socket, timeout: float) -> bytes:
-    loop = asyncio.get_running_loop()
-    chunks: list[bytes] = []
-
-    async def run() -> None:
-        while True:
-            chunk = await loop.sock_recv(sock, 1 << 16)
-            if not chunk:
-                return
-            chunks.append(chunk)
-            if b"COMPLETED" in chunk[-400:]:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return b"".join(chunks)
+    await wait_until(unsubscribed, every=0.02)
 
 
 async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing(
@@ -114,9 +70,11 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
     n = 6000  # ~6.5 MB: more than the kernel's socket buffers can hide
     try:
         async with aiohttp.ClientSession() as s:
-            await wait_until(lambda: _true(hub.channel_count == 1))
+            await wait_until(lambda: _true(hub.channel_count == 1), every=0.02)
             reader = asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events", timeout=120))
-            await wait_until(lambda: _true(sum(1 for _ in app[app_keys.streams_key].open) == 2))
+            await wait_until(
+                lambda: _true(sum(1 for _ in app[app_keys.streams_key].open) == 2), every=0.02
+            )
             peak = 0
             for i in range(n):
                 await publisher.publish(wf, {"event_type": "node_progress", "node_id": f"n{i % 40}",
@@ -134,7 +92,7 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"200 OK" in head
     # Chunked transfer encoding: strip the chunk framing before parsing SSE.
-    msgs = Parser().feed(_dechunk(body))
+    msgs = Parser().feed(dechunk(body))
     ids = [m.id for m in msgs if m.id]
     stored = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
     assert ids == stored and len(ids) == n + 1
@@ -142,18 +100,6 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
 
 async def _true(value: bool) -> bool:
     return value
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = bytearray()
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        body = rest[size + 2 :]
-    return bytes(out)
 
 
 @pytest.mark.backends("cluster")
@@ -168,7 +114,7 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
         readers = [
             asyncio.create_task(collect(s, f"{base}/workflows/{wf}/events")) for wf in workflows
         ]
-        await wait_until(lambda: _true(hub.channel_count == 30))
+        await wait_until(lambda: _true(hub.channel_count == 30), every=0.02)
         shards = {redis.get_node_from_key(redis_keys.channel(wf)).name for wf in workflows}
         assert hub.connection_count == len(shards) == 3  # 30 workflows, 3 connections
         for wf in workflows:
@@ -340,7 +286,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
             chan = hub._channels.get(redis_keys.channel(wf))
             return chan is not None and any(sub.direct for sub in chan.subs)
 
-        await wait_until(parked)
+        await wait_until(parked, every=0.02)
         for i in range(5):
             await publisher.publish(wf, started(f"n{i}"))
         await publisher.publish(wf, DONE)
@@ -349,7 +295,7 @@ async def test_live_frames_written_by_the_hub_are_framed_for_the_clients_http_ve
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert (b"transfer-encoding: chunked" in head.lower()) == (version == "1.1")
-    msgs = Parser().feed(_dechunk(body) if version == "1.1" else body)
+    msgs = Parser().feed(dechunk(body) if version == "1.1" else body)
     stored = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
     assert [m.id for m in msgs if m.id] == stored and len(stored) == 6
     assert msgs[-1].event == "workflow_state_changed"

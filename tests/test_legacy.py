@@ -29,9 +29,11 @@ from server.legacy import (
 )
 from server.publisher import Publisher, assemble
 from server.settings import Settings
+from testing.metrics import sample
 from testing.procs import RedisProcess, ServerProcess
+from testing.sse import collect
+from testing.waiting import wait_until
 from tests.conftest import HISTORY_PREFIX, REDIS_URL, Serve, real_redis_or_skip
-from tests.sse_client import collect
 
 
 def now() -> str:
@@ -174,12 +176,6 @@ def test_oversized_messages_are_refused() -> None:
 # The bridge in-process, on both backends ------------------------------------------------
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.02)
-
-
 @pytest.mark.backends("fakeredis", "redis", "cluster")
 async def test_two_bridges_store_each_message_once_and_refuse_invalid_ones(
     redis: Any, new_workflow: Callable[[], str]
@@ -211,8 +207,8 @@ async def test_two_bridges_store_each_message_once_and_refuse_invalid_ones(
         async def all_stored() -> bool:
             return bool(await redis.xlen(redis_keys.stream_key(wf)) >= len(events))
 
-        await wait_for(all_stored)
-        await wait_for(lambda: _done(bridges, len(events) + 2))
+        await wait_until(all_stored, every=0.02)
+        await wait_until(lambda: _done(bridges, len(events) + 2), every=0.02)
         rows = await redis.xrange(redis_keys.stream_key(wf))
         stored = [json.loads(fields[b"d"]) for _, fields in rows]
         assert [(e["event_type"], e.get("node_id")) for e in stored] == [
@@ -244,7 +240,7 @@ async def test_byte_identical_messages_are_one_event(
         raw = json.dumps(original(wf, "node_started", node_id="n"))
         for _ in range(3):
             await redis.publish(f"workflow:{wf}:events", raw)
-        await wait_for(lambda: _done([bridge], 3))
+        await wait_until(lambda: _done([bridge], 3), every=0.02)
         assert await redis.xlen(redis_keys.stream_key(wf)) == 1
     finally:
         await bridge.close()
@@ -261,7 +257,7 @@ async def test_the_bridge_resubscribes_after_a_redis_restart() -> None:
         await client.publish(
             "workflow:r1:events", json.dumps(original("r1", "node_started", node_id="a"))
         )
-        await wait_for(lambda: _done([bridge], 1))
+        await wait_until(lambda: _done([bridge], 1), every=0.02)
         server.kill()
         server.start()  # same port, empty: the bridge must find it and subscribe again
         raw = json.dumps(original("r1", "node_started", node_id="b"))
@@ -337,10 +333,9 @@ async def test_emit_node_event_and_emit_state_change_publish_like_publish(
 
 
 def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    value = sample(text, name)
+    assert value is not None, f"{name} not in /metrics"
+    return value
 
 
 async def wait_subscribed(proc: ServerProcess, timeout: float = 10.0) -> None:

@@ -14,16 +14,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server import redis_keys
+from testing.events import DONE
+from testing.metrics import sample
 from testing.procs import ServerProcess
+from testing.raw_http import dechunk, open_stalled_reader, read_all
+from testing.sse import Parser
 from tests.conftest import REDIS_URL, REQUIRE_REDIS
-from tests.sse_client import Parser
-from tests.test_hub import _dechunk, open_stalled_reader, read_all
 
 N_EVENTS = 20_000
 BATCH = 200  # events per POST
 QUEUE_FRAMES = 256  # --client-queue-frames: the live queue of each stream
 PAYLOAD = "x" * 1000  # with its envelope, each stored event is ~1.1 KiB of JSON
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
 # Bound on RSS growth while the stalled reader holds its stream and every event goes out:
 # one stream's live queue (QUEUE_FRAMES frames, ~0.3 MiB), one history page being written
 # (500 events, ~0.6 MiB as bytes, a few MiB as Python objects), aiohttp's write buffer, the
@@ -113,15 +114,13 @@ def max_lag(run: Run, follower: Follower) -> float:
 async def metric(s: aiohttp.ClientSession, base: str, name: str) -> float:
     async with s.get(f"{base}/metrics") as resp:
         text = await resp.text()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return sample(text, name) or 0.0
 
 
 async def open_streams(s: aiohttp.ClientSession, base: str) -> float:
     async with s.get(f"{base}/metrics") as resp:
         text = await resp.text()
-    m = re.search(r'^wfsse_open_streams\{kind="events"\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return sample(text, "wfsse_open_streams", kind="events") or 0.0
 
 
 async def wait_for_streams(s: aiohttp.ClientSession, base: str, n: int) -> None:
@@ -211,7 +210,7 @@ async def test_stalled_reader_keeps_rss_bounded_and_another_client_is_not_delaye
         head, _, body = raw.partition(b"\r\n\r\n")
         assert b" 200 " in head.split(b"\r\n")[0]
         # Fed in slices: the test parser rescans its buffer per line (quadratic on 24 MB at once).
-        stream, parser = _dechunk(body), Parser()
+        stream, parser = dechunk(body), Parser()
         messages = [
             m
             for i in range(0, len(stream), 1 << 14)

@@ -17,17 +17,14 @@ import pytest
 from server import app_keys, auth
 from server.overview import feed as feed_module
 from server.overview.summaries import list_page
+from testing.events import completed, plan, started, state
+from testing.http import publish
 from tests.conftest import Serve
-from tests.test_api_stream import publish, started
-from tests.test_runs import SECRET, plan, state
+from tests.test_runs import SECRET
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
 SSE = {"Accept": "text/event-stream"}
-
-
-def completed(node: str) -> dict[str, Any]:
-    return {"event_type": "node_completed", "node_id": node}
 
 
 class Overview:

@@ -20,7 +20,7 @@ from server.models import (
     to_json,
     validate_event,
 )
-from tests.sse_client import Parser
+from testing.sse import Parser
 
 # On a failure Hypothesis imports libcst (to print a patch), which warns on import; under
 # `filterwarnings = error` that would abort the whole session instead of reporting the failure.

@@ -15,25 +15,14 @@ import pytest
 
 from server import auth, redis_keys, wire
 from server.overview import runs
+from testing.events import plan, started, state
+from testing.http import publish
 from tests.conftest import Serve
-from tests.test_api_stream import publish, started
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
 SECRET = "sub-" + "s" * 60
 SUMMARY_KEYS = wire.keys(wire.RunSummary)  # checked against the SPEC in test_metrics_openapi
-
-
-def plan(definition: str, *nodes: str) -> dict[str, Any]:
-    return {
-        "event_type": "workflow_planned",
-        "definition_id": definition,
-        "nodes": [{"node_id": n} for n in nodes],
-    }
-
-
-def state(to: str) -> dict[str, Any]:
-    return {"event_type": "workflow_state_changed", "to_state": to}
 
 
 async def listing(

@@ -8,24 +8,14 @@ import time
 import uuid
 
 import aiohttp
-from aiohttp.test_utils import TestServer
-from redis.asyncio import Redis
 
-from server.app import create_app
-from server.settings import Settings
-from testing.procs import RedisProcess
-from tests.test_api_stream import publish
-from tests.test_runs import plan, state
+from testing.events import plan, state
+from testing.http import publish
+from testing.procs import app_on_own_redis
 
 
 async def test_a_list_or_overview_without_redis_is_a_503_and_publishing_lists_again_after() -> None:
-    redis_proc = RedisProcess()
-    redis_proc.start()
-    client = Redis.from_url(redis_proc.url, socket_timeout=2, socket_connect_timeout=1)
-    server = TestServer(create_app(Settings(), redis=client), host="127.0.0.1")
-    await server.start_server()
-    base, wf = str(server.make_url("")).rstrip("/"), "outage-" + uuid.uuid4().hex[:8]
-    try:
+    async with app_on_own_redis() as (base, wf, redis_proc, _):
         await publish(base, wf, [plan("def-outage", "a"), state("RUNNING")])
         redis_proc.kill()
         async with aiohttp.ClientSession() as s:
@@ -54,7 +44,3 @@ async def test_a_list_or_overview_without_redis_is_a_503_and_publishing_lists_ag
             assert resp.status == 200
             body = await resp.json()
         assert [w["workflow_id"] for w in body["workflows"]] == [other]
-    finally:
-        await server.close()
-        await client.aclose()
-        redis_proc.kill()

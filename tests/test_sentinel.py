@@ -18,7 +18,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -32,7 +31,8 @@ from server.redis_client import parse_sentinel_url
 from server.settings import Settings, from_sources
 from testing.procs import RedisProcess, SentinelProcesses, ServerProcess, server_env
 from testing.redis_reads import stream_entries
-from tests.sse_client import Message, iter_messages
+from testing.sse import Message, iter_messages
+from testing.waiting import wait_until
 
 RECOVERY_SECONDS = 10.0  # "within 10 s of the promotion"
 PUBLISH_EVERY = 0.02  # seconds between an engine's events
@@ -208,16 +208,6 @@ def acked_after(engines: list[Engine], t: float) -> list[str]:
     """Keys answered 201 after `t`, in the order answered."""
     keys = [(at, k) for e in engines for k, at in e.acked_at.items() if at > t]
     return [k for _, k in sorted(keys)]
-
-
-async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> float:
-    """Poll (50 ms) until `predicate()` holds; the time it did. Fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @dataclass

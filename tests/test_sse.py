@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server import sse
-from tests.sse_client import Parser
+from testing.sse import Parser
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import pytest
 from server import auth, progress, redis_keys
 from server.models import event_adapter
 from server.progress import history
+from testing.http import publish
 from tests.conftest import HISTORY_PREFIX, Serve
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
@@ -41,14 +42,6 @@ class Used:
 def used() -> Used:
     """Unique names for the test (the session deletes its history at its end)."""
     return Used()
-
-
-async def publish(base: str, wf: str, events: list[dict[str, Any]]) -> None:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{base}/workflows/{wf}/events", data=json.dumps(events), headers=JSON) as resp,
-    ):
-        assert resp.status == 201, await resp.text()
 
 
 async def get_stats(

@@ -7,7 +7,8 @@ import asyncio
 import random
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -17,8 +18,8 @@ from server import redis_keys, store
 from server.fanout.hub import Hub
 from server.store import Store
 from testing.procs import ServerProcess
+from testing.sse import iter_messages
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import iter_messages
 from tests.test_store import ev, new_store, node_events, plan, replayed_state, stored_state
 
 pytestmark = pytest.mark.backends("fakeredis", "redis")
@@ -63,21 +64,25 @@ class Published:
             await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.messages) >= count), 5)
 
 
-async def hub_for(redis: Any, wf: str, published: Published) -> Hub:
+@asynccontextmanager
+async def followed(redis: Any, wf: str, follower: Store | None) -> AsyncIterator[Published]:
+    """A hub attached to `wf`, handing its `=` messages to `follower` and the Published."""
+    published = Published(follower)
     hub = Hub(redis, queue_limit=1024, on_state=published.hook)
     await hub.start()
-    sub = await hub.attach(wf)
-    await asyncio.wait_for(sub.channel.ready.wait(), 5)
-    return hub
+    try:
+        sub = await hub.attach(wf)
+        await asyncio.wait_for(sub.channel.ready.wait(), 5)
+        yield published
+    finally:
+        await hub.close()
 
 
 async def test_a_follower_appends_after_another_process_without_losing_a_compare_and_set(
     redis: Any, new_workflow: Callable[[], str]
 ) -> None:
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
-    published = Published(a)
-    hub = await hub_for(redis, wf, published)
-    try:
+    async with followed(redis, wf, a) as published:
         await a.append(wf, [plan(6)])  # no `=` message: a plan rewrites every part
         attempts = Attempts(a)
         events = node_events(60, 6, seed=3)
@@ -88,17 +93,13 @@ async def test_a_follower_appends_after_another_process_without_losing_a_compare
         # a heard of each of b's appends before its own: every script of a won at once.
         assert (attempts.sent, attempts.lost) == (10, 0)
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
-    finally:
-        await hub.close()
 
 
 async def test_a_missed_write_drops_the_view_and_costs_a_retry_not_a_wrong_state(
     redis: Any, new_workflow: Callable[[], str]
 ) -> None:
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
-    published = Published(None)
-    hub = await hub_for(redis, wf, published)
-    try:
+    async with followed(redis, wf, None) as published:
         await a.append(wf, [ev(1, "node_started", node_id="x")])
         await b.append(wf, [ev(2, "node_started", node_id="y")])
         await b.append(wf, [ev(3, "node_completed", node_id="x")])
@@ -112,8 +113,6 @@ async def test_a_missed_write_drops_the_view_and_costs_a_retry_not_a_wrong_state
         await a.append(wf, [ev(5, "node_completed", node_id="x")])
         assert attempts.lost == 0  # read afresh
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
-    finally:
-        await hub.close()
 
 
 async def test_a_write_over_a_state_of_the_same_version_but_another_last_id_is_not_followed(
@@ -122,9 +121,7 @@ async def test_a_write_over_a_state_of_the_same_version_but_another_last_id_is_n
     # The workflow's keys expired and it began again: its version numbers repeat, its ids
     # do not. A view of the old run must not take the new run's writes.
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
-    published = Published(None)
-    hub = await hub_for(redis, wf, published)
-    try:
+    async with followed(redis, wf, None) as published:
         await a.append(wf, [ev(1, "node_started", node_id="x")])
         await a.append(wf, [ev(2, "node_completed", node_id="x")])
         await redis.delete(*redis_keys.workflow_keys(wf))
@@ -136,8 +133,6 @@ async def test_a_write_over_a_state_of_the_same_version_but_another_last_id_is_n
         assert wf not in a.cache.views
         await a.append(wf, [ev(6, "node_completed", node_id="z")])
         assert await stored_state(redis, wf) == await replayed_state(redis, wf)
-    finally:
-        await hub.close()
 
 
 async def test_reads_asked_together_share_one_round_trip(

@@ -7,61 +7,20 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from server import redis_keys
-from server.client.watch import SSEParser, format_duration
-from testing.procs import ServerProcess, free_port, server_env
+from server.client.sse import EventStreamParser
+from server.client.watch import format_duration
+from testing.events import short_run
+from testing.http import publish
+from testing.procs import RestartPair, ServerProcess, server_env
 from tests.conftest import REDIS_URL, real_redis_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def publish(
-    base: str, wf: str, events: Sequence[dict[str, Any]] | dict[str, Any]
-) -> list[str]:
-    """POST events over HTTP; their ids."""
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/workflows/{wf}/events", json=events) as resp:
-            body = await resp.json()
-            assert resp.status == 201, body
-            ids: list[str] = body["ids"]
-            return ids
-
-
-def short_run(n: int = 4) -> list[dict[str, Any]]:
-    """A small plan with Korean names, a failure and its retry, a skip, then COMPLETED."""
-    names = ["데이터 조회", "품질 판정", "Build report", "알림"]
-    nodes = [
-        {"node_id": f"n{i}", "node_name": names[i % len(names)], "node_type": "task",
-         "depends_on": [f"n{i - 1}"] if i else []}
-        for i in range(n)
-    ]  # fmt: skip
-    events: list[dict[str, Any]] = [
-        {"event_type": "workflow_planned", "nodes": nodes, "definition_id": "watch-test"},
-        {"event_type": "workflow_state_changed", "from_state": "PENDING", "to_state": "RUNNING"},
-    ]
-    for i in range(n):
-        node = {"node_id": f"n{i}", "node_name": nodes[i]["node_name"]}
-        events.append({"event_type": "node_started", **node})
-        if i == 1:
-            events.append({"event_type": "node_failed", **node, "error": "연결 시간 초과"})
-            events.append({"event_type": "node_started", **node})
-        events.append({"event_type": "node_progress", "node_id": f"n{i}", "fraction": 0.5})
-        if i == n - 2:
-            events.append(
-                {"event_type": "node_skipped", "node_id": f"n{i}", "reason": "not needed"}
-            )
-        else:
-            events.append({"event_type": "node_completed", **node, "duration_ms": 1200 + i})
-    events.append({"event_type": "workflow_state_changed", "from_state": "RUNNING",
-                   "to_state": "COMPLETED"})  # fmt: skip
-    return events
 
 
 class Watch:
@@ -196,36 +155,29 @@ async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) 
     redis = await real_redis_or_skip()
     wf = "watch-" + uuid.uuid4().hex[:12]
     events = short_run(6)
-    port = free_port()
-    env = {"REDIS_URL": REDIS_URL}
-    other = ServerProcess(env=env, clean=True)
-    servers = [ServerProcess("--retry-ms", "300", port=port, env=env, clean=True), other]
+    pair = RestartPair({"REDIS_URL": REDIS_URL}, retry_ms=300)
+    other = pair.other
     watch = None
     try:
-        for srv in servers:
-            srv.launch()
-        for srv in servers:
-            await srv.wait_ready()
-        watch = await Watch.start(servers[0].url, wf)
+        await pair.start()
+        watch = await Watch.start(pair.url, wf)
         await watch.until(has("connected to"))
         half = len(events) // 2
         for event in events[:half]:
             await publish(other.url, wf, event)
         await watch.until(lambda w: len(event_lines(w.out)) == half)
-        servers[0].end(sig)
+        pair.end(sig)
         await watch.until(has("reconnecting in"))
         for event in events[half:-2]:
             await publish(other.url, wf, event)  # while the watched server is down
-        servers.append(ServerProcess("--retry-ms", "300", port=port, env=env, clean=True))
-        await servers[-1].start()
+        await pair.restart()
         for event in events[-2:]:
             await publish(other.url, wf, event)
         code, err = await watch.finish(timeout=30)
     finally:
         if watch is not None:
             watch.kill()
-        for srv in servers:
-            srv.stop()
+        pair.stop()
         await redis.delete(*redis_keys.workflow_keys(wf))
         await redis.aclose()
     assert code == 0, err
@@ -233,17 +185,19 @@ async def test_watch_reconnects_with_last_event_id_and_misses_nothing(sig: int) 
     assert "reconnected to" in watch.out and "after event" in watch.out
 
 
-def test_sse_parser_handles_split_chunks_crlf_and_comments() -> None:
+def test_watch_parser_handles_split_chunks_crlf_and_comments() -> None:
+    # watch reads with the client's EventStreamParser: the `retry:` frame sets the parser's
+    # retry (no message, as in EventSource), the comment dispatches nothing.
     raw = (
         "retry: 500\r\n\r\n: keep-alive\n\n"
         'id: 1-0\nevent: node_started\ndata: {"a":\r\ndata: "품"}\r\n\r\n'
     ).encode()
     for size in (1, 2, 3, 7, len(raw)):
-        parser = SSEParser()
+        parser = EventStreamParser()
         msgs = [m for i in range(0, len(raw), size) for m in parser.feed(raw[i : i + size])]
-        got = [(m.event, m.id, m.retry) for m in msgs]
-        assert got == [("message", None, 500), ("node_started", "1-0", None)]
-        assert msgs[1].data == '{"a":\n"품"}'
+        assert [(m.event, m.id) for m in msgs] == [("node_started", "1-0")]
+        assert parser.retry == 500
+        assert msgs[0].data == '{"a":\n"품"}'
 
 
 @pytest.mark.parametrize(

@@ -14,18 +14,9 @@ import pytest
 from aiohttp import WSMsgType
 
 from server import app_keys, auth
+from testing.events import DONE, completed, started
+from testing.sse import collect
 from tests.conftest import Serve
-from tests.sse_client import collect
-
-DONE = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
-
-
-def started(node: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "node_started", "node_id": node, **extra}
-
-
-def completed(node: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "node_completed", "node_id": node, **extra}
 
 
 def ws_url(base: str, wf: str, route: str = "api", query: str = "") -> str:

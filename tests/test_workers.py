@@ -12,8 +12,8 @@ import aiohttp
 
 from server import redis_keys
 from testing.procs import ServerProcess
+from testing.sse import collect
 from tests.conftest import REDIS_URL, real_redis_or_skip
-from tests.sse_client import collect
 
 
 async def pids_seen(url: str, tries: int = 40) -> set[int]:

@@ -21,7 +21,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .common import REDIS_KEY, SSE_HEADERS, healthz, parse_args, publish_handler
+from .common import REDIS_KEY, SSE_HEADERS, run, serve
 
 MAX_PENDING = 100_000
 
@@ -145,17 +145,8 @@ def create_app(redis_url: str) -> web.Application:
         await redis.aclose()
 
     app.cleanup_ctx.append(redis_ctx)
-    app.router.add_get("/workflows/{wf}/events", stream)
-    app.router.add_post("/workflows/{wf}/events", publish_handler(channel))
-    app.router.add_get("/healthz", healthz)
-    return app
-
-
-def main() -> None:
-    args = parse_args(__doc__ or "")
-    web.run_app(create_app(args.redis_url), host=args.host, port=args.port, print=None,
-                shutdown_timeout=1.0)  # fmt: skip
+    return serve(app, stream, channel)
 
 
 if __name__ == "__main__":
-    main()
+    run(create_app, __doc__ or "")

@@ -1,4 +1,5 @@
-"""What both Python baselines share: the CLI, SSE headers, and a POST that plain-PUBLISHes."""
+"""What both Python baselines share: the CLI, SSE headers, their routes (the stream is each
+one's own, the POST plainly PUBLISHes) and how they run."""
 
 from __future__ import annotations
 
@@ -40,9 +41,28 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def serve(
+    app: web.Application,
+    stream: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    channel: Callable[[str], str],
+) -> web.Application:
+    """`app` with a baseline's routes: its `stream`, the PUBLISHing POST, /healthz."""
+    app.router.add_get("/workflows/{wf}/events", stream)
+    app.router.add_post("/workflows/{wf}/events", publish_handler(channel))
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     return parser.parse_args()
+
+
+def run(create_app: Callable[[str], web.Application], description: str) -> None:
+    """The command line of a baseline: `--host`, `--port`, `--redis-url`."""
+    args = parse_args(description)
+    web.run_app(create_app(args.redis_url), host=args.host, port=args.port, print=None,
+                shutdown_timeout=1.0)  # fmt: skip

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import io
 import json
@@ -19,6 +18,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from server.client.sse import EventStreamParser, ServerSentEvent
 from server.models import TERMINAL_STATES, is_workflow_id, parse_event_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -28,81 +28,6 @@ MAX_BACKOFF = 10.0
 BAR_WIDTH = 24
 # Control characters (ESC included) in event text could drive the terminal: shown as spaces.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
-
-
-@dataclass
-class Message:
-    """One dispatched event-stream message."""
-
-    event: str = "message"
-    data: str = ""
-    id: str | None = None
-    retry: int | None = None
-
-
-@dataclass
-class SSEParser:
-    """Incremental event-stream parser (WHATWG rules): feed bytes, get messages."""
-
-    _buffer: str = ""
-    _decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
-    )
-    _data: list[str] = field(default_factory=list)
-    _event: str = ""
-    _id: str | None = None
-    _retry: int | None = None
-    _pending_cr: bool = False
-
-    def feed(self, chunk: bytes) -> list[Message]:
-        text = self._decoder.decode(chunk)
-        if self._pending_cr and text.startswith("\n"):
-            text = text[1:]  # the LF of a CRLF split across chunks
-        self._pending_cr = False
-        self._buffer += text
-        out: list[Message] = []
-        while True:
-            cut = min(
-                (i for i in (self._buffer.find("\r"), self._buffer.find("\n")) if i >= 0),
-                default=-1,
-            )
-            if cut < 0:
-                return out
-            line = self._buffer[:cut]
-            if self._buffer[cut] == "\r":
-                if cut + 1 == len(self._buffer):
-                    self._pending_cr = True
-                    self._buffer = ""
-                else:
-                    step = 2 if self._buffer[cut + 1] == "\n" else 1
-                    self._buffer = self._buffer[cut + step :]
-            else:
-                self._buffer = self._buffer[cut + 1 :]
-            msg = self._line(line)
-            if msg is not None:
-                out.append(msg)
-
-    def _line(self, line: str) -> Message | None:
-        if line == "":
-            if not self._data and self._retry is None:
-                self._event = ""
-                return None
-            msg = Message(self._event or "message", "\n".join(self._data), self._id, self._retry)
-            self._data, self._event, self._retry = [], "", None
-            return msg
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\x00" not in value:
-            self._id = value
-        elif name == "retry" and value.isdigit():
-            self._retry = int(value)
-        return None
 
 
 def format_duration(seconds: float) -> str:
@@ -417,14 +342,15 @@ class Watcher:
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bool:
         """Print the events of one response; True once the terminal state was seen."""
-        parser = SSEParser()
+        parser = EventStreamParser(self.last_id or "")
         while True:
             chunk = await asyncio.wait_for(resp.content.readany(), READ_TIMEOUT)
             if not chunk:
                 return False
-            for msg in parser.feed(chunk):
-                if msg.retry is not None:
-                    self.retry_s = msg.retry / 1000
+            frames = parser.feed(chunk)
+            if parser.retry is not None:
+                self.retry_s = parser.retry / 1000
+            for msg in frames:
                 if not msg.data:
                     continue
                 if msg.event == "gap":
@@ -447,7 +373,7 @@ class Watcher:
                 ):
                     return True
 
-    def _gap(self, msg: Message) -> None:
+    def _gap(self, msg: ServerSentEvent) -> None:
         try:
             gap = json.loads(msg.data)
         except ValueError:
