@@ -301,15 +301,21 @@ def page_params(request: web.Request) -> tuple[str | None, int]:
         raise Problem(400, "after must look like <milliseconds>-<sequence>",
                       errors=[{"loc": ["query", "after"], "msg": "not an event id"}],
                       slug="bad-event-id")  # fmt: skip
-    raw = request.query.get("limit", "").strip(" \t")
-    if not raw:
-        return after, PAGE_DEFAULT
+    return after, limit_of(request, PAGE_DEFAULT, PAGE_MAX)
+
+
+def limit_of(request: web.Request, default: int, most: int) -> int:
+    """The `limit` query parameter: absent is `default`; anything but an integer from 1 to
+    `most`, in ASCII digits, is a 400 (an empty `limit=` too: the OpenAPI document says
+    integer, and a limit silently read as the default would hide a client's bug)."""
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
     limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
-    if not 1 <= limit <= PAGE_MAX:
-        raise Problem(400, f"limit must be an integer from 1 to {PAGE_MAX}",
-                      errors=[{"loc": ["query", "limit"], "msg": f"expected 1 to {PAGE_MAX}"}],
-                      slug="bad-limit")  # fmt: skip
-    return after, limit
+    if not 1 <= limit <= most:
+        raise _query_problem("limit", f"limit must be an integer from 1 to {most}",
+                             f"expected 1 to {most}", "bad-limit")  # fmt: skip
+    return limit
 
 
 async def history_page(
@@ -371,13 +377,7 @@ def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.
     if definition_id is not None and not is_workflow_id(definition_id):
         raise _query_problem("definition_id", "definition_id must follow a workflow id's rules",
                              "not a definition id", "bad-definition-id")  # fmt: skip
-    raw = query.get("limit", "").strip(" \t")
-    limit = runs.PAGE_DEFAULT
-    if raw:
-        limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
-        if not 1 <= limit <= runs.PAGE_MAX:
-            raise _query_problem("limit", f"limit must be an integer from 1 to {runs.PAGE_MAX}",
-                                 f"expected 1 to {runs.PAGE_MAX}", "bad-limit")  # fmt: skip
+    limit = limit_of(request, runs.PAGE_DEFAULT, runs.PAGE_MAX)
     cursor = None
     text = query.get("cursor", "").strip(" \t")
     if text:

@@ -195,6 +195,8 @@ async def test_unknown_workflow_is_404(serve: Serve, new_workflow: Callable[[], 
         ({"limit": "ten"}, "bad-limit"),
         ({"limit": "\u0661\u0660"}, "bad-limit"),  # Arabic-Indic digits: str.isdigit() says yes
         ({"limit": "99999999999999999999"}, "bad-limit"),
+        ({"limit": ""}, "bad-limit"),  # the document says integer: empty is not the default
+        ({"limit": " 5"}, "bad-limit"),
     ],
 )
 async def test_bad_after_or_limit_is_a_400_problem_in_either_form(

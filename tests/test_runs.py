@@ -199,6 +199,7 @@ async def test_a_token_lists_only_what_it_may_read(
         ({"limit": "0"}, "limit"),
         ({"limit": "201"}, "limit"),
         ({"limit": "ten"}, "limit"),
+        ({"limit": ""}, "limit"),
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"cursor": runs.Cursor(1, 1, "x").encode()}, "cursor"),  # too old
     ],
