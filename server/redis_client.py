@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import redis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -69,6 +72,25 @@ class _SentinelPool(SentinelConnectionPool, _Pool):
     primary: a connection (re)connecting asks the sentinels for the primary's address."""
 
 
+_REDIS_CODE = os.path.dirname(redis.__file__) + os.sep
+
+
+def closed_under(exc: BaseException) -> RedisConnectionError | None:
+    """A ConnectionError for an AttributeError or TypeError raised inside redis-py itself,
+    else None. When a connection is disconnected by another task while a command is on it
+    (a cluster client dropping a failed node's connections during a failover), redis-py's
+    next step finds `_writer` or `_reader` gone and fails with `'NoneType' object has no
+    attribute 'writelines'`: a lost connection, to be answered as one (503), not a 500."""
+    if not isinstance(exc, AttributeError | TypeError):
+        return None
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not tb.tb_frame.f_code.co_filename.startswith(_REDIS_CODE):
+        return None
+    return RedisConnectionError(f"the connection was closed under the command ({exc})")
+
+
 class Deadlines:
     """Fails Redis calls that run past a deadline, with one timer for all of them.
 
@@ -103,6 +125,11 @@ class Deadlines:
             if task not in self._expired or task.uncancel() > cancelling:
                 raise
             raise RedisTimeoutError(f"Redis did not answer within {self.seconds:g} s") from None
+        except (AttributeError, TypeError) as exc:
+            lost = closed_under(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
             del self._running[task]
             self._expired.discard(task)
@@ -137,6 +164,20 @@ class _Client(Redis):
         pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
         pipe.deadlines = self.deadlines
         return pipe
+
+
+class _Cluster(RedisCluster):
+    """A cluster client whose commands fail as redis errors, never as AttributeError, when a
+    failover closes a connection under them (see closed_under)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, TypeError) as exc:
+            lost = closed_under(exc)
+            if lost is None:
+                raise
+            raise lost from exc
 
 
 def command_client(url: str) -> Redis:
@@ -277,7 +318,7 @@ async def open_redis(url: str | None) -> AsyncIterator[AnyRedis]:
         parts = urlsplit(url)
         if parts.scheme in CLUSTER_SCHEMES:
             plain = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
-            client = RedisCluster.from_url(plain)
+            client = _Cluster.from_url(plain)
             try:
                 # Learn the slots now: the lazy first-use initialisation is not safe against
                 # concurrent first commands (some fail with an AttributeError in redis-py).

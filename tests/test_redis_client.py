@@ -9,15 +9,19 @@ import os
 import signal
 import time
 import uuid
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server import redis_client
+from server import redis_client, redis_keys
 from server.app import create_app
+from server.overview import runs
 from server.settings import Settings
 from testing.procs import RedisProcess
 from tests.conftest import real_redis_or_skip
@@ -160,3 +164,67 @@ async def test_a_frozen_redis_fails_commands_and_publishes_in_time_then_recovers
             proc.proc.send_signal(signal.SIGCONT)
         await server.close()
         proc.kill()
+
+
+class _WriterGone:
+    """What a command finds where its connection's writer was, after another task closed
+    that connection under it (a cluster client dropping a failed node's connections): not
+    a writer. redis-py then fails inside its own code with an AttributeError."""
+
+    def __init__(self, real: asyncio.StreamWriter) -> None:
+        self._real = real
+
+    def close(self) -> None:
+        self._real.close()
+
+    async def wait_closed(self) -> None:
+        await self._real.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+async def test_a_connection_closed_under_an_append_is_a_503_and_its_retry_is_stored_once(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in a Cluster failover test: `'NoneType' object has no attribute 'writelines'`
+    from redis-py answered 500. A lost connection is a 503 outcome-unknown (the script may
+    have run), and the client's retry with the same idempotency key stores the event once."""
+    await (await real_redis_or_skip()).aclose()
+    if kind == "redis":
+        url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        client: Any = redis_client.command_client(url)
+    else:
+        plain = request.getfixturevalue("cluster_url")
+        url = plain.replace("redis://", "redis+cluster://", 1)
+        client = RedisCluster.from_url(plain)
+    wf = "closed-under-" + uuid.uuid4().hex[:8]
+    armed = [True]
+    original = AbstractConnection.send_packed_command
+
+    async def send(self: Any, command: Any, check_health: bool = True) -> None:
+        parts = [command] if isinstance(command, bytes | str) else list(command)
+        packed = b"".join(p for p in parts if isinstance(p, bytes))
+        if armed and b"EVALSHA" in packed and wf.encode() in packed:  # the append script
+            armed.clear()
+            self._writer = _WriterGone(self._writer)
+        await original(self, parts, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
+    server = TestServer(create_app(Settings(redis_url=url)), host="127.0.0.1")
+    await server.start_server()
+    event = {"event_type": "node_started", "node_id": "a", "idempotency_key": "k1"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            post = f"{str(server.make_url('')).rstrip('/')}/workflows/{wf}/events"
+            async with s.post(post, json=event) as resp:
+                body = await resp.json()
+                assert (resp.status, body["type"]) == (503, "/problems/outcome-unknown"), body
+            assert not armed  # the broken write was the append's
+            async with s.post(post, json=event) as resp:
+                assert resp.status == 201, await resp.text()
+                (event_id,) = (await resp.json())["ids"]
+        assert [e.decode() for e, _ in await client.xrange(redis_keys.stream_key(wf))] == [event_id]
+    finally:
+        await server.close()
+        await client.delete(*redis_keys.workflow_keys(wf))
+        await runs.RunIndex(client, retention_seconds=1).forget([wf])
+        await client.aclose()
