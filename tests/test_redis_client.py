@@ -201,8 +201,12 @@ async def test_a_connection_closed_under_an_append_is_a_503_and_its_retry_is_sto
     original = AbstractConnection.send_packed_command
 
     async def send(self: Any, command: Any, check_health: bool = True) -> None:
-        parts = [command] if isinstance(command, bytes | str) else list(command)
-        packed = b"".join(p for p in parts if isinstance(p, bytes))
+        parts: list[bytes] = (
+            [command.encode() if isinstance(command, str) else command]
+            if isinstance(command, bytes | str)
+            else list(command)
+        )
+        packed = b"".join(parts)
         if armed and b"EVALSHA" in packed and wf.encode() in packed:  # the append script
             armed.clear()
             self._writer = _WriterGone(self._writer)
