@@ -41,6 +41,7 @@ from server.redis_keys import (
     LEGACY_CHANNEL_SUFFIX,
 )
 from server.store import AnyRedis, AppendConflict
+from server.tasks import stop
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,8 @@ class LegacyIngest:
         self._task = asyncio.create_task(self._run(), name="legacy-ingest")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop([self._task], what="legacy ingest")
+        self._task = None
 
     async def _run(self) -> None:
         backoff = 0.05

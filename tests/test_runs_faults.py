@@ -6,12 +6,21 @@ import asyncio
 import json
 import time
 import uuid
+from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
 
+from server import app_keys
+from server.app import create_app
+from server.overview import feed
+from server.settings import Settings
 from testing.events import plan, state
 from testing.http import publish
 from testing.procs import app_on_own_redis
+
+SSE = {"Accept": "text/event-stream"}
 
 
 async def test_a_list_or_overview_without_redis_is_a_503_and_publishing_lists_again_after() -> None:
@@ -44,3 +53,40 @@ async def test_a_list_or_overview_without_redis_is_a_503_and_publishing_lists_ag
             assert resp.status == 200
             body = await resp.json()
         assert [w["workflow_id"] for w in body["workflows"]] == [other]
+
+
+@pytest.mark.timeout(60)
+async def test_the_overview_feed_stops_within_its_bound_when_a_task_ignores_its_cancel(
+    redis: Any,
+) -> None:
+    """A Redis client busy with a command has been seen to swallow a cancellation (see
+    streams/watchers.py): a feed task in such a call made the feed's stop wait for ever,
+    holding its lock, and the shutdown with it (a CI teardown hung past 120 s)."""
+    app = create_app(Settings(), redis=redis)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    overview = app[app_keys.overview_key]
+    done, woken = asyncio.Event(), asyncio.Event()
+
+    async def deaf() -> None:
+        while not done.is_set():
+            try:
+                await woken.wait()
+            except asyncio.CancelledError:
+                continue  # the cancellation is lost, as in that Redis call
+
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        async with aiohttp.ClientSession() as s, s.get(f"{base}/workflows", headers=SSE) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")  # the feed runs: the stream got its retry:
+            assert overview.running
+            overview._tasks.append(asyncio.get_running_loop().create_task(deaf()))
+        started = time.monotonic()
+        await asyncio.wait_for(overview.close(), feed.CLOSE_SECONDS + 10)
+        assert time.monotonic() - started < feed.CLOSE_SECONDS + 5
+        assert not overview.running
+    finally:
+        done.set()
+        woken.set()
+        await server.close()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from server import sse, store
 from server.fanout.ring import Channel, Frame
+from server.tasks import stop
 from server.throttle import Throttle
 
 if TYPE_CHECKING:
@@ -74,10 +75,7 @@ class Upstream:
         self.task = asyncio.create_task(self._run(), name=f"hub-reader {self.name}")
 
     async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self.task
+        await stop([self.task], what=f"hub reader {self.name}")
         await self._drop()
         if self.client is not None and self.client is not self.hub._redis:
             with suppress(Exception):

@@ -43,6 +43,7 @@ from server.progress.service import ProgressService
 from server.redis_keys import runs_notice_id
 from server.streams.events import Heartbeat
 from server.streams.watchers import watchers
+from server.tasks import stop
 
 if TYPE_CHECKING:
     from server import wire
@@ -57,6 +58,7 @@ FOLLOW_MAX = 2_000  # runs still going whose live channels a feed follows at mos
 SHOWN_MAX = 2_000  # runs whose last summary a feed remembers (to send changes only)
 CLIENT_FRAMES = 10_000  # frames a slow overview client may fall behind before it is ended
 DETACH_SECONDS = 1.0  # the longest a feed waits for an UNSUBSCRIBE
+CLOSE_SECONDS = 3.0  # the longest a shutdown waits for the feed to stop
 GOING = ("CREATED", "PENDING", "RUNNING", "PAUSED")
 # Fields whose change is news; updated_at moves with every event, the ETA counts down.
 _COMPARED = (
@@ -184,16 +186,24 @@ class OverviewFeed:
                 await self._follow(w)
 
     async def close(self) -> None:
-        """At shutdown, before the hub closes."""
-        async with self._lock:
-            if self._tasks:
-                await self._stop()
+        """At shutdown, before the hub closes; within CLOSE_SECONDS, whatever holds the
+        feed: a stream starting it may hold its lock while it attaches up to FOLLOW_MAX runs
+        on a slow Redis, and a shutdown must not wait for that (a CI teardown of the
+        cluster tests once hung here for over 120 s). Past the bound the feed's tasks are
+        cancelled without waiting; the hub, closed next, forgets their subscriptions."""
+        try:
+            async with asyncio.timeout(CLOSE_SECONDS), self._lock:
+                if self._tasks:
+                    await self._stop()
+        except TimeoutError:
+            logger.warning("overview: the feed did not stop within %g s; cancelled", CLOSE_SECONDS)
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()
 
     async def _stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop(tasks, what="overview")  # bounded: see server/tasks.py
         # All at once, within one DETACH_SECONDS: one at a time, 2,000 followed runs on a slow
         # Redis held a shutdown for minutes (the hub forgets each at once either way).
         subs = [*self._notices, *self._follows.values()]

@@ -62,6 +62,7 @@ from server.redis_keys import (
     runs_notice_id,
     runs_shard_tag,
 )
+from server.tasks import stop
 
 logger = logging.getLogger(__name__)
 
@@ -494,9 +495,7 @@ class RunIndex:
 
     async def close(self) -> None:
         """Write what is queued (a clean exit loses no move)."""
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        await stop([self._flusher], what="run index")
         try:
             await self.flush()
         except (RedisError, OSError) as exc:

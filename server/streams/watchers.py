@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from server import app_keys
 from server.redis_keys import PREFIX, watcher_process_key, watcher_procs_key
+from server.tasks import stop
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,5 @@ async def reporter_ctx(app: web.Application) -> AsyncIterator[None]:
         async with asyncio.timeout(REMOVE_TIMEOUT):
             await asyncio.shield(task)
     except TimeoutError:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop([task], what="watchers")
     await reporter.remove()
