@@ -296,7 +296,7 @@ def wants_json(request: web.Request) -> bool:
 
 def page_params(request: web.Request) -> tuple[str | None, int]:
     """`after` (an event id, exclusive; empty = absent) and `limit` (1..PAGE_MAX), or 400."""
-    after = request.query.get("after", "").strip(" \t") or None
+    after = (single(request, "after") or "").strip(" \t") or None
     if after is not None and parse_event_id(after) is None:
         raise Problem(400, "after must look like <milliseconds>-<sequence>",
                       errors=[{"loc": ["query", "after"], "msg": "not an event id"}],
@@ -308,7 +308,7 @@ def limit_of(request: web.Request, default: int, most: int) -> int:
     """The `limit` query parameter: absent is `default`; anything but an integer from 1 to
     `most`, in ASCII digits, is a 400 (an empty `limit=` too: the OpenAPI document says
     integer, and a limit silently read as the default would hide a client's bug)."""
-    raw = request.query.get("limit")
+    raw = single(request, "limit")
     if raw is None:
         return default
     limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
@@ -365,6 +365,16 @@ def _query_problem(name: str, detail: str, msg: str, slug: str) -> Problem:
     return Problem(400, detail, errors=[{"loc": ["query", name], "msg": msg}], slug=slug)
 
 
+def single(request: web.Request, name: str) -> str | None:
+    """A query parameter that takes one value: given twice, which one would count is a
+    guess, so it is a 400 rather than the first one silently."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise _query_problem(name, f"{name} is given {len(values)} times; give it once",
+                             "given more than once", "repeated-parameter")  # fmt: skip
+    return values[0] if values else None
+
+
 def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.Cursor | None]:
     """`state` (comma-separated), `definition_id`, `limit` (1..200) and `cursor`, or 400."""
     query = request.query
@@ -373,13 +383,13 @@ def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.
     if bad:
         raise _query_problem("state", f"unknown state {bad[0]!r}; states are {', '.join(STATES)}",
                              "not a workflow state", "bad-state")  # fmt: skip
-    definition_id = query.get("definition_id", "").strip(" \t") or None
+    definition_id = (single(request, "definition_id") or "").strip(" \t") or None
     if definition_id is not None and not is_workflow_id(definition_id):
         raise _query_problem("definition_id", "definition_id must follow a workflow id's rules",
                              "not a definition id", "bad-definition-id")  # fmt: skip
     limit = limit_of(request, runs.PAGE_DEFAULT, runs.PAGE_MAX)
     cursor = None
-    text = query.get("cursor", "").strip(" \t")
+    text = (single(request, "cursor") or "").strip(" \t")
     if text:
         try:
             cursor = runs.Cursor.decode(text, request.app[app_keys.runs_key].clock())

@@ -264,3 +264,20 @@ async def test_a_token_for_one_workflow_never_reads_another(
     # The token is checked before anything else: no 404 or 400 tells a stranger anything.
     status, _, _ = await page(base, new_workflow(), bearer, limit="0")
     assert status == 403
+
+
+@pytest.mark.parametrize("query", ["limit=5&limit=6", "limit=&limit=5", "after=1-0&after=2-0"])
+async def test_a_parameter_given_twice_is_a_400_problem_in_either_form(
+    serve: Serve, new_workflow: Callable[[], str], query: str
+) -> None:
+    """Which of two values would count is a guess: neither is taken silently."""
+    base, wf = await serve(), new_workflow()
+    await publish(base, wf, [started("a")])
+    async with aiohttp.ClientSession() as s:
+        for accept in ("application/json", "text/event-stream"):
+            async with s.get(
+                f"{base}/workflows/{wf}/events?{query}", headers={"Accept": accept}
+            ) as r:
+                body = await r.json()
+                assert (r.status, body["type"]) == (400, "/problems/repeated-parameter"), body
+                assert body["errors"][0]["loc"] == ["query", query.split("=")[0]]

@@ -309,3 +309,14 @@ async def test_sweep_forgets_runs_whose_keys_are_gone(
     await redis.set(redis_keys.progress_key(kept), b"x")  # stands for a live run's keys
     assert await index.sweep() >= 1
     assert set(await index.records([gone, kept])) == {kept}
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=5&limit=6", "definition_id=a&definition_id=b", "cursor=a&cursor=b"]
+)
+async def test_a_list_parameter_given_twice_is_a_400_problem(serve: Serve, query: str) -> None:
+    base = await serve()
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/workflows?{query}") as resp:
+        body = await resp.json()
+        assert (resp.status, body["type"]) == (400, "/problems/repeated-parameter"), body
+        assert body["errors"][0]["loc"] == ["query", query.split("=")[0]]

@@ -174,8 +174,11 @@ def test_operation_never_answers_5xx_and_conforms(target: Target, label: str, mo
         case.validate_response(response, excluded_checks=excluded)
 
     run()
-    # Not vacuous: many distinct requests went out (fewer only where the schema allows few).
-    assert len(seen) >= (1 if "workflow_id" not in operation.path else MAX_EXAMPLES // 2), seen
+    # Not vacuous: many distinct requests went out (fewer only where the schema allows few:
+    # an operation whose one parameter is the path id gets 21 to 24 distinct invalid ids of
+    # 50 in negative mode, where Hypothesis repeats itself; a half was a flaky bound there).
+    wanted = MAX_EXAMPLES // 2 if mode == "positive" else MAX_EXAMPLES // 4
+    assert len(seen) >= (1 if "workflow_id" not in operation.path else wanted), seen
     print(f"{label} [{mode}]: {CASES[f'{label} [{mode}]']} cases, {len(seen)} distinct")
 
 
