@@ -170,12 +170,28 @@ def _argv(system: System, port: int, tmp: Path, args: argparse.Namespace) -> lis
     py = sys.executable
     if system.ours:
         url = args.cluster_url if system.cluster else args.redis_url
-        return [py, "-m", "server", "--redis-url", url, "--port", str(port),
-                *args.server_arg, *system.server_args]  # fmt: skip
+        return [
+            py,
+            "-m",
+            "server",
+            "--redis-url",
+            url,
+            "--port",
+            str(port),
+            *args.server_arg,
+            *system.server_args,
+        ]
     if system.name in ("seed", "bare"):
         module = "seed_style" if system.name == "seed" else "bare_hub"
-        return [py, "-m", f"bench.baselines.{module}", "--port", str(port),
-                "--redis-url", args.redis_url]  # fmt: skip
+        return [
+            py,
+            "-m",
+            f"bench.baselines.{module}",
+            "--port",
+            str(port),
+            "--redis-url",
+            args.redis_url,
+        ]
     nginx = shutil.which("nginx")
     if nginx is None:
         raise StartFailed("nginx is not installed (apt-get install nginx libnginx-mod-nchan)")
@@ -199,8 +215,9 @@ def spawn(
         )
 
 
-async def wait_answering(running: Running, path: str, timeout: float = 30.0,
-                         poll: float = 0.1) -> None:  # fmt: skip
+async def wait_answering(
+    running: Running, path: str, timeout: float = 30.0, poll: float = 0.1
+) -> None:
     """Poll `path` until it answers 200; StartFailed when the process exits or time is up."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -339,8 +356,10 @@ async def s1(system: System, n: int, args: argparse.Namespace) -> Result:
             await probe.aclose()
         nofile = raise_nofile()
         if n + args.redis_margin > free:
-            return {"skipped": f"needs {n} Redis connections; Redis accepts {free} more "
-                               f"(maxclients) and others share it"}  # fmt: skip
+            return {
+                "skipped": f"needs {n} Redis connections; Redis accepts {free} more "
+                f"(maxclients) and others share it"
+            }
         if 2 * n + 200 > nofile:
             return {"skipped": f"needs {2 * n} sockets in one process; fd hard limit {nofile}"}
     async with launched(system, args) as srv:
@@ -471,8 +490,9 @@ async def live(
         pub = HttpPublisher(srv.base, system.pub_path, batch=system.batch, pool=64)
         try:
             paths = [(k, system.sub_path(wf)) for k, wf in enumerate(ids)] * per_workflow
-            await group.open(paths, concurrency=args.connect_concurrency,
-                             timeout=args.connect_timeout)  # fmt: skip
+            await group.open(
+                paths, concurrency=args.connect_concurrency, timeout=args.connect_timeout
+            )
             if group.failed:
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
             await pub.warm()  # the publisher's connections are no part of the measurement
@@ -514,15 +534,21 @@ async def s4(system: System, args: argparse.Namespace, profile: str | None) -> R
         pub = HttpPublisher(srv.base, system.pub_path, batch=system.batch, pool=lanes + 4)
         spy: subprocess.Popen[bytes] | None = None
         try:
-            await group.open([(0, system.sub_path(wf))] * args.s4_streams,
-                             concurrency=args.connect_concurrency,
-                             timeout=args.connect_timeout)  # fmt: skip
+            await group.open(
+                [(0, system.sub_path(wf))] * args.s4_streams,
+                concurrency=args.connect_concurrency,
+                timeout=args.connect_timeout,
+            )
             if group.failed:
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
             await pub.warm()
             if profile:
-                spy = start_profiler(srv.proc.pid, args.s4_duration, profile,
-                                     children="--workers" in system.server_args)  # fmt: skip
+                spy = start_profiler(
+                    srv.proc.pid,
+                    args.s4_duration,
+                    profile,
+                    children="--workers" in system.server_args,
+                )
             pids = srv.pids()
             spread = per_worker(srv)
             cpu0, me0 = cpu_seconds(pids), self_cpu_seconds()
@@ -592,8 +618,9 @@ async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
         ids = [new_id("s5") for _ in range(w)]
         ledger = Ledger(w, 1)
         group = StreamGroup(HOST, srv.port, rec)
-        pub = HttpPublisher(srv.base, system.pub_path, batch=True, pool=64,
-                            retry_for=args.s5_retry_for, timeout=5.0)  # fmt: skip
+        pub = HttpPublisher(
+            srv.base, system.pub_path, batch=True, pool=64, retry_for=args.s5_retry_for, timeout=5.0
+        )
         sends: list[asyncio.Task[int]] = []
         stop_publishing = False
 
@@ -611,9 +638,12 @@ async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
         publisher: asyncio.Task[None] | None = None
         try:
             paths = [(i % w, system.sub_path(ids[i % w])) for i in range(n)]
-            took = await group.open(paths, concurrency=args.connect_concurrency,
-                                    timeout=args.connect_timeout,
-                                    reconnect_until=hard_end)  # fmt: skip
+            took = await group.open(
+                paths,
+                concurrency=args.connect_concurrency,
+                timeout=args.connect_timeout,
+                reconnect_until=hard_end,
+            )
             if group.failed:
                 return {"skipped": f"{len(group.failed)} streams failed: {group.failed[:2]}"}
             publisher = asyncio.create_task(publish())
@@ -662,16 +692,20 @@ async def s5(args: argparse.Namespace, sig: signal.Signals) -> Result:
                     body = {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
                     async with session.post(srv.base + system.pub_path(wf), json=body) as resp:
                         await resp.read()
-            await group.wait_for(lambda: rec.ended_204 >= n,
-                                 min(15.0, max(0.0, hard_end - loop.time())))  # fmt: skip
+            await group.wait_for(
+                lambda: rec.ended_204 >= n, min(15.0, max(0.0, hard_end - loop.time()))
+            )
 
             def since_ready(ts: list[float]) -> tuple[float | None, float | None]:
                 if not ts:
                     return None, None
                 return (round(statistics.median(ts) - t_ready, 2), round(max(ts) - t_ready, 2))
 
-            back = [st.reconnected_at for st in group.streams if st.reconnected_at is not None
-                    and st.reconnected_at >= t_kill]  # fmt: skip
+            back = [
+                st.reconnected_at
+                for st in group.streams
+                if st.reconnected_at is not None and st.reconnected_at >= t_kill
+            ]
             caught = [st.caught_at for st in group.streams if st.caught_at is not None]
             back_p50, back_max = since_ready(back)
             caught_p50, caught_max = since_ready(caught)
@@ -801,8 +835,7 @@ def summarise_profile(path: str, top: int = 20) -> str:
         self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
-    lines = [f"py-spy profile of our server during S4 ({total} samples): {path}",
-             "  self time:"]  # fmt: skip
+    lines = [f"py-spy profile of our server during S4 ({total} samples): {path}", "  self time:"]
     for f, n in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {100 * n / total:5.1f}%  {f}")
     lines.append("  inclusive:")
@@ -816,28 +849,125 @@ def summarise_profile(path: str, top: int = 20) -> str:
 
 
 COLUMNS: dict[str, list[str]] = {
-    "S1": ["established", "failed", "connect_s", "got_event", "kib_per_stream", "rss_mib",
-           "redis_pubsub", "redis_normal"],
-    "S2": ["rate", "published", "all_delivered", "missing", "dups", "p50_ms", "p99_ms",
-           "max_ms", "server_cpu_pct", "loadgen_cpu_pct"],
-    "S3": ["rate", "published", "all_delivered", "missing", "dups", "p50_ms", "p99_ms",
-           "max_ms", "server_cpu_pct", "loadgen_cpu_pct"],
-    "S4": ["published_per_s", "delivered_per_s", "x_bare", "x_seed", "all_delivered",
-           "missing", "drain_s", "p50_ms", "p99_ms", "server_cpu_pct", "loadgen_cpu_pct"],
-    "S5": ["exit_code", "exit_s", "down_s", "retry_min_ms", "retry_max_ms", "reconnected",
-           "reconnect_p50_s", "reconnect_max_s", "connect_errors", "bad_status",
-           "backlog_flush_s", "caught_up", "caught_up_p50_s", "caught_up_max_s", "within_10s",
-           "published", "publish_retries", "gave_up", "all_delivered", "missing", "dups",
-           "skips", "gaps", "ended_204"],
-    "W2S2": ["rate", "published", "all_delivered", "missing", "p50_ms", "p99_ms",
-             "p99_x_w1", "max_ms", "server_cpu_pct", "cpu_x_w1", "rss_mib", "per_worker",
-             "loadgen_cpu_pct"],
-    "W2S4": ["published_per_s", "delivered_per_s", "x_w1", "all_delivered", "missing",
-             "drain_s", "p50_ms", "p99_ms", "server_cpu_pct", "cpu_us_per_event",
-             "cpu_per_event_x_w1", "throttled_s", "rss_mib", "per_worker", "loadgen_cpu_pct"],
-    "RC": ["rate", "published", "all_delivered", "missing", "dups", "p50_ms", "p99_ms",
-           "p99_x_single", "max_ms", "server_cpu_pct", "loadgen_cpu_pct"],
-}  # fmt: skip
+    "S1": [
+        "established",
+        "failed",
+        "connect_s",
+        "got_event",
+        "kib_per_stream",
+        "rss_mib",
+        "redis_pubsub",
+        "redis_normal",
+    ],
+    "S2": [
+        "rate",
+        "published",
+        "all_delivered",
+        "missing",
+        "dups",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "server_cpu_pct",
+        "loadgen_cpu_pct",
+    ],
+    "S3": [
+        "rate",
+        "published",
+        "all_delivered",
+        "missing",
+        "dups",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "server_cpu_pct",
+        "loadgen_cpu_pct",
+    ],
+    "S4": [
+        "published_per_s",
+        "delivered_per_s",
+        "x_bare",
+        "x_seed",
+        "all_delivered",
+        "missing",
+        "drain_s",
+        "p50_ms",
+        "p99_ms",
+        "server_cpu_pct",
+        "loadgen_cpu_pct",
+    ],
+    "S5": [
+        "exit_code",
+        "exit_s",
+        "down_s",
+        "retry_min_ms",
+        "retry_max_ms",
+        "reconnected",
+        "reconnect_p50_s",
+        "reconnect_max_s",
+        "connect_errors",
+        "bad_status",
+        "backlog_flush_s",
+        "caught_up",
+        "caught_up_p50_s",
+        "caught_up_max_s",
+        "within_10s",
+        "published",
+        "publish_retries",
+        "gave_up",
+        "all_delivered",
+        "missing",
+        "dups",
+        "skips",
+        "gaps",
+        "ended_204",
+    ],
+    "W2S2": [
+        "rate",
+        "published",
+        "all_delivered",
+        "missing",
+        "p50_ms",
+        "p99_ms",
+        "p99_x_w1",
+        "max_ms",
+        "server_cpu_pct",
+        "cpu_x_w1",
+        "rss_mib",
+        "per_worker",
+        "loadgen_cpu_pct",
+    ],
+    "W2S4": [
+        "published_per_s",
+        "delivered_per_s",
+        "x_w1",
+        "all_delivered",
+        "missing",
+        "drain_s",
+        "p50_ms",
+        "p99_ms",
+        "server_cpu_pct",
+        "cpu_us_per_event",
+        "cpu_per_event_x_w1",
+        "throttled_s",
+        "rss_mib",
+        "per_worker",
+        "loadgen_cpu_pct",
+    ],
+    "RC": [
+        "rate",
+        "published",
+        "all_delivered",
+        "missing",
+        "dups",
+        "p50_ms",
+        "p99_ms",
+        "p99_x_single",
+        "max_ms",
+        "server_cpu_pct",
+        "loadgen_cpu_pct",
+    ],
+}
 NOTES: dict[str, str] = {
     "S5": "Only our server: seed and bare keep no history, Nchan keeps it only in the "
     "memory of the process that is restarted, so none of them can replay after a restart.",
@@ -865,8 +995,12 @@ def cell(values: list[Any]) -> str:
 
 def table(title: str, kind: str, rows: dict[str, list[Result]]) -> str:
     cols = COLUMNS[kind]
-    out = [f"### {title}", "", "| system | " + " | ".join(cols) + " |",
-           "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    out = [
+        f"### {title}",
+        "",
+        "| system | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for system, results in rows.items():
         skipped = [r["skipped"] for r in results if "skipped" in r]
         ok = [r for r in results if "skipped" not in r]
@@ -922,17 +1056,24 @@ def add_variant_ratios(kind: str, per_run: dict[str, Result]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help="10%% sizes, 5 s phases: about 2 minutes")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="10%% sizes, 5 s phases: about 2 minutes")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--systems", default="ours,seed,bare,nchan")
-    p.add_argument("--scenarios", default=None,
-                   help="of S1-S5,W2 (W2S2, W2S4),RC; default S1-S4 (--quick: all)")  # fmt: skip
+    p.add_argument(
+        "--scenarios",
+        default=None,
+        help="of S1-S5,W2 (W2S2, W2S4),RC; default S1-S4 (--quick: all)",
+    )
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    p.add_argument("--server-arg", action="append", default=[],
-                   help="extra flag for our server, e.g. --server-arg=--workers=2")  # fmt: skip
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for our server, e.g. --server-arg=--workers=2",
+    )
     p.add_argument("--s1-sizes", default=None, help="default 1000,5000,10000")
     p.add_argument("--s2-streams", type=int, default=None, help="default 1000")
     p.add_argument("--s2-rates", default="100,500")
@@ -959,18 +1100,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s5-rate", type=float, default=50.0, help="events/s over all workflows")
     p.add_argument("--s5-signals", default="TERM,KILL", help="how the server is stopped")
     p.add_argument("--s5-before", type=float, default=3.0, help="s of publishing before")
-    p.add_argument("--s5-after", type=float, default=10.0,
-                   help="s of publishing after the new server is ready")  # fmt: skip
-    p.add_argument("--s5-retry-for", type=float, default=30.0,
-                   help="s a failed POST is retried (same idempotency key)")  # fmt: skip
-    p.add_argument("--s5-timeout", type=float, default=180.0,
-                   help="bound of one S5 case (connecting included)")  # fmt: skip
+    p.add_argument(
+        "--s5-after", type=float, default=10.0, help="s of publishing after the new server is ready"
+    )
+    p.add_argument(
+        "--s5-retry-for",
+        type=float,
+        default=30.0,
+        help="s a failed POST is retried (same idempotency key)",
+    )
+    p.add_argument(
+        "--s5-timeout", type=float, default=180.0, help="bound of one S5 case (connecting included)"
+    )
     p.add_argument("--w2-rate", type=int, default=500, help="W2: S2 events/s")
     p.add_argument("--rc-rate", type=int, default=100, help="RC: S2 events/s")
-    p.add_argument("--tick-ms", type=float, default=10.0,
-                   help="S2, S5, W2, RC: publishing tick (S2: one batch per tick)")  # fmt: skip
-    p.add_argument("--s3-tick-ms", type=float, default=1.0,
-                   help="S3: each POST goes out within this of its due time")  # fmt: skip
+    p.add_argument(
+        "--tick-ms",
+        type=float,
+        default=10.0,
+        help="S2, S5, W2, RC: publishing tick (S2: one batch per tick)",
+    )
+    p.add_argument(
+        "--s3-tick-ms",
+        type=float,
+        default=1.0,
+        help="S3: each POST goes out within this of its due time",
+    )
     p.add_argument("--drain", type=float, default=None, help="max wait after publishing")
     p.add_argument("--stall", type=float, default=5.0, help="stop draining after s of nothing")
     p.add_argument(
@@ -992,15 +1147,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="py-spy raw output path: profile our server during S4 of run 1 (W2S4: "
         "PATH.ours-w1 and PATH.ours-w2, the workers together)",
     )
-    p.add_argument("--parse", default="shared", choices=("shared", "each"),
-                   help="shared: each distinct block of frames parsed once for all streams; "
-                        "each: every stream parses its own bytes, as real clients do")  # fmt: skip
-    p.add_argument("--s2-single", action="store_true",
-                   help="S2: one event per POST over --s2-lanes-single lanes for every "
-                        "system (default: batch systems get one POST per tick)")  # fmt: skip
-    p.add_argument("--cpu-quota", type=float, default=None,
-                   help="cap each of our server's serving processes (each worker) at this "
-                        "many CPUs with the cgroup v1 cpu controller (root), e.g. 0.4")  # fmt: skip
+    p.add_argument(
+        "--parse",
+        default="shared",
+        choices=("shared", "each"),
+        help="shared: each distinct block of frames parsed once for all streams; "
+        "each: every stream parses its own bytes, as real clients do",
+    )
+    p.add_argument(
+        "--s2-single",
+        action="store_true",
+        help="S2: one event per POST over --s2-lanes-single lanes for every "
+        "system (default: batch systems get one POST per tick)",
+    )
+    p.add_argument(
+        "--cpu-quota",
+        type=float,
+        default=None,
+        help="cap each of our server's serving processes (each worker) at this "
+        "many CPUs with the cgroup v1 cpu controller (root), e.g. 0.4",
+    )
     p.add_argument("--json", default=None, help="write every result here")
     p.add_argument("--tables-from", default=None, help="print the tables of a --json file")
     args = p.parse_args(argv)
@@ -1022,8 +1188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def run_one(kind: str, param: int, system: System, args: argparse.Namespace,
-                  first_run: bool) -> Result:  # fmt: skip
+async def run_one(
+    kind: str, param: int, system: System, args: argparse.Namespace, first_run: bool
+) -> Result:
     # No collector pauses in the load generator while it measures: one would show as
     # delay on every system. A scenario is bounded; the cycles it leaves go after it.
     gc.collect()
@@ -1035,36 +1202,74 @@ async def run_one(kind: str, param: int, system: System, args: argparse.Namespac
         gc.collect()
 
 
-async def _run_one(kind: str, param: int, system: System, args: argparse.Namespace,
-                   first_run: bool) -> Result:  # fmt: skip
+async def _run_one(
+    kind: str, param: int, system: System, args: argparse.Namespace, first_run: bool
+) -> Result:
     try:
         if kind == "S1":
             return await s1(system, param, args)
         if kind == "S2":
-            return await live(system, args, tag="s2", workflows=1, per_workflow=args.s2_streams,
-                              rate=param, duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
+            return await live(
+                system,
+                args,
+                tag="s2",
+                workflows=1,
+                per_workflow=args.s2_streams,
+                rate=param,
+                duration=args.duration,
+                tick_ms=args.tick_ms,
+            )
         if kind == "S3":
-            return await live(system, args, tag="s3", workflows=args.s3_workflows,
-                              per_workflow=2, rate=1.0, duration=args.duration,
-                              tick_ms=args.s3_tick_ms)  # fmt: skip
+            return await live(
+                system,
+                args,
+                tag="s3",
+                workflows=args.s3_workflows,
+                per_workflow=2,
+                rate=1.0,
+                duration=args.duration,
+                tick_ms=args.s3_tick_ms,
+            )
         if kind == "S5":
             return await s5(args, signal.Signals(param))
         if kind == "W2S2":
-            return await live(system, args, tag="w2", workflows=1, per_workflow=args.s2_streams,
-                              rate=param, duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
+            return await live(
+                system,
+                args,
+                tag="w2",
+                workflows=1,
+                per_workflow=args.s2_streams,
+                rate=param,
+                duration=args.duration,
+                tick_ms=args.tick_ms,
+            )
         if kind == "W2S4":
             profile = f"{args.profile}.{system.name}" if args.profile and first_run else None
             return await s4(system, args, profile)
         if kind == "RC":
             if not system.cluster:
-                return await live(system, args, tag="rc", workflows=1,
-                                  per_workflow=args.s2_streams, rate=param,
-                                  duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
+                return await live(
+                    system,
+                    args,
+                    tag="rc",
+                    workflows=1,
+                    per_workflow=args.s2_streams,
+                    rate=param,
+                    duration=args.duration,
+                    tick_ms=args.tick_ms,
+                )
             try:
                 async with redis_cluster(args):
-                    return await live(system, args, tag="rc", workflows=1,
-                                      per_workflow=args.s2_streams, rate=param,
-                                      duration=args.duration, tick_ms=args.tick_ms)  # fmt: skip
+                    return await live(
+                        system,
+                        args,
+                        tag="rc",
+                        workflows=1,
+                        per_workflow=args.s2_streams,
+                        rate=param,
+                        duration=args.duration,
+                        tick_ms=args.tick_ms,
+                    )
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 return {"skipped": f"no Redis Cluster: {exc}"[:300]}
         profile = args.profile if first_run and system.name == "ours" else None
@@ -1087,37 +1292,77 @@ async def main_async(args: argparse.Namespace) -> int:
             cases.append((f"S1 idle, {n:,} streams on one workflow", "S1", n, chosen))
     if "S2" in wanted:
         for rate in (int(x) for x in args.s2_rates.split(",")):
-            how = (f", one event per POST over {args.s2_lanes_single} lanes"
-                   if args.s2_single else "")  # fmt: skip
-            cases.append((f"S2 broadcast, {args.s2_streams:,} streams, {rate} events/s for "
-                          f"{args.duration:g} s{how}, parse {args.parse}", "S2", rate,
-                          chosen))  # fmt: skip
+            how = (
+                f", one event per POST over {args.s2_lanes_single} lanes" if args.s2_single else ""
+            )
+            cases.append(
+                (
+                    f"S2 broadcast, {args.s2_streams:,} streams, {rate} events/s for "
+                    f"{args.duration:g} s{how}, parse {args.parse}",
+                    "S2",
+                    rate,
+                    chosen,
+                )
+            )
     if "S3" in wanted:
-        cases.append((f"S3 {args.s3_workflows:,} workflows x 2 streams, 1 event/s each for "
-                      f"{args.duration:g} s", "S3", 0, chosen))  # fmt: skip
+        cases.append(
+            (
+                f"S3 {args.s3_workflows:,} workflows x 2 streams, 1 event/s each for "
+                f"{args.duration:g} s",
+                "S3",
+                0,
+                chosen,
+            )
+        )
     if "S4" in wanted:
-        cases.append((f"S4 saturation, {args.s4_streams} streams, {args.s4_duration:g} s",
-                      "S4", 0, chosen))  # fmt: skip
+        cases.append(
+            (f"S4 saturation, {args.s4_streams} streams, {args.s4_duration:g} s", "S4", 0, chosen)
+        )
     if "S5" in wanted:
         for name in args.s5_signals.split(","):
             sig = signal.Signals["SIG" + name.strip().upper().removeprefix("SIG")]
-            cases.append((f"S5 reconnect storm ({sig.name}), {args.s5_streams:,} streams on "
-                          f"{args.s5_workflows} workflows, {args.s5_rate:g} events/s",
-                          "S5", int(sig), [SYSTEMS["ours"]]))  # fmt: skip
+            cases.append(
+                (
+                    f"S5 reconnect storm ({sig.name}), {args.s5_streams:,} streams on "
+                    f"{args.s5_workflows} workflows, {args.s5_rate:g} events/s",
+                    "S5",
+                    int(sig),
+                    [SYSTEMS["ours"]],
+                )
+            )
     workers = [VARIANTS["ours-w1"], VARIANTS["ours-w2"]]
     if "W2" in wanted or "W2S2" in wanted:
-        cases.append((f"W2S2 --workers 1 vs 2: S2, {args.s2_streams:,} streams, "
-                      f"{args.w2_rate} events/s for {args.duration:g} s", "W2S2",
-                      args.w2_rate, workers))  # fmt: skip
+        cases.append(
+            (
+                f"W2S2 --workers 1 vs 2: S2, {args.s2_streams:,} streams, "
+                f"{args.w2_rate} events/s for {args.duration:g} s",
+                "W2S2",
+                args.w2_rate,
+                workers,
+            )
+        )
     if "W2" in wanted or "W2S4" in wanted:
-        cases.append((f"W2S4 --workers 1 vs 2: S4, {args.s4_streams} streams, "
-                      f"{args.s4_duration:g} s", "W2S4", 0, workers))  # fmt: skip
+        cases.append(
+            (
+                f"W2S4 --workers 1 vs 2: S4, {args.s4_streams} streams, {args.s4_duration:g} s",
+                "W2S4",
+                0,
+                workers,
+            )
+        )
     if "RC" in wanted:
-        cases.append((f"RC single Redis vs 3-master Redis Cluster: S2, {args.s2_streams:,} "
-                      f"streams, {args.rc_rate} events/s for {args.duration:g} s", "RC",
-                      args.rc_rate, [SYSTEMS["ours"], VARIANTS["ours-cluster"]]))  # fmt: skip
-    results: dict[str, dict[str, list[Result]]] = {t: {s.name: [] for s in systems}
-                                                   for t, _, _, systems in cases}  # fmt: skip
+        cases.append(
+            (
+                f"RC single Redis vs 3-master Redis Cluster: S2, {args.s2_streams:,} "
+                f"streams, {args.rc_rate} events/s for {args.duration:g} s",
+                "RC",
+                args.rc_rate,
+                [SYSTEMS["ours"], VARIANTS["ours-cluster"]],
+            )
+        )
+    results: dict[str, dict[str, list[Result]]] = {
+        t: {s.name: [] for s in systems} for t, _, _, systems in cases
+    }
     started = time.monotonic()
     for run in range(args.runs):
         for title, kind, param, systems in cases:
@@ -1128,8 +1373,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 result["run"] = run + 1
                 result["seconds"] = round(time.monotonic() - t0, 1)
                 per_run[system.name] = result
-                print(f"[run {run + 1} {time.monotonic() - started:6.0f}s] {title} / "
-                      f"{system.name}: {dumps(result)}", flush=True)  # fmt: skip
+                print(
+                    f"[run {run + 1} {time.monotonic() - started:6.0f}s] {title} / "
+                    f"{system.name}: {dumps(result)}",
+                    flush=True,
+                )
             if kind == "S4":
                 add_ratios(per_run)
             add_variant_ratios(kind, per_run)
@@ -1138,8 +1386,10 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(dumps(results))
     print()
-    print(f"runs: {args.runs}; cells are median (min-max) over runs; "
-          f"{time.monotonic() - started:.0f} s total")  # fmt: skip
+    print(
+        f"runs: {args.runs}; cells are median (min-max) over runs; "
+        f"{time.monotonic() - started:.0f} s total"
+    )
     for title, kind, _, _ in cases:
         print()
         print(table(title, kind, results[title]))

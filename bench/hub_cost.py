@@ -70,8 +70,9 @@ async def one_run(url: str, messages: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--runs", type=int, default=3)

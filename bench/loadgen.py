@@ -863,9 +863,10 @@ def _local_ports_to(pids: Sequence[int], remote_port: int) -> set[int]:
     """Local TCP ports of `pids`' sockets whose peer port is `remote_port`."""
     inodes = set().union(*(_socket_inodes(pid) for pid in pids))
     return {
-        local for local, remote, _, inode in _tcp_sockets()
+        local
+        for local, remote, _, inode in _tcp_sockets()
         if inode in inodes and remote == remote_port
-    }  # fmt: skip
+    }
 
 
 async def redis_clients(redis: Redis, pids: Sequence[int], redis_port: int) -> dict[str, int]:

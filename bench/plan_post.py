@@ -41,11 +41,14 @@ def plan_body(nodes: int = NODES, target: int = BODY_BYTES) -> bytes:
 
     def body(pad: int) -> bytes:
         plan = [
-            {"node_id": f"node-{i:05d}", "node_name": f"품질 판정 {i} " + "x" * pad,
-             "node_type": f"type-{i % 40}",
-             "depends_on": [f"node-{j:05d}" for j in range(max(0, i - 8), i)]}
+            {
+                "node_id": f"node-{i:05d}",
+                "node_name": f"품질 판정 {i} " + "x" * pad,
+                "node_type": f"type-{i % 40}",
+                "depends_on": [f"node-{j:05d}" for j in range(max(0, i - 8), i)],
+            }
             for i in range(nodes)
-        ]  # fmt: skip
+        ]
         doc = {"event_type": "workflow_planned", "definition_id": "bench", "nodes": plan}
         return json.dumps(doc, ensure_ascii=False).encode()
 
@@ -75,12 +78,20 @@ def stages(body: bytes) -> None:
     rows = [
         ("decode_body (nesting scan, UTF-8, JSON)", best(lambda: models.decode_body(body))),
         ("json.loads alone", best(lambda: json.loads(body))),
-        ("validate (pydantic + DAG check)", best(lambda: publisher.validate(
-            "bench", [raw], batch=False, size=len(body), text_checked=True))),
+        (
+            "validate (pydantic + DAG check)",
+            best(
+                lambda: publisher.validate(
+                    "bench", [raw], batch=False, size=len(body), text_checked=True
+                )
+            ),
+        ),
         ("to_json (stored form)", best(lambda: models.to_json(events[0]))),
-        ("fold and parts (worker thread)", best(
-            lambda: parts.fold_parts(progress.new_state(), events, {}, None))),
-    ]  # fmt: skip
+        (
+            "fold and parts (worker thread)",
+            best(lambda: parts.fold_parts(progress.new_state(), events, {}, None)),
+        ),
+    ]
     print(f"progress-hash fields to set: {len(folded[3]) // 2}")
     for name, seconds in rows:
         print(f"  {name:<42} {_ms(seconds):>7} ms")
@@ -132,11 +143,21 @@ async def loop_stalls(body: bytes, rounds: int, redis_url: str) -> list[tuple[fl
                 full[0] = 0
                 started = time.perf_counter()
                 curl = await asyncio.create_subprocess_exec(
-                    "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                    "-H", "Content-Type: application/json", "-H", "Expect:",
-                    "--data-binary", f"@{file.name}", f"{base}/workflows/{wf}/events",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-H",
+                    "Expect:",
+                    "--data-binary",
+                    f"@{file.name}",
+                    f"{base}/workflows/{wf}/events",
                     stdout=asyncio.subprocess.PIPE,
-                )  # fmt: skip
+                )
                 status, _ = await curl.communicate()
                 took = time.perf_counter() - started
                 assert status == b"201", status

@@ -30,8 +30,11 @@ def batch(start: int, n: int) -> list[dict[str, Any]]:
 
 
 async def fill(publisher: Any, wf: str, events: int) -> None:
-    plan = {"event_type": "workflow_planned", "definition_id": "bench",
-            "nodes": [{"node_id": f"n{i}", "node_type": "t"} for i in range(NODES)]}  # fmt: skip
+    plan = {
+        "event_type": "workflow_planned",
+        "definition_id": "bench",
+        "nodes": [{"node_id": f"n{i}", "node_type": "t"} for i in range(NODES)],
+    }
     await publisher.publish(wf, plan)
     await publisher.publish(wf, {"event_type": "workflow_state_changed", "to_state": "RUNNING"})
     done = 2

@@ -115,11 +115,22 @@ class Server:
     async def __aenter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PORT", "WORKERS")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--redis-url", self.redis_url,
-             "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=raise_nofile,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--redis-url",
+                self.redis_url,
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=raise_nofile,
+        )
         deadline = time.monotonic() + 30
         async with aiohttp.ClientSession() as s:
             while True:

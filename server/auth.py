@@ -291,26 +291,42 @@ def token_main(argv: list[str], env: Mapping[str, str]) -> int:
         description="Print a subscriber token (JWT, HS256) for the given workflow ids "
         "(and definitions, for their statistics).",
     )
-    parser.add_argument("workflow_ids", nargs="*", metavar="workflow_id",
-                        help="a workflow id the token may read; '*' grants all")  # fmt: skip
-    parser.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
-                        help=f"lifetime in seconds (default {DEFAULT_TTL})")  # fmt: skip
-    parser.add_argument("--definition", action="append", default=[], metavar="ID",
-                        help="a definition whose statistics it may read (repeatable)")  # fmt: skip
-    parser.add_argument("--subscribe-secret", default=None, metavar="S",
-                        help="the signing secret (default: env SUBSCRIBE_SECRET)")  # fmt: skip
+    parser.add_argument(
+        "workflow_ids",
+        nargs="*",
+        metavar="workflow_id",
+        help="a workflow id the token may read; '*' grants all",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=int,
+        default=DEFAULT_TTL,
+        metavar="SECONDS",
+        help=f"lifetime in seconds (default {DEFAULT_TTL})",
+    )
+    parser.add_argument(
+        "--definition",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a definition whose statistics it may read (repeatable)",
+    )
+    parser.add_argument(
+        "--subscribe-secret",
+        default=None,
+        metavar="S",
+        help="the signing secret (default: env SUBSCRIBE_SECRET)",
+    )
     try:
         ns = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if not ns.workflow_ids and not ns.definition:
-        print("error: name at least one workflow_id (or '*'), or a --definition",
-              file=sys.stderr)  # fmt: skip
+        print("error: name at least one workflow_id (or '*'), or a --definition", file=sys.stderr)
         return 2
     secret = ns.subscribe_secret or env.get("SUBSCRIBE_SECRET") or ""
     if not secret:
-        print("error: no secret: pass --subscribe-secret or set SUBSCRIBE_SECRET",
-              file=sys.stderr)  # fmt: skip
+        print("error: no secret: pass --subscribe-secret or set SUBSCRIBE_SECRET", file=sys.stderr)
         return 2
     try:
         token = mint(secret, ns.workflow_ids, ns.ttl, definitions=ns.definition)

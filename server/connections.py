@@ -111,9 +111,14 @@ def apply_fd_limit(settings: Settings) -> Settings:
     logger.info(
         "fd limit %d (soft limit was %d): MAX_STREAMS %d (configured %d), MAX_CONNECTIONS "
         "%d (configured %d), %d descriptors kept for Redis and the accept loop",
-        fds, before, fitted.max_streams, settings.max_streams, fitted.max_connections,
-        settings.max_connections, FD_RESERVE,
-    )  # fmt: skip
+        fds,
+        before,
+        fitted.max_streams,
+        settings.max_streams,
+        fitted.max_connections,
+        settings.max_connections,
+        FD_RESERVE,
+    )
     return fitted
 
 
@@ -132,12 +137,18 @@ def unread(conn: RequestHandler) -> int:
 
 def problem(status: int, detail: str, slug: str) -> web.Response:
     """A problem+json answer (RFC 9457, the shape of problems.py) that closes the connection."""
-    body = {"type": f"/problems/{slug}", "title": HTTPStatus(status).phrase, "status": status,
-            "detail": detail}  # fmt: skip
+    body = {
+        "type": f"/problems/{slug}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
     resp = web.Response(
-        status=status, body=json.dumps(body).encode(), content_type="application/problem+json",
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/problem+json",
         charset="utf-8",
-    )  # fmt: skip
+    )
     resp.force_close()
     return resp
 
@@ -164,15 +175,23 @@ class Guard:
             victim = self._victim()
             if victim is None:
                 self.shed("refused")
-                throttle(logging.WARNING, "refused", "%d connections are busy (MAX_CONNECTIONS): "
-                         "refusing new ones", len(self.others))  # fmt: skip
+                throttle(
+                    logging.WARNING,
+                    "refused",
+                    "%d connections are busy (MAX_CONNECTIONS): refusing new ones",
+                    len(self.others),
+                )
                 return False
             self.forget(victim)
             victim.force_close()
             self.shed("evicted")
-            throttle(logging.WARNING, "evicted", "%d connections that are not streams are open "
-                     "(MAX_CONNECTIONS): closing the oldest idle or slow ones for new ones",
-                     len(self.others) + 1)  # fmt: skip
+            throttle(
+                logging.WARNING,
+                "evicted",
+                "%d connections that are not streams are open "
+                "(MAX_CONNECTIONS): closing the oldest idle or slow ones for new ones",
+                len(self.others) + 1,
+            )
         self.conns.add(conn)
         self.others.add(conn)
         self.evictable[conn] = None
@@ -251,9 +270,14 @@ class GuardedRequestHandler(RequestHandler):
         self.head_timer = None
         if self.phase == HEAD and self.transport is not None:
             self.guard.shed("head_timeout")
-            throttle(logging.INFO, "head", "closed a connection from %s: no complete request "
-                     "head within %g s (HEADER_TIMEOUT_SECONDS)", self.peername,
-                     self.guard.header_timeout)  # fmt: skip
+            throttle(
+                logging.INFO,
+                "head",
+                "closed a connection from %s: no complete request "
+                "head within %g s (HEADER_TIMEOUT_SECONDS)",
+                self.peername,
+                self.guard.header_timeout,
+            )
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
@@ -301,14 +325,26 @@ class GuardedRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         """problem+json that echoes nothing of the request (aiohttp's text/plain quotes it)."""
         if isinstance(exc, ConnectionError):
-            throttle(logging.INFO, "left", "client %s left during %s %s", request.remote,
-                     request.method, request.path)  # fmt: skip
+            throttle(
+                logging.INFO,
+                "left",
+                "client %s left during %s %s",
+                request.remote,
+                request.method,
+                request.path,
+            )
         elif status == HTTPStatus.INTERNAL_SERVER_ERROR:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
         else:
             self.guard.shed("bad_request")
-            throttle(logging.INFO, "parse", "answered %d to %s: %s", status, request.remote,
-                     type(exc).__name__)  # fmt: skip
+            throttle(
+                logging.INFO,
+                "parse",
+                "answered %d to %s: %s",
+                status,
+                request.remote,
+                type(exc).__name__,
+            )
         if request.writer.output_size > 0:
             raise ConnectionError("the response was sent already; cannot send an error")
         if status == HTTPStatus.BAD_REQUEST:
@@ -354,16 +390,28 @@ def reading_body(request: BaseRequest) -> Iterator[None]:
 def body_too_slow(request: web.Request, seconds: float) -> web.Response:
     """408 for a body not complete within BODY_TIMEOUT_SECONDS; the connection closes."""
     request.app[app_keys.metrics_key].connections_shed_total.labels("body_timeout").inc()
-    throttle(logging.INFO, "body", "answered 408 to %s: body not complete within %g s "
-             "(BODY_TIMEOUT_SECONDS)", request.remote, seconds)  # fmt: skip
+    throttle(
+        logging.INFO,
+        "body",
+        "answered 408 to %s: body not complete within %g s (BODY_TIMEOUT_SECONDS)",
+        request.remote,
+        seconds,
+    )
     return problem(408, f"the request body did not arrive within {seconds:g} s", "request-timeout")
 
 
 def client_left(request: web.Request, exc: BaseException) -> web.Response:
     """The client closed the connection (or broke the body) before its body was read."""
     request.app[app_keys.metrics_key].requests_abandoned_total.inc()
-    throttle(logging.INFO, "abandoned", "client %s left during the body of %s %s (%s)",
-             request.remote, request.method, request.path, type(exc).__name__)  # fmt: skip
+    throttle(
+        logging.INFO,
+        "abandoned",
+        "client %s left during the body of %s %s (%s)",
+        request.remote,
+        request.method,
+        request.path,
+        type(exc).__name__,
+    )
     return problem(400, "the request body ended before it was complete", "incomplete-body")
 
 
@@ -389,10 +437,17 @@ class RedactingAccessLogger(AbstractAccessLogger):
         version = request.version
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.6f "%s" "%s"',
-            request.remote, request.method, redact(request.raw_path), version.major,
-            version.minor, response.status, response.body_length, time,
-            redact(request.headers.get("Referer", "-")), request.headers.get("User-Agent", "-"),
-        )  # fmt: skip
+            request.remote,
+            request.method,
+            redact(request.raw_path),
+            version.major,
+            version.minor,
+            response.status,
+            response.body_length,
+            time,
+            redact(request.headers.get("Referer", "-")),
+            request.headers.get("User-Agent", "-"),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -521,8 +576,13 @@ def run(
     loop = asyncio.new_event_loop()
 
     async def forever() -> None:
-        async with serve(app, settings, reuse_port=reuse_port, handle_signals=True,
-                         shutdown_timeout=shutdown_timeout) as served:  # fmt: skip
+        async with serve(
+            app,
+            settings,
+            reuse_port=reuse_port,
+            handle_signals=True,
+            shutdown_timeout=shutdown_timeout,
+        ) as served:
             logging.getLogger("server").info("======== Running on %s ========", served.url)
             while True:
                 await asyncio.sleep(3600)

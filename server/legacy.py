@@ -169,8 +169,10 @@ class LegacyIngest:
             except Exception as exc:  # connection loss or a parser surprise: reconnect
                 logger.warning(
                     "legacy ingest lost Redis (%s: %s); retrying in %.2fs",
-                    type(exc).__name__, exc, backoff,
-                )  # fmt: skip
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
             finally:
                 self.ready.clear()
                 with suppress(Exception):
@@ -210,8 +212,10 @@ class LegacyIngest:
                     self.failed += len(events)
                     logger.error(
                         "legacy ingest could not append %d events of %s: %s",
-                        len(events), workflow_id, exc,
-                    )  # fmt: skip
+                        len(events),
+                        workflow_id,
+                        exc,
+                    )
                     return
                 await asyncio.sleep(delay)
                 delay *= 2

@@ -24,8 +24,21 @@ NAMESPACE = "wfsse"
 STREAM_KINDS = ("events", "progress", "websocket", "overview")
 # Publish (the Redis entry id's clock) to the write on a client's socket: 0.5 ms to 10 s.
 FANOUT_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 class Tally:
@@ -60,62 +73,88 @@ class Metrics:
         for kind in STREAM_KINDS:
             self.open_streams.labels(kind)  # every kind shows, 0 included
         self.events_published_total = Counter(
-            "events_published", "Events stored (HTTP, in-process and legacy ingest).",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            "events_published",
+            "Events stored (HTTP, in-process and legacy ingest).",
+            namespace=ns,
+            registry=r,
+        )
         self.events_delivered_total = Tally(
             f"{ns}_events_delivered", "Events written to clients (SSE and WebSocket).", r
         )
         self.fanout_delay_seconds = Histogram(
             "fanout_delay_seconds",
             "Time from an event's storage to its first write to a client of this process.",
-            buckets=FANOUT_BUCKETS, namespace=ns, registry=r,
-        )  # fmt: skip
+            buckets=FANOUT_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
         self.replays_total = Counter(
             "replays", "Streams that resumed from a Last-Event-ID.", namespace=ns, registry=r
         )
         self.gaps_total = Counter(
-            "gaps", "Gap events sent: history trimmed past a client's position.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            "gaps",
+            "Gap events sent: history trimmed past a client's position.",
+            namespace=ns,
+            registry=r,
+        )
         self.slow_client_catchups_total = Counter(
-            "slow_client_catchups", "Live queues overflowed and replaced by a read from Redis.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            "slow_client_catchups",
+            "Live queues overflowed and replaced by a read from Redis.",
+            namespace=ns,
+            registry=r,
+        )
         self.redis_reconnects_total = Counter(
-            "redis_reconnects", "Reconnects of the pub/sub connection to Redis.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            "redis_reconnects",
+            "Reconnects of the pub/sub connection to Redis.",
+            namespace=ns,
+            registry=r,
+        )
         self.auth_failures_total = Counter(
-            "auth_failures", "Refused credentials (401 and 403) by kind and reason.",
-            ["kind", "reason"], namespace=ns, registry=r,
-        )  # fmt: skip
+            "auth_failures",
+            "Refused credentials (401 and 403) by kind and reason.",
+            ["kind", "reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.connections_shed_total = Counter(
-            "connections_shed", "Connections the server closed or refused at a limit, by reason: "
+            "connections_shed",
+            "Connections the server closed or refused at a limit, by reason: "
             "head_timeout, body_timeout, evicted (MAX_CONNECTIONS), refused, bad_request.",
-            ["reason"], namespace=ns, registry=r,
-        )  # fmt: skip
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.requests_abandoned_total = Counter(
-            "requests_abandoned", "Requests whose client left before their body was complete.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            "requests_abandoned",
+            "Requests whose client left before their body was complete.",
+            namespace=ns,
+            registry=r,
+        )
         self.run_index_errors_total = Counter(
-            "run_index_errors", "Run index writes that failed after their events were stored "
+            "run_index_errors",
+            "Run index writes that failed after their events were stored "
             "(the run's next event writes it again).",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            namespace=ns,
+            registry=r,
+        )
         self.run_index_writes_total = Tally(
-            f"{ns}_run_index_writes", "Run index update scripts sent (a new state, a plan, a "
-            "run new to the process, or a flush of runs that moved on in time).", r,
-        )  # fmt: skip
+            f"{ns}_run_index_writes",
+            "Run index update scripts sent (a new state, a plan, a "
+            "run new to the process, or a flush of runs that moved on in time).",
+            r,
+        )
         self.overview_frames_total = Tally(
-            f"{ns}_overview_frames", "`event: run` frames of changed runs queued to overview "
-            "streams (first pages not counted).", r,
-        )  # fmt: skip
+            f"{ns}_overview_frames",
+            "`event: run` frames of changed runs queued to overview "
+            "streams (first pages not counted).",
+            r,
+        )
         self.legacy_ingest_invalid_total = Counter(
-            "legacy_ingest_invalid", "Legacy channel messages that were not valid events.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            "legacy_ingest_invalid",
+            "Legacy channel messages that were not valid events.",
+            namespace=ns,
+            registry=r,
+        )
 
     def observe_frames(self, frames: Sequence[Frame], *, now: float | None = None) -> None:
         """Record the delay of live frames at their first write to a client of this process."""

@@ -207,13 +207,24 @@ def _stream_failed(
     if isinstance(exc, ConnectionError):
         pass  # the client left
     elif isinstance(exc, Problem | web.HTTPException) or rule_of(exc) is not None:
-        _throttle(logging.WARNING, f"after:{type(exc).__name__}",
-                  "%s %s failed after its response started (%s: %s); connection closed",
-                  request.method, request.path, type(exc).__name__, exc)  # fmt: skip
+        _throttle(
+            logging.WARNING,
+            f"after:{type(exc).__name__}",
+            "%s %s failed after its response started (%s: %s); connection closed",
+            request.method,
+            request.path,
+            type(exc).__name__,
+            exc,
+        )
     else:
-        _throttle(logging.ERROR, f"after:{type(exc).__name__}",
-                  "%s %s failed after its response started; connection closed",
-                  request.method, request.path, exc_info=exc)  # fmt: skip
+        _throttle(
+            logging.ERROR,
+            f"after:{type(exc).__name__}",
+            "%s %s failed after its response started; connection closed",
+            request.method,
+            request.path,
+            exc_info=exc,
+        )
     if request.transport is not None:
         request.transport.close()  # what was written is still sent, then the connection ends
     return response

@@ -23,6 +23,9 @@ async def get_schedule(request: web.Request) -> web.Response:
     authorize_subscribe(request, workflow_id)
     body = await request.app[app_keys.tracker_key].schedule(workflow_id)
     if body is None:
-        raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
-                      slug="unknown-workflow")  # fmt: skip
+        raise Problem(
+            404,
+            f"workflow {workflow_id!r} is unknown (no events, or expired)",
+            slug="unknown-workflow",
+        )
     return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})

@@ -65,11 +65,22 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = (
-            "port", "heartbeat_seconds", "retry_ms", "history_maxlen", "retention_seconds",
-            "max_body_bytes", "max_event_bytes", "max_streams", "max_connections",
-            "header_timeout_seconds", "body_timeout_seconds", "client_queue_frames",
-            "client_queue_bytes", "history_ttl_seconds", "demo_time_scale",
-        )  # fmt: skip
+            "port",
+            "heartbeat_seconds",
+            "retry_ms",
+            "history_maxlen",
+            "retention_seconds",
+            "max_body_bytes",
+            "max_event_bytes",
+            "max_streams",
+            "max_connections",
+            "header_timeout_seconds",
+            "body_timeout_seconds",
+            "client_queue_frames",
+            "client_queue_bytes",
+            "history_ttl_seconds",
+            "demo_time_scale",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
@@ -132,8 +143,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, nargs="?", const="1", default=None,
-                                metavar="0|1", help=f"env {f.name.upper()}")  # fmt: skip
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                nargs="?",
+                const="1",
+                default=None,
+                metavar="0|1",
+                help=f"env {f.name.upper()}",
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=f"env {f.name.upper()}")
 

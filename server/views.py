@@ -92,8 +92,9 @@ def start_id_of(request: web.Request) -> str | None:
     query = request.query.get("lastEventId", "").strip(" \t") or None
     for name, value in (("Last-Event-ID", header), ("lastEventId", query)):
         if value is not None and parse_event_id(value) is None:
-            raise Problem(400, f"{name} must look like <milliseconds>-<sequence>",
-                          slug="bad-last-event-id")  # fmt: skip
+            raise Problem(
+                400, f"{name} must look like <milliseconds>-<sequence>", slug="bad-last-event-id"
+            )
     return header or query
 
 
@@ -168,8 +169,9 @@ class StreamSlot:
         app = self.request.app
         hub, registry = app[app_keys.hub_key], app[app_keys.streams_key]
         if hub.down_for(self.workflow_id):
-            raise Problem(503, "Redis is unavailable; try again shortly",
-                          headers={"Retry-After": "1"})  # fmt: skip
+            raise Problem(
+                503, "Redis is unavailable; try again shortly", headers={"Retry-After": "1"}
+            )
         self.handle = registry.acquire()  # StreamsFull: 503 too-many-streams
         # A client that leaves ends its stream at once, not at the next heartbeat's write.
         connections.hold_stream(self.request, self.handle.client_left)
@@ -298,9 +300,12 @@ def page_params(request: web.Request) -> tuple[str | None, int]:
     """`after` (an event id, exclusive; empty = absent) and `limit` (1..PAGE_MAX), or 400."""
     after = (single(request, "after") or "").strip(" \t") or None
     if after is not None and parse_event_id(after) is None:
-        raise Problem(400, "after must look like <milliseconds>-<sequence>",
-                      errors=[{"loc": ["query", "after"], "msg": "not an event id"}],
-                      slug="bad-event-id")  # fmt: skip
+        raise Problem(
+            400,
+            "after must look like <milliseconds>-<sequence>",
+            errors=[{"loc": ["query", "after"], "msg": "not an event id"}],
+            slug="bad-event-id",
+        )
     return after, limit_of(request, PAGE_DEFAULT, PAGE_MAX)
 
 
@@ -313,8 +318,12 @@ def limit_of(request: web.Request, default: int, most: int) -> int:
         return default
     limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
     if not 1 <= limit <= most:
-        raise _query_problem("limit", f"limit must be an integer from 1 to {most}",
-                             f"expected 1 to {most}", "bad-limit")  # fmt: skip
+        raise _query_problem(
+            "limit",
+            f"limit must be an integer from 1 to {most}",
+            f"expected 1 to {most}",
+            "bad-limit",
+        )
     return limit
 
 
@@ -339,8 +348,11 @@ async def history_page(
         first = (await store.read_after(workflow_id, None, 1)).entries
         earliest = first[0].id if first else None
     if earliest is None:
-        raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
-                      slug="unknown-workflow")  # fmt: skip
+        raise Problem(
+            404,
+            f"workflow {workflow_id!r} is unknown (no events, or expired)",
+            slug="unknown-workflow",
+        )
     more = len(entries) > limit
     entries = entries[:limit]
     body = "".join(
@@ -370,8 +382,12 @@ def single(request: web.Request, name: str) -> str | None:
     guess, so it is a 400 rather than the first one silently."""
     values = request.query.getall(name, [])
     if len(values) > 1:
-        raise _query_problem(name, f"{name} is given {len(values)} times; give it once",
-                             "given more than once", "repeated-parameter")  # fmt: skip
+        raise _query_problem(
+            name,
+            f"{name} is given {len(values)} times; give it once",
+            "given more than once",
+            "repeated-parameter",
+        )
     return values[0] if values else None
 
 
@@ -381,12 +397,20 @@ def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.
     states = [s.strip() for s in ",".join(query.getall("state", [])).split(",") if s.strip()]
     bad = [s for s in states if s not in STATES]
     if bad:
-        raise _query_problem("state", f"unknown state {bad[0]!r}; states are {', '.join(STATES)}",
-                             "not a workflow state", "bad-state")  # fmt: skip
+        raise _query_problem(
+            "state",
+            f"unknown state {bad[0]!r}; states are {', '.join(STATES)}",
+            "not a workflow state",
+            "bad-state",
+        )
     definition_id = (single(request, "definition_id") or "").strip(" \t") or None
     if definition_id is not None and not is_workflow_id(definition_id):
-        raise _query_problem("definition_id", "definition_id must follow a workflow id's rules",
-                             "not a definition id", "bad-definition-id")  # fmt: skip
+        raise _query_problem(
+            "definition_id",
+            "definition_id must follow a workflow id's rules",
+            "not a definition id",
+            "bad-definition-id",
+        )
     limit = limit_of(request, runs.PAGE_DEFAULT, runs.PAGE_MAX)
     cursor = None
     text = (single(request, "cursor") or "").strip(" \t")
@@ -463,8 +487,11 @@ async def get_stats(request: web.Request) -> web.Response:
         request.app[app_keys.redis_key], definition_id, prefix=tracker.history_prefix
     )
     if not nodes:
-        raise Problem(404, f"no history for definition {definition_id!r} (no finished run "
-                      "recorded, or expired)", slug="unknown-definition")  # fmt: skip
+        raise Problem(
+            404,
+            f"no history for definition {definition_id!r} (no finished run recorded, or expired)",
+            slug="unknown-definition",
+        )
     body = history.definition_stats(definition_id, nodes, types)
     return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
 
@@ -484,8 +511,11 @@ async def get_progress(request: web.Request) -> web.StreamResponse:
     tracker = request.app[app_keys.tracker_key]
     snap = await tracker.snapshot(workflow_id)
     if snap is None:
-        raise Problem(404, f"workflow {workflow_id!r} is unknown (no events, or expired)",
-                      slug="unknown-workflow")  # fmt: skip
+        raise Problem(
+            404,
+            f"workflow {workflow_id!r} is unknown (no events, or expired)",
+            slug="unknown-workflow",
+        )
     if streamed:
         return await _progress_stream(request, workflow_id, snap, start)
     etag = snap["last_event_id"] or ""
@@ -539,8 +569,11 @@ async def readyz(request: web.Request) -> web.Response:
         async with asyncio.timeout(READY_TIMEOUT):
             await request.app[app_keys.redis_key].ping()
     except TimeoutError:
-        raise Problem(503, f"Redis did not answer a PING within {READY_TIMEOUT:g} s",
-                      headers={"Retry-After": "1"}) from None  # fmt: skip
+        raise Problem(
+            503,
+            f"Redis did not answer a PING within {READY_TIMEOUT:g} s",
+            headers={"Retry-After": "1"},
+        ) from None
     except (RedisError, OSError) as exc:
         raise Problem(503, f"Redis does not answer: {exc}", headers={"Retry-After": "1"}) from None
     return web.json_response({"status": "ready"})

@@ -289,9 +289,16 @@ class Problem(_ProblemFields, total=False):
 
 # Every answer with a component schema of its own, in the order the document lists them.
 ANSWERS: tuple[type[Any], ...] = (
-    Progress, RunningNode, Gap, Accepted, HistoryPage, DefinitionStats, Schedule, RunList,
+    Progress,
+    RunningNode,
+    Gap,
+    Accepted,
+    HistoryPage,
+    DefinitionStats,
+    Schedule,
+    RunList,
     Problem,
-)  # fmt: skip
+)
 
 
 _ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}

@@ -33,10 +33,14 @@ def short_run(n: int = 4) -> list[dict[str, Any]]:
     """A small plan with Korean names, a failure and its retry, a skip, then COMPLETED."""
     names = ["데이터 조회", "품질 판정", "Build report", "알림"]
     nodes = [
-        {"node_id": f"n{i}", "node_name": names[i % len(names)], "node_type": "task",
-         "depends_on": [f"n{i - 1}"] if i else []}
+        {
+            "node_id": f"n{i}",
+            "node_name": names[i % len(names)],
+            "node_type": "task",
+            "depends_on": [f"n{i - 1}"] if i else [],
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
     events: list[dict[str, Any]] = [
         {"event_type": "workflow_planned", "nodes": nodes, "definition_id": "watch-test"},
         {"event_type": "workflow_state_changed", "from_state": "PENDING", "to_state": "RUNNING"},
@@ -54,6 +58,7 @@ def short_run(n: int = 4) -> list[dict[str, Any]]:
             )
         else:
             events.append({"event_type": "node_completed", **node, "duration_ms": 1200 + i})
-    events.append({"event_type": "workflow_state_changed", "from_state": "RUNNING",
-                   "to_state": "COMPLETED"})  # fmt: skip
+    events.append(
+        {"event_type": "workflow_state_changed", "from_state": "RUNNING", "to_state": "COMPLETED"}
+    )
     return events

@@ -202,8 +202,11 @@ class ServerProcess:
     def launch(self) -> None:
         self.proc = subprocess.Popen(
             [*self.command, "--port", str(self.port), *self.args],
-            cwd=self.cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
         assert self.proc is not None
@@ -290,8 +293,10 @@ def redis_cli(node: RedisProcess, *args: str) -> str:
     """One redis-cli command against `node`, bounded in time; its output."""
     return subprocess.run(
         ["redis-cli", "-p", str(node.port), *args],
-        capture_output=True, text=True, timeout=5,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout
 
 
 def replication_info(node: RedisProcess) -> dict[str, str]:
@@ -337,10 +342,16 @@ class RedisClusterProcesses:
 
     def start(self) -> None:
         for node in self.nodes:
-            node.extra = ["--cluster-enabled", "yes", "--cluster-config-file",
-                          f"{node.dir}/nodes.conf", "--cluster-node-timeout",
-                          str(self.node_timeout_ms), "--cluster-require-full-coverage",
-                          "yes" if self.full_coverage else "no"]  # fmt: skip
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"{node.dir}/nodes.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--cluster-require-full-coverage",
+                "yes" if self.full_coverage else "no",
+            ]
             for attempt in range(3):  # a port taken between the check and the bind: pick again
                 try:
                     node.start()

@@ -35,9 +35,15 @@ HISTORY_PREFIX = "wfsse-test-" + os.environ.setdefault("WFSSE_TEST_SESSION", uui
 os.environ["HISTORY_PREFIX"] = HISTORY_PREFIX
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def missing(reason: str) -> NoReturn:
@@ -116,9 +122,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "backends(*names): Redis backends for the `redis` fixture "
+        "markers",
+        "backends(*names): Redis backends for the `redis` fixture "
         "(default fakeredis and redis; add cluster for the core stream and progress tests)",
-    )  # fmt: skip
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

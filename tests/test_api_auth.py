@@ -229,10 +229,13 @@ async def test_header_wins_over_query_and_cookie(
     async with aiohttp.ClientSession() as s:
         await finished_workflow(s, base, wf)
         status, _, _ = await read(
-            s, base, wf, "progress",
+            s,
+            base,
+            wf,
+            "progress",
             {"Authorization": f"Bearer {bad}", "Cookie": f"access_token={good}"},
             {"access_token": good},
-        )  # fmt: skip
+        )
         assert status == 401
         status, _, _ = await read(
             s, base, wf, "progress", {"Authorization": f"Bearer {good}"}, {"access_token": bad}
@@ -261,8 +264,16 @@ async def test_auth_failures_are_counted_in_metrics(
         assert (await publish(s, base, wf, event, None)).status == 401
         assert (await publish(s, base, wf, event, "nope")).status == 401
         assert (await publish(s, base, wf, event, "nope-again")).status == 401
-        cases = ["no token", "expired", "wrong signature", "alg none", "HS512", "no exp",
-                 "no workflows claim", "another workflow"]  # fmt: skip
+        cases = [
+            "no token",
+            "expired",
+            "wrong signature",
+            "alg none",
+            "HS512",
+            "no exp",
+            "no workflows claim",
+            "another workflow",
+        ]
         for i, case in enumerate(cases):
             token, status = BAD_TOKENS[case](wf)
             headers, params = carry(token, SOURCES[i % 3]) if token else ({}, {})
@@ -380,9 +391,18 @@ async def test_cli_token_is_accepted_for_its_workflow_and_refused_for_another(
     base, wf, other = await serve(**SETTINGS), new_workflow(), new_workflow()
     env = {**os.environ, "SUBSCRIBE_SECRET": SECRET}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "token", wf, "--ttl", "60",
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "server",
+        "token",
+        wf,
+        "--ttl",
+        "60",
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:

@@ -91,8 +91,13 @@ async def test_progress_is_exact_after_the_stream_was_trimmed(
     )
     await publisher.publish(wf, state("RUNNING"))
     for n in nodes[:15]:
-        await publisher.publish_many(wf, [{"event_type": "node_started", "node_id": n},
-                                          {"event_type": "node_completed", "node_id": n}])  # fmt: skip
+        await publisher.publish_many(
+            wf,
+            [
+                {"event_type": "node_started", "node_id": n},
+                {"event_type": "node_completed", "node_id": n},
+            ],
+        )
     await publisher.publish(wf, {"event_type": "node_skipped", "node_id": "n15"})
     async with aiohttp.ClientSession() as s:
         _, _, body = await get_progress(s, base, wf)
@@ -133,8 +138,10 @@ async def test_progress_stream_sends_changes_and_ends_after_terminal(
         assert frames[0]["percentage"] == 0.0 and frames[-1]["percentage"] == 100.0
         assert frames[-1]["state"] == "COMPLETED" and frames[-1]["estimated_remaining_seconds"] == 0
         assert len(frames) <= 5  # changes only, coalesced under the 4-per-second limit
-        async with s.get(url, headers={"Accept": "text/event-stream",
-                                       "Last-Event-ID": frames[-1]["last_event_id"]}) as resp:  # fmt: skip
+        async with s.get(
+            url,
+            headers={"Accept": "text/event-stream", "Last-Event-ID": frames[-1]["last_event_id"]},
+        ) as resp:
             assert resp.status == 204
 
 
@@ -165,15 +172,30 @@ async def test_progress_stream_rejects_a_malformed_last_event_id_and_ignores_an_
 
 
 async def run_chain(
-    base: str, wf: str, definition: str, node_type: str, durations: list[float],
+    base: str,
+    wf: str,
+    definition: str,
+    node_type: str,
+    durations: list[float],
     at_half: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Run a sequential plan in real time over HTTP; return the progress seen after each step."""
     seen: list[dict[str, Any]] = []
     nodes = [f"step-{i}" for i in range(len(durations))]
-    plan = {"event_type": "workflow_planned", "definition_id": definition, "max_concurrency": 1,
-            "nodes": [{"node_id": n, "node_type": node_type, "node_name": f"단계 {i}",
-                       "depends_on": [nodes[i - 1]] if i else []} for i, n in enumerate(nodes)]}  # fmt: skip
+    plan = {
+        "event_type": "workflow_planned",
+        "definition_id": definition,
+        "max_concurrency": 1,
+        "nodes": [
+            {
+                "node_id": n,
+                "node_type": node_type,
+                "node_name": f"단계 {i}",
+                "depends_on": [nodes[i - 1]] if i else [],
+            }
+            for i, n in enumerate(nodes)
+        ],
+    }
     async with aiohttp.ClientSession() as s:
 
         async def post(event: dict[str, Any]) -> None:
@@ -261,8 +283,14 @@ async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
         for i in nodes:
             events.append({"event_type": "node_started", "node_id": f"n{i}", "timestamp": _iso(at)})
             at += durations[i]
-            events.append({"event_type": "node_completed", "node_id": f"n{i}",
-                           "duration_ms": durations[i] * 1000, "timestamp": _iso(at)})  # fmt: skip
+            events.append(
+                {
+                    "event_type": "node_completed",
+                    "node_id": f"n{i}",
+                    "duration_ms": durations[i] * 1000,
+                    "timestamp": _iso(at),
+                }
+            )
         return events
 
     now = time.time()

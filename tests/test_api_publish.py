@@ -46,10 +46,14 @@ async def test_publish_returns_ids_in_input_order_and_stores_normalised_events(
     status, _, body = await post(f"{base}/workflows/{wf}/events", STARTED)
     assert status == 201 and len(body["ids"]) == 1
     batch = [
-        {"event_type": "node_completed", "node_id": "n1", "duration_ms": 5,
-         "timestamp": "2026-01-22T19:30:45+09:00"},
+        {
+            "event_type": "node_completed",
+            "node_id": "n1",
+            "duration_ms": 5,
+            "timestamp": "2026-01-22T19:30:45+09:00",
+        },
         {"event_type": "node_skipped", "node_id": "n2", "workflow_id": wf},
-    ]  # fmt: skip
+    ]
     status, _, body2 = await post(f"{base}/workflows/{wf}/events", batch)
     assert status == 201 and len(body2["ids"]) == 2
     ids = [eid.decode() for eid, _ in await redis.xrange(redis_keys.stream_key(wf))]
@@ -103,9 +107,11 @@ async def test_bad_workflow_id_is_400_before_redis(serve: Serve, redis: Any, bad
     async with aiohttp.ClientSession() as s:
         for method in ("POST", "GET"):
             async with s.request(
-                method, f"{base}/workflows/{bad_id}/events", data=json.dumps(STARTED),
+                method,
+                f"{base}/workflows/{bad_id}/events",
+                data=json.dumps(STARTED),
                 headers={"Content-Type": "application/json"},
-            ) as resp:  # fmt: skip
+            ) as resp:
                 body = await resp.json(content_type=None)
                 assert_problem(resp.status, dict(resp.headers), body, 400)
         async with s.get(f"{base}/workflows/{bad_id}/events") as resp:
@@ -117,7 +123,12 @@ async def test_bad_workflow_id_is_400_before_redis(serve: Serve, redis: Any, bad
     [
         (None, b"{not json", "application/json", 400),
         (None, b"\xff\xfe", "application/json", 400),
-        (None, b'{"event_type": "node_progress", "node_id": "a", "fraction": NaN}', "application/json", 400),
+        (
+            None,
+            b'{"event_type": "node_progress", "node_id": "a", "fraction": NaN}',
+            "application/json",
+            400,
+        ),
         (STARTED, None, "text/plain", 415),
         ([], None, "application/json", 422),
         (3, None, "application/json", 422),
@@ -127,20 +138,56 @@ async def test_bad_workflow_id_is_400_before_redis(serve: Serve, redis: Any, bad
         ({**STARTED, "workflow_id": "someone-else"}, None, "application/json", 422),
         ({**STARTED, "timestamp": "yesterday"}, None, "application/json", 422),
         ({**STARTED, "timestamp": "2026-01-22T10:00:00"}, None, "application/json", 422),
-        ({"event_type": "node_progress", "node_id": "a", "fraction": 1.5}, None, "application/json", 422),
-        ({"event_type": "workflow_state_changed", "to_state": "DONE"}, None, "application/json", 422),
+        (
+            {"event_type": "node_progress", "node_id": "a", "fraction": 1.5},
+            None,
+            "application/json",
+            422,
+        ),
+        (
+            {"event_type": "workflow_state_changed", "to_state": "DONE"},
+            None,
+            "application/json",
+            422,
+        ),
         ({"event_type": "workflow_planned", "nodes": []}, None, "application/json", 422),
-        ({"event_type": "workflow_planned", "nodes": [{"node_id": "a"}, {"node_id": "a"}]}, None, "application/json", 422),
-        ({"event_type": "workflow_planned", "nodes": [{"node_id": "a", "depends_on": ["b"]}]}, None, "application/json", 422),
-        ({"event_type": "workflow_planned", "nodes": [{"node_id": "a", "depends_on": ["b"]}, {"node_id": "b", "depends_on": ["a"]}]}, None, "application/json", 422),
+        (
+            {"event_type": "workflow_planned", "nodes": [{"node_id": "a"}, {"node_id": "a"}]},
+            None,
+            "application/json",
+            422,
+        ),
+        (
+            {"event_type": "workflow_planned", "nodes": [{"node_id": "a", "depends_on": ["b"]}]},
+            None,
+            "application/json",
+            422,
+        ),
+        (
+            {
+                "event_type": "workflow_planned",
+                "nodes": [
+                    {"node_id": "a", "depends_on": ["b"]},
+                    {"node_id": "b", "depends_on": ["a"]},
+                ],
+            },
+            None,
+            "application/json",
+            422,
+        ),
         ([STARTED] * 1001, None, "application/json", 422),
         ({**STARTED, "idempotency_key": "k" * 129}, None, "application/json", 422),
     ],
-)  # fmt: skip
+)
 async def test_invalid_publish_is_a_problem_and_stores_nothing(
-    serve: Serve, redis: Any, new_workflow: Callable[[], str],
-    body: Any, raw: bytes | None, ctype: str, expected: int,
-) -> None:  # fmt: skip
+    serve: Serve,
+    redis: Any,
+    new_workflow: Callable[[], str],
+    body: Any,
+    raw: bytes | None,
+    ctype: str,
+    expected: int,
+) -> None:
     base, wf = await serve(), new_workflow()
     status, headers, answer = await post(
         f"{base}/workflows/{wf}/events", body, raw=raw, headers={"Content-Type": ctype}
@@ -160,8 +207,10 @@ async def test_event_over_max_event_bytes_is_422_but_a_big_plan_is_fine(
     assert_problem(status, headers, body, 422)
     status, headers, body = await post(f"{base}/workflows/{wf}/events", [STARTED, big])
     assert_problem(status, headers, body, 422)
-    plan = {"event_type": "workflow_planned",
-            "nodes": [{"node_id": f"node-{i}", "node_name": "데이터 조회"} for i in range(10_000)]}  # fmt: skip
+    plan = {
+        "event_type": "workflow_planned",
+        "nodes": [{"node_id": f"node-{i}", "node_name": "데이터 조회"} for i in range(10_000)],
+    }
     status, _, body = await post(f"{base}/workflows/{wf}/events", plan)
     assert status == 201, body
     assert len(await stored(redis, wf)) == 1

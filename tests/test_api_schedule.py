@@ -46,8 +46,12 @@ def plan(definition: str, ts: float) -> dict[str, Any]:
         }
         for n, d in DEPS.items()
     ]
-    return {"event_type": "workflow_planned", "definition_id": definition, "nodes": nodes,
-            "timestamp": _iso(ts)}  # fmt: skip
+    return {
+        "event_type": "workflow_planned",
+        "definition_id": definition,
+        "nodes": nodes,
+        "timestamp": _iso(ts),
+    }
 
 
 def node(kind: str, node_id: str, ts: float, **extra: Any) -> dict[str, Any]:
@@ -58,10 +62,16 @@ def whole_run(start: float) -> list[dict[str, Any]]:
     """A finished earlier run of the definition, so that the ETA has a history."""
     events = [node("node_started", "a", start), node("node_completed", "a", start + 2)]
     for n in ("b", "c"):
-        events += [node("node_started", n, start + 2),
-                   node("node_completed", n, start + 2 + SECONDS[n])]  # fmt: skip
-    events += [node("node_started", "d", start + 10), node("node_completed", "d", start + 13),
-               node("node_started", "e", start + 13), node("node_completed", "e", start + 14)]  # fmt: skip
+        events += [
+            node("node_started", n, start + 2),
+            node("node_completed", n, start + 2 + SECONDS[n]),
+        ]
+    events += [
+        node("node_started", "d", start + 10),
+        node("node_completed", "d", start + 13),
+        node("node_started", "e", start + 13),
+        node("node_completed", "e", start + 14),
+    ]
     return [*events, {**state("COMPLETED"), "timestamp": _iso(start + 14)}]
 
 
@@ -92,9 +102,13 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
         # max_concurrency it is predicted to start now), d and e wait.
         wf = new_workflow()
         start = now - 3
-        body = [plan(definition, start), {**state("RUNNING"), "timestamp": _iso(start)},
-                node("node_started", "a", start), node("node_completed", "a", start + 2),
-                node("node_started", "b", start + 2)]  # fmt: skip
+        body = [
+            plan(definition, start),
+            {**state("RUNNING"), "timestamp": _iso(start)},
+            node("node_started", "a", start),
+            node("node_completed", "a", start + 2),
+            node("node_started", "b", start + 2),
+        ]
         async with s.post(f"{base}/workflows/{wf}/events", json=body) as resp:
             assert resp.status == 201
 
@@ -127,8 +141,10 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
         assert at(c["expected_start_at"]) == pytest.approx(as_of, abs=0.01)  # ready now
         assert 5 < at(c["expected_end_at"]) - as_of < 12
         # Dependencies first, in the predicted times too (medians of the same futures).
-        assert at(d["expected_start_at"]) >= max(at(b["expected_end_at"]),
-                                                 at(c["expected_end_at"])) - 0.05  # fmt: skip
+        assert (
+            at(d["expected_start_at"])
+            >= max(at(b["expected_end_at"]), at(c["expected_end_at"])) - 0.05
+        )
         assert at(e["expected_start_at"]) >= at(d["expected_end_at"]) - 0.05
         # The right edge is the ETA answered with it, to the millisecond...
         edge = max(at(n["expected_end_at"]) for n in sched["nodes"] if n["expected_end_at"])
@@ -140,19 +156,25 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
         assert abs(at(progress["estimated_completion_at"]) - edge) < 1.0
         assert 8 < remaining < 20
 
-        body = [node("node_completed", "b", start + 6), node("node_started", "c", start + 6),
-                node("node_failed", "c", start + 7, error="<img src=x>"),
-                node("node_started", "c", start + 7), node("node_completed", "c", start + 8),
-                node("node_skipped", "d", start + 8), node("node_skipped", "e", start + 8),
-                {**state("COMPLETED"), "timestamp": _iso(start + 8)}]  # fmt: skip
+        body = [
+            node("node_completed", "b", start + 6),
+            node("node_started", "c", start + 6),
+            node("node_failed", "c", start + 7, error="<img src=x>"),
+            node("node_started", "c", start + 7),
+            node("node_completed", "c", start + 8),
+            node("node_skipped", "d", start + 8),
+            node("node_skipped", "e", start + 8),
+            {**state("COMPLETED"), "timestamp": _iso(start + 8)},
+        ]
         async with s.post(f"{base}/workflows/{wf}/events", json=body) as resp:
             assert resp.status == 201
         status, sched = await get(s, f"{base}/workflows/{wf}/schedule")
         assert status == 200 and sched["state"] == "COMPLETED"
         wire.adapter(wire.Schedule).validate_python(sched)
         assert sched["estimated_remaining_seconds"] == 0
-        assert all(n["expected_start_at"] is None and n["expected_end_at"] is None
-                   for n in sched["nodes"])  # fmt: skip
+        assert all(
+            n["expected_start_at"] is None and n["expected_end_at"] is None for n in sched["nodes"]
+        )
         nodes = {n["node_id"]: n for n in sched["nodes"]}
         assert nodes["c"]["attempts"] == 2 and nodes["c"]["status"] == "completed"
         assert at(nodes["c"]["started_at"]) == pytest.approx(start + 7, abs=0.01)

@@ -90,9 +90,19 @@ async def test_replay_from_start_header_and_query_where_header_wins(
 
 @pytest.mark.parametrize(
     "bad",
-    ["abc", "1", "1-", "-1", "1-2-3", "1.5-0", "99999999999999999999999-0", "1-0 x",
-     "18446744073709551616-0", "\u0661\u0662-0"],  # 2**64; Arabic-Indic digits
-)  # fmt: skip
+    [
+        "abc",
+        "1",
+        "1-",
+        "-1",
+        "1-2-3",
+        "1.5-0",
+        "99999999999999999999999-0",
+        "1-0 x",
+        "18446744073709551616-0",
+        "\u0661\u0662-0",
+    ],  # 2**64; Arabic-Indic digits
+)
 async def test_malformed_last_event_id_is_400(
     serve: Serve, new_workflow: Callable[[], str], bad: str
 ) -> None:
@@ -267,8 +277,10 @@ async def test_max_streams_refuses_past_the_limit_with_503(
     base, wf = await serve(max_streams=2), new_workflow()
     url = f"{base}/workflows/{wf}/events"
     async with aiohttp.ClientSession() as s:
-        first, second = await s.get(url), await s.get(f"{base}/workflows/{wf}/progress",
-                                                       headers={"Accept": "text/event-stream"})  # fmt: skip
+        first, second = (
+            await s.get(url),
+            await s.get(f"{base}/workflows/{wf}/progress", headers={"Accept": "text/event-stream"}),
+        )
         assert first.status == 200 and second.status == 404  # unknown: no slot taken
         held = await s.get(url)
         assert held.status == 200

@@ -25,25 +25,62 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (module, tiny flags, a line of its table's header, a data row it must print)
 CASES = [
-    ("fanout", ["--systems", "ours,seed,bare", "--scenarios", "S1", "--s1-sizes", "3"],
-     "| system | established |", r"^\| bare \| 3 \| 0 \|"),
-    ("publish_path", ["--workflows", "3", "--events", "30", "--rate", "0", "--connections", "2",
-                      "--max-seconds", "10"],
-     "| variant | events |", r"^\| this \| 30 \|"),
-    ("publish_cost", ["--smoke", "--events", "20", "--polls", "3"],
-     "plan nodes", r"^\s+30\s+\d+\.\d+\s+\d+\.\d+$"),
-    ("hub_cost", ["--messages", "200", "--runs", "1"],
-     "| run | us CPU per message |", r"^\| median \| \d+\.\d+ \|$"),
-    ("eta_quality", ["--traces", "2", "--smoke"],
-     "| scenario ", r"^\| default .*\| wfsse +\| +\d"),
-    ("plan_post", ["--rounds", "1"],
-     "body: ", r"^longest loop stall ms: median \d"),
-    ("poll_latency", ["--smoke", "--polls", "10"],
-     "workflow ", r"^long\s+1000\s+1000\s"),
-    ("run_list", ["--runs", "120", "--requests", "3", "--overview-runs", "5",
-                  "--overview-seconds", "2", "--overview-lanes", "2"],
-     "| runs | request |", r"^\| 120 \| walk pages \(cursor\) \| [1-9]"),
-]  # fmt: skip
+    (
+        "fanout",
+        ["--systems", "ours,seed,bare", "--scenarios", "S1", "--s1-sizes", "3"],
+        "| system | established |",
+        r"^\| bare \| 3 \| 0 \|",
+    ),
+    (
+        "publish_path",
+        [
+            "--workflows",
+            "3",
+            "--events",
+            "30",
+            "--rate",
+            "0",
+            "--connections",
+            "2",
+            "--max-seconds",
+            "10",
+        ],
+        "| variant | events |",
+        r"^\| this \| 30 \|",
+    ),
+    (
+        "publish_cost",
+        ["--smoke", "--events", "20", "--polls", "3"],
+        "plan nodes",
+        r"^\s+30\s+\d+\.\d+\s+\d+\.\d+$",
+    ),
+    (
+        "hub_cost",
+        ["--messages", "200", "--runs", "1"],
+        "| run | us CPU per message |",
+        r"^\| median \| \d+\.\d+ \|$",
+    ),
+    ("eta_quality", ["--traces", "2", "--smoke"], "| scenario ", r"^\| default .*\| wfsse +\| +\d"),
+    ("plan_post", ["--rounds", "1"], "body: ", r"^longest loop stall ms: median \d"),
+    ("poll_latency", ["--smoke", "--polls", "10"], "workflow ", r"^long\s+1000\s+1000\s"),
+    (
+        "run_list",
+        [
+            "--runs",
+            "120",
+            "--requests",
+            "3",
+            "--overview-runs",
+            "5",
+            "--overview-seconds",
+            "2",
+            "--overview-lanes",
+            "2",
+        ],
+        "| runs | request |",
+        r"^\| 120 \| walk pages \(cursor\) \| [1-9]",
+    ),
+]
 NO_REDIS = {"eta_quality"}
 
 
@@ -58,8 +95,12 @@ async def test_bench_runs_at_a_tiny_scale(
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", *flags],
-        cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     took = time.monotonic() - started
     out = done.stdout
     assert done.returncode == 0, f"exit {done.returncode}\n{out[-3000:]}\n{done.stderr[-3000:]}"

@@ -98,9 +98,21 @@ def test_a_bom_split_across_chunks_is_still_dropped() -> None:
 
 
 FIELD_LINES = st.sampled_from(
-    [b"data: x", b"data:", b"data: \xed\x95\x9c", b"event: e", b"id: 3-1", b"id", b": c",
-     b"retry: 10", b"retry: x", b"", b"", b"other: y"]
-)  # fmt: skip
+    [
+        b"data: x",
+        b"data:",
+        b"data: \xed\x95\x9c",
+        b"event: e",
+        b"id: 3-1",
+        b"id",
+        b": c",
+        b"retry: 10",
+        b"retry: x",
+        b"",
+        b"",
+        b"other: y",
+    ]
+)
 LINE_ENDS = st.sampled_from([b"\n", b"\r", b"\r\n"])
 
 

@@ -39,8 +39,10 @@ READ_ROWS = """() => [...document.querySelectorAll('#runs > li.run')].map(li => 
   href: li.querySelector('a').getAttribute('href'),
 }))"""
 
-ROW_IDS = "ids => JSON.stringify([...document.querySelectorAll('#runs > li.run')]" \
-    ".map(li => li.dataset.workflowId)) === JSON.stringify(ids)"  # fmt: skip
+ROW_IDS = (
+    "ids => JSON.stringify([...document.querySelectorAll('#runs > li.run')]"
+    ".map(li => li.dataset.workflowId)) === JSON.stringify(ids)"
+)
 
 
 async def rows(page: Any) -> list[dict[str, Any]]:
@@ -121,8 +123,9 @@ async def test_home_lists_a_demo_run_within_a_second_and_its_bar_moves_live(
         # The bar moves without a reload, and the ETA counts down between frames.
         await page.wait_for_function(
             "([row, pct]) => Number(document.querySelector(row).dataset.percentage) > pct",
-            arg=[row, first["pct"]], timeout=WAIT_MS,
-        )  # fmt: skip
+            arg=[row, first["pct"]],
+            timeout=WAIT_MS,
+        )
         await page.wait_for_function(
             """row => {
               const t = document.querySelector(row + ' .run-eta').textContent;
@@ -130,8 +133,10 @@ async def test_home_lists_a_demo_run_within_a_second_and_its_bar_moves_live(
               window.__etaSeen = {n, t};
               return !!c && c.n === n && c.t !== t && /left|almost/.test(t);
             }""",
-            arg=row, polling=100, timeout=WAIT_MS,
-        )  # fmt: skip
+            arg=row,
+            polling=100,
+            timeout=WAIT_MS,
+        )
         assert await page.evaluate("window.__notReloaded") is True
         nav = await page.evaluate("performance.getEntriesByType('navigation').length")
         assert nav == 1
@@ -143,8 +148,9 @@ async def test_home_lists_a_demo_run_within_a_second_and_its_bar_moves_live(
         viewer, viewer_errors = await open_page(browser, f"{srv.url}/?workflow={wf}")
         await page.wait_for_function(
             "row => document.querySelector(row + ' .run-watchers').textContent === '1 watcher'",
-            arg=row, timeout=WAIT_MS,
-        )  # fmt: skip
+            arg=row,
+            timeout=WAIT_MS,
+        )
         await viewer.close()
 
         await audit(page)  # mid-run, desktop and phone
@@ -167,17 +173,19 @@ async def test_home_lists_a_demo_run_within_a_second_and_its_bar_moves_live(
                           `#runs > li.run[data-workflow-id='${id}']`))
                       && ![...document.querySelectorAll('#runs .run-eta')]
                           .some(e => e.textContent.startsWith('estimating'))""",
-                    arg=more, timeout=WAIT_MS,
-                )  # fmt: skip
+                    arg=more,
+                    timeout=WAIT_MS,
+                )
             await page.screenshot(path=str(out / "home.png"))
             await phone.screenshot(path=str(out / "home-phone.png"))
 
         # A click opens the run view; the way back is a link to the home.
         await page.click(f"{row} a")
         await page.wait_for_function(
-            "wf => document.getElementById('wf-title').textContent === wf", arg=wf,
+            "wf => document.getElementById('wf-title').textContent === wf",
+            arg=wf,
             timeout=5000,
-        )  # fmt: skip
+        )
         assert page.url.endswith(f"/?workflow={wf}")
         assert await page.is_hidden("#home")
         await page.click("#back")
@@ -272,14 +280,16 @@ async def test_filters_keyboard_and_text_only(browser: Any) -> None:
         assert await page.evaluate(focused) == got[1]["id"]
         await page.keyboard.press("Enter")
         await page.wait_for_function(
-            "wf => document.getElementById('wf-title').textContent === wf", arg=got[1]["id"],
+            "wf => document.getElementById('wf-title').textContent === wf",
+            arg=got[1]["id"],
             timeout=5000,
-        )  # fmt: skip
+        )
         await page.focus("#back")
         await page.keyboard.press("Enter")
         await page.wait_for_selector("#home", state="visible", timeout=5000)
-        await page.wait_for_function("n => document.querySelectorAll('#runs > li.run').length === n",
-                                     arg=5, timeout=WAIT_MS)  # fmt: skip
+        await page.wait_for_function(
+            "n => document.querySelectorAll('#runs > li.run').length === n", arg=5, timeout=WAIT_MS
+        )
         await audit(page)
         assert errors == []
     finally:
@@ -290,8 +300,9 @@ async def expected_order(page: Any, ids: list[str]) -> list[str]:
     """Once all of `ids` are listed: the order the page shows them in (checked after)."""
     await page.wait_for_function(
         "ids => ids.every(id => document.querySelector(`#runs > li.run[data-workflow-id='${id}']`))",
-        arg=ids, timeout=WAIT_MS,
-    )  # fmt: skip
+        arg=ids,
+        timeout=WAIT_MS,
+    )
     return [r["id"] for r in await rows(page)]
 
 
@@ -330,16 +341,20 @@ async def test_home_is_right_after_a_server_restart(browser: Any) -> None:
         await badge_is(page, "live")
         listed = {r["id"]: r for r in await rows(page)}
         assert (listed[r1]["state"], listed[r1]["pct"], listed[r1]["count"]) == (
-            "COMPLETED", 100, "5 of 5 completed"
-        )  # fmt: skip
+            "COMPLETED",
+            100,
+            "5 of 5 completed",
+        )
         assert (listed[r3]["state"], listed[r3]["count"]) == ("RUNNING", "3 of 5 completed")
         # Still live after the reconnect.
         await publish(other.url, r3, [ev("node_started", "d", time.time())])
         await publish(other.url, r3, [ev("node_completed", "d", time.time())])
         await page.wait_for_function(
             "wf => document.querySelector(`#runs li[data-workflow-id='${wf}'] .run-count`)"
-            ".textContent === '4 of 5 completed'", arg=r3, timeout=WAIT_MS,
-        )  # fmt: skip
+            ".textContent === '4 of 5 completed'",
+            arg=r3,
+            timeout=WAIT_MS,
+        )
         assert errors == []
     finally:
         for srv in servers:

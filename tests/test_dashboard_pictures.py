@@ -126,8 +126,9 @@ def truth(events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str],
     return plan, final, starts
 
 
-def assert_final_pictures(dag: dict[str, Any], plan: dict[str, Any], final: dict[str, str],
-                          starts: dict[str, int]) -> None:  # fmt: skip
+def assert_final_pictures(
+    dag: dict[str, Any], plan: dict[str, Any], final: dict[str, str], starts: dict[str, int]
+) -> None:
     ids = [n[0] for n in dag["nodes"]]
     assert sorted(ids) == sorted(plan) and len(ids) == len(set(ids))  # each node once
     edges = sorted(map(tuple, dag["edges"]))
@@ -156,9 +157,10 @@ async def test_dag_and_timeline_follow_a_demo_run(browser: Any) -> None:
             await shoot(page, phone, Path(SCREENSHOTS))
         # A moment later the edge still agrees (the ETA text has moved on meanwhile).
         await page.wait_for_function(
-            "t => document.getElementById('eta').textContent !== t", arg=first["eta"],
+            "t => document.getElementById('eta').textContent !== t",
+            arg=first["eta"],
             timeout=WAIT_MS,
-        )  # fmt: skip
+        )
         await check_edge(page, "svg.timeline .bar.pending, svg.timeline .bar.rest")
         mid = await read_dag(page)
         assert len(mid["nodes"]) == 30
@@ -178,9 +180,10 @@ async def test_dag_and_timeline_follow_a_demo_run(browser: Any) -> None:
             )
             assert left == 0  # finished: real times only
             done = await p.eval_on_selector_all(
-                "svg.timeline .tl-row", "rs => rs.map(r => [r.dataset.nodeId,"
-                " r.querySelectorAll('.bar.done').length, r.querySelectorAll('.bar.skipped').length])"
-            )  # fmt: skip
+                "svg.timeline .tl-row",
+                "rs => rs.map(r => [r.dataset.nodeId,"
+                " r.querySelectorAll('.bar.done').length, r.querySelectorAll('.bar.skipped').length])",
+            )
             assert [r[0] for r in done] == list(plan)  # plan order, each node once
             for node_id, bars, skipped in done:
                 assert (bars, skipped) == ((1, 0) if final[node_id] == "completed" else (0, 1))
@@ -214,12 +217,20 @@ DEPS: dict[str, list[str]] = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], 
 
 def planned(definition: str, ts: float, names: dict[str, str] | None = None) -> dict[str, Any]:
     nodes = [
-        {"node_id": n, "node_name": (names or {}).get(n, f"노드 {n}"),
-         "node_type": f"{definition}-{n}", "depends_on": d}
+        {
+            "node_id": n,
+            "node_name": (names or {}).get(n, f"노드 {n}"),
+            "node_type": f"{definition}-{n}",
+            "depends_on": d,
+        }
         for n, d in DEPS.items()
-    ]  # fmt: skip
-    return {"event_type": "workflow_planned", "definition_id": definition, "nodes": nodes,
-            "timestamp": iso(ts)}  # fmt: skip
+    ]
+    return {
+        "event_type": "workflow_planned",
+        "definition_id": definition,
+        "nodes": nodes,
+        "timestamp": iso(ts),
+    }
 
 
 def ev(kind: str, node_id: str, ts: float, **extra: Any) -> dict[str, Any]:
@@ -249,28 +260,46 @@ async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -
         page, errors = await open_page(browser, f"{pair.url}/?workflow={wf}")
         await badge_is(page, "live", timeout=10_000)
         t = time.time()
-        ids += await publish(other.url, wf, [
-            planned(definition, t - 12), state("RUNNING", t - 12),
-            ev("node_started", "a", t - 12), ev("node_completed", "a", t - 10),
-            ev("node_started", "b", t - 10), ev("node_started", "c", t - 10),
-        ])  # fmt: skip
+        ids += await publish(
+            other.url,
+            wf,
+            [
+                planned(definition, t - 12),
+                state("RUNNING", t - 12),
+                ev("node_started", "a", t - 12),
+                ev("node_completed", "a", t - 10),
+                ev("node_started", "b", t - 10),
+                ev("node_started", "c", t - 10),
+            ],
+        )
         await check_edge(page)
 
         pair.end(signal.SIGKILL)
         await badge_is(page, "reconnecting", timeout=10_000)
         t = time.time()
-        ids += await publish(other.url, wf, [
-            ev("node_completed", "b", t - 1),
-            ev("node_failed", "c", t - 1, error="timeout"), ev("node_started", "c", t),
-        ])  # fmt: skip
+        ids += await publish(
+            other.url,
+            wf,
+            [
+                ev("node_completed", "b", t - 1),
+                ev("node_failed", "c", t - 1, error="timeout"),
+                ev("node_started", "c", t),
+            ],
+        )
         await pair.restart()
-        await page.wait_for_function("n => window.__seenIds.length === n", arg=len(ids),
-                                     timeout=30_000)  # fmt: skip
+        await page.wait_for_function(
+            "n => window.__seenIds.length === n", arg=len(ids), timeout=30_000
+        )
         await check_edge(page)
         dag = await read_dag(page)
         statuses = {n: s for n, s, _, _ in dag["nodes"]}
-        assert statuses == {"a": "completed", "b": "completed", "c": "running",
-                            "d": "pending", "e": "pending"}  # fmt: skip
+        assert statuses == {
+            "a": "completed",
+            "b": "completed",
+            "c": "running",
+            "d": "pending",
+            "e": "pending",
+        }
         assert [n for n, _, r, _ in dag["nodes"] if r] == ["c"]  # retried after its failure
         for node_id in ("d", "e"):
             bars = f"svg.timeline .tl-row[data-node-id='{node_id}'] .bar.pending"
@@ -278,10 +307,17 @@ async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -
         assert await page.locator("svg.timeline .tl-row[data-node-id='c'] .bar.rest").count() == 1
 
         t = time.time()
-        ids += await publish(other.url, wf, [
-            ev("node_completed", "c", t), ev("node_started", "d", t), ev("node_completed", "d", t),
-            ev("node_skipped", "e", t), state("COMPLETED", t),
-        ])  # fmt: skip
+        ids += await publish(
+            other.url,
+            wf,
+            [
+                ev("node_completed", "c", t),
+                ev("node_started", "d", t),
+                ev("node_completed", "d", t),
+                ev("node_skipped", "e", t),
+                state("COMPLETED", t),
+            ],
+        )
         await badge_is(page, "finished", timeout=20_000)
         assert await page.evaluate("window.__seenIds") == ids
         async with aiohttp.ClientSession() as session:
@@ -311,29 +347,47 @@ async def test_usual_durations_overdue_keyboard_html_and_axe(browser: Any) -> No
     try:
         await srv.start()
         t = time.time() - 3600
-        await publish(srv.url, earlier, [
-            planned(definition, t, names), state("RUNNING", t),
-            ev("node_started", "a", t), ev("node_completed", "a", t + 2),
-            ev("node_started", "b", t + 2), ev("node_completed", "b", t + 4),
-            ev("node_started", "c", t + 2), ev("node_completed", "c", t + 5),
-            ev("node_started", "d", t + 5), ev("node_completed", "d", t + 6),
-            ev("node_started", "e", t + 6), ev("node_completed", "e", t + 7),
-            state("COMPLETED", t + 7),
-        ])  # fmt: skip
+        await publish(
+            srv.url,
+            earlier,
+            [
+                planned(definition, t, names),
+                state("RUNNING", t),
+                ev("node_started", "a", t),
+                ev("node_completed", "a", t + 2),
+                ev("node_started", "b", t + 2),
+                ev("node_completed", "b", t + 4),
+                ev("node_started", "c", t + 2),
+                ev("node_completed", "c", t + 5),
+                ev("node_started", "d", t + 5),
+                ev("node_completed", "d", t + 6),
+                ev("node_started", "e", t + 6),
+                ev("node_completed", "e", t + 7),
+                state("COMPLETED", t + 7),
+            ],
+        )
         t = time.time()
-        await publish(srv.url, wf, [
-            planned(definition, t - 70, names), state("RUNNING", t - 70),
-            ev("node_started", "a", t - 70), ev("node_completed", "a", t - 68),
-            ev("node_started", "b", t - 68),  # usually 2 s: 68 s is far past it
-            ev("node_started", "c", t - 68), ev("node_failed", "c", t - 66, error=HOSTILE),
-            ev("node_started", "c", t - 1),
-        ])  # fmt: skip
+        await publish(
+            srv.url,
+            wf,
+            [
+                planned(definition, t - 70, names),
+                state("RUNNING", t - 70),
+                ev("node_started", "a", t - 70),
+                ev("node_completed", "a", t - 68),
+                ev("node_started", "b", t - 68),  # usually 2 s: 68 s is far past it
+                ev("node_started", "c", t - 68),
+                ev("node_failed", "c", t - 66, error=HOSTILE),
+                ev("node_started", "c", t - 1),
+            ],
+        )
         page, errors = await open_page(browser, f"{srv.url}/?workflow={wf}")
         await page.wait_for_selector("li.node[data-overdue]", timeout=WAIT_MS)
         usual = await page.eval_on_selector_all(
-            "#nodes li", "lis => lis.map(li => [li.dataset.nodeId, li.hasAttribute('data-overdue'),"
+            "#nodes li",
+            "lis => lis.map(li => [li.dataset.nodeId, li.hasAttribute('data-overdue'),"
             " li.querySelector('.node-usual').textContent])",
-        )  # fmt: skip
+        )
         assert usual == [
             ["a", False, "usually 2.0 s"],
             ["b", True, "⚠ far past its usual 2.0 s"],
@@ -364,7 +418,9 @@ async def test_usual_durations_overdue_keyboard_html_and_axe(browser: Any) -> No
         await page.keyboard.press("ArrowUp")
         assert await page.evaluate("document.activeElement.dataset.nodeId") == "a"
         await page.keyboard.press("Enter")
-        focused = await page.evaluate("[document.activeElement.tagName, document.activeElement.dataset.nodeId]")  # fmt: skip
+        focused = await page.evaluate(
+            "[document.activeElement.tagName, document.activeElement.dataset.nodeId]"
+        )
         assert focused == ["LI", "a"]
         await page.keyboard.press("ArrowDown")
         assert await page.evaluate("document.activeElement.dataset.nodeId") == "b"

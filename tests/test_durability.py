@@ -31,8 +31,9 @@ RECOVERY_SECONDS = 15.0  # the promotion, then the old master back and synced as
 
 
 async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledged_event() -> None:
-    cluster = RedisClusterProcesses(masters=3, replicas=1, node_timeout_ms=1000,
-                                    full_coverage=False)  # fmt: skip
+    cluster = RedisClusterProcesses(
+        masters=3, replicas=1, node_timeout_ms=1000, full_coverage=False
+    )
     server: ServerProcess | None = None
     try:
         cluster.start()
@@ -69,11 +70,15 @@ async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledg
                 )
                 master.start()  # same port and nodes.conf: it rejoins as the new replica
                 back = await wait_until(
-                    lambda: engine.first_success_after(promoted), RECOVERY_SECONDS,
+                    lambda: engine.first_success_after(promoted),
+                    RECOVERY_SECONDS,
                     "publishing after the promotion",
-                )  # fmt: skip
-                await wait_until(lambda: any(at > back + 0.5 for at in engine.acked_at.values()),
-                                 RECOVERY_SECONDS, "more events")  # fmt: skip
+                )
+                await wait_until(
+                    lambda: any(at > back + 0.5 for at in engine.acked_at.values()),
+                    RECOVERY_SECONDS,
+                    "more events",
+                )
                 engine.stop.set()
                 await asyncio.wait_for(publishing, 35)
             finally:

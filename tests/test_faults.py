@@ -98,10 +98,11 @@ async def test_sigterm_with_200_open_streams_ends_all_cleanly_within_5s() -> Non
             responses = [await s.get(f"{server.url}/workflows/{wf}/events") for _ in range(180)]
             # Progress streams end the same way.
             responses += [
-                await s.get(f"{server.url}/workflows/{wf}/progress",
-                            headers={"Accept": "text/event-stream"})
+                await s.get(
+                    f"{server.url}/workflows/{wf}/progress", headers={"Accept": "text/event-stream"}
+                )
                 for _ in range(20)
-            ]  # fmt: skip
+            ]
             assert all(r.status == 200 for r in responses)
             started_at = time.monotonic()
             server.signal(signal.SIGTERM)

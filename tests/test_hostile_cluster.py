@@ -99,8 +99,9 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
         ) as session:
             pubs = {wf: Engine(server.url, wf, prefix="p") for wf in (victim, healthy)}
             for pub in pubs.values():
-                await pub.publish(session, {"event_type": "workflow_planned",
-                                            "nodes": [{"node_id": "n"}]})  # fmt: skip
+                await pub.publish(
+                    session, {"event_type": "workflow_planned", "nodes": [{"node_id": "n"}]}
+                )
             readers = {wf: Reader() for wf in pubs}
             reading = [
                 asyncio.create_task(r.run(session, f"{server.url}/workflows/{wf}/events"))
@@ -115,8 +116,9 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
                     pub.stop.set()
                 await asyncio.gather(*publishing)
                 for pub in pubs.values():
-                    await pub.publish(session, {"event_type": "workflow_state_changed",
-                                                "to_state": "COMPLETED"})  # fmt: skip
+                    await pub.publish(
+                        session, {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
+                    )
                 await asyncio.wait_for(asyncio.gather(*reading), 15)
             finally:
                 for task in reading + publishing:
@@ -164,8 +166,9 @@ async def fail_over(
 ) -> tuple[float, float, float]:
     """Kill `master` with both streams live; check the recovery; (killed, promoted, back)."""
     victim = next(iter(pubs))
-    await wait_until(lambda: all(len(r.ids) >= 10 for r in readers.values()), 15,
-                     "both streams live")  # fmt: skip
+    await wait_until(
+        lambda: all(len(r.ids) >= 10 for r in readers.values()), 15, "both streams live"
+    )
     killed = time.monotonic()
     cluster.sigkill(master)
     promoted = await wait_until(
@@ -175,15 +178,20 @@ async def fail_over(
     # shards, within a few seconds of the promotion.
     back = await wait_until(
         lambda: pubs[victim].first_success_after(promoted) is not None,
-        RECOVERY_SECONDS, "publishing to the promoted shard",
-    )  # fmt: skip
+        RECOVERY_SECONDS,
+        "publishing to the promoted shard",
+    )
     for wf in pubs:
         await first_event_within(
-            session, f"{base}/workflows/{wf}/events",
+            session,
+            f"{base}/workflows/{wf}/events",
             max(1.0, promoted + RECOVERY_SECONDS - time.monotonic()),
-        )  # fmt: skip
+        )
     # The stream that was open on the failed shard is live again, by itself.
     seen = len(readers[victim].ids)
-    await wait_until(lambda: len(readers[victim].ids) > seen + 10, RECOVERY_SECONDS,
-                     "the open stream on the failed shard live again")  # fmt: skip
+    await wait_until(
+        lambda: len(readers[victim].ids) > seen + 10,
+        RECOVERY_SECONDS,
+        "the open stream on the failed shard live again",
+    )
     return killed, promoted, back

@@ -191,9 +191,12 @@ class LimitedServer(ServerProcess):
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", str(self.port), *self.args],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             preexec_fn=lower,
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -280,8 +283,11 @@ async def test_a_flood_of_slow_connections_leaves_healthz_answering_and_the_log_
     header, body = 2.0, 3.0
     server = LimitedServer(
         ATTACK_FDS,
-        "--header-timeout-seconds", str(header), "--body-timeout-seconds", str(body),
-    )  # fmt: skip
+        "--header-timeout-seconds",
+        str(header),
+        "--body-timeout-seconds",
+        str(body),
+    )
     try:
         await server.start()
         lines_before = len(server.output().splitlines())
@@ -293,8 +299,11 @@ async def test_a_flood_of_slow_connections_leaves_healthz_answering_and_the_log_
         done.set()
         latencies = await prober
         async with aiohttp.ClientSession() as s, s.get(f"{server.url}/metrics") as resp:
-            shed = [line for line in (await resp.text()).splitlines()
-                    if line.startswith("wfsse_connections_shed_total")]  # fmt: skip
+            shed = [
+                line
+                for line in (await resp.text()).splitlines()
+                if line.startswith("wfsse_connections_shed_total")
+            ]
         print("\n".join(shed))
         log = server.output().splitlines()[lines_before:]
         print(
@@ -402,8 +411,9 @@ async def test_the_largest_event_id_gets_a_stream_that_speaks(
         # One past it can never exist: 400, before Redis is asked.
         async with aiohttp.ClientSession() as s:
             over = "18446744073709551616-0"
-            async with s.get(f"{srv.url}/workflows/{wf}/events",
-                             headers={"Last-Event-ID": over}) as resp:  # fmt: skip
+            async with s.get(
+                f"{srv.url}/workflows/{wf}/events", headers={"Last-Event-ID": over}
+            ) as resp:
                 assert resp.status == 400
     failed = [r for r in caplog.records if "catch-up" in r.getMessage() or r.levelno >= 40]
     assert not failed, [r.getMessage() for r in failed]
@@ -499,8 +509,10 @@ async def test_readyz_answers_within_a_second_while_redis_is_frozen() -> None:
                 (ready, ready_s), (progress, progress_s) = await asyncio.gather(
                     timed("/readyz"), timed(f"/workflows/{wf}/progress")
                 )
-                print(f"\nfrozen Redis: /readyz {ready} in {ready_s:.2f} s, "
-                      f"/progress {progress} in {progress_s:.2f} s")  # fmt: skip
+                print(
+                    f"\nfrozen Redis: /readyz {ready} in {ready_s:.2f} s, "
+                    f"/progress {progress} in {progress_s:.2f} s"
+                )
                 assert ready == 503 and ready_s < 1.6, (ready, ready_s)
                 # /progress keeps the command deadline (5 s, swept every 0.5 s): 503 then.
                 assert progress == 503 and progress_s < 6.5, (progress, progress_s)

@@ -338,10 +338,18 @@ async def test_openapi_python_client_generates_a_model_for_gap_and_progress(
     out = tmp_path / "client"
     # A subprocess the loop awaits: the live server keeps answering while it reads the URL.
     proc = await asyncio.create_subprocess_exec(
-        tool, "generate", "--url", f"{base}/openapi.json", "--output-path", str(out),
-        "--meta", "none", "--fail-on-warning",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        tool,
+        "generate",
+        "--url",
+        f"{base}/openapi.json",
+        "--output-path",
+        str(out),
+        "--meta",
+        "none",
+        "--fail-on-warning",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     output = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
     assert proc.returncode == 0, output
     assert "duplicate" not in output.lower() and "warning" not in output.lower(), output

@@ -27,10 +27,13 @@ NODES = 10_000  # the SPEC's maximum plan
 
 def big_plan(definition: str) -> dict[str, Any]:
     nodes = [
-        {"node_id": f"n{i}", "node_type": f"hostile-{definition}-{i % 40}",
-         "depends_on": [f"n{i - 1}", f"n{i // 2}"] if i > 1 else []}
+        {
+            "node_id": f"n{i}",
+            "node_type": f"hostile-{definition}-{i % 40}",
+            "depends_on": [f"n{i - 1}", f"n{i // 2}"] if i > 1 else [],
+        }
         for i in range(NODES)
-    ]  # fmt: skip
+    ]
     return {"event_type": "workflow_planned", "definition_id": definition, "nodes": nodes}
 
 
@@ -117,11 +120,14 @@ def four_mib_plan() -> bytes:
     """The SPEC's maxima at once: a 10,000-node plan (each node depending on up to eight
     before it, Unicode names) in just under MAX_BODY_BYTES of JSON."""
     nodes = [
-        {"node_id": f"node-{i:05d}", "node_name": f"품질 판정 {i} " + "x" * 200,
-         "node_type": f"type-{i % 40}",
-         "depends_on": [f"node-{j:05d}" for j in range(max(0, i - 8), i)]}
+        {
+            "node_id": f"node-{i:05d}",
+            "node_name": f"품질 판정 {i} " + "x" * 200,
+            "node_type": f"type-{i % 40}",
+            "depends_on": [f"node-{j:05d}" for j in range(max(0, i - 8), i)],
+        }
         for i in range(NODES)
-    ]  # fmt: skip
+    ]
     body = json.dumps({"event_type": "workflow_planned", "nodes": nodes}, ensure_ascii=False)
     return body.encode()
 

@@ -143,8 +143,9 @@ async def test_a_publish_answered_503_by_a_frozen_redis_is_not_stored_when_it_th
                     assert resp.status == 201
                 rows = await stream_entries(client, redis_keys.stream_key(wf))
             assert [json.loads(f[b"d"])["event_type"] for _, f in rows] == [
-                "node_started", "node_completed"
-            ]  # fmt: skip
+                "node_started",
+                "node_completed",
+            ]
     finally:
         proc.proc.send_signal(signal.SIGCONT)
         await server.close()
@@ -161,18 +162,26 @@ async def test_idempotency_keys_are_bounded_while_recent_retries_still_store_not
     async with aiohttp.ClientSession() as s:
         for start in range(0, total, 1000):
             batch = [
-                {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
-                 "idempotency_key": f"k{i}"}
+                {
+                    "event_type": "node_progress",
+                    "node_id": "n",
+                    "fraction": 0.5,
+                    "idempotency_key": f"k{i}",
+                }
                 for i in range(start, min(start + 1000, total))
-            ]  # fmt: skip
+            ]
             async with s.post(url, json=batch) as resp:
                 assert resp.status == 201
         assert await redis.hlen(redis_keys.idempotency_key(wf)) == store.IDEMPOTENCY_KEYS
         assert await redis.llen(redis_keys.idempotency_order_key(wf)) == store.IDEMPOTENCY_KEYS
         assert await redis.xlen(redis_keys.stream_key(wf)) == 10
         last = await redis.xrevrange(redis_keys.stream_key(wf), count=1)
-        recent = {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
-                  "idempotency_key": f"k{total - 1}"}  # fmt: skip
+        recent = {
+            "event_type": "node_progress",
+            "node_id": "n",
+            "fraction": 0.5,
+            "idempotency_key": f"k{total - 1}",
+        }
         async with s.post(url, json=recent) as resp:
             assert resp.status == 201
             assert (await resp.json())["ids"] == [last[0][0].decode()]  # the first id

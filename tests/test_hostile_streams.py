@@ -132,14 +132,20 @@ async def test_a_late_confirmation_does_not_hold_back_the_first_progress_object(
 
 def big_event(i: int) -> dict[str, Any]:
     """A `node_progress` event just under MAX_EVENT_BYTES (64 KiB) as JSON."""
-    return {"event_type": "node_progress", "node_id": f"n{i}", "fraction": 0.5,
-            "message": "x" * (64 * 1024 - 200)}  # fmt: skip
+    return {
+        "event_type": "node_progress",
+        "node_id": f"n{i}",
+        "fraction": 0.5,
+        "message": "x" * (64 * 1024 - 200),
+    }
 
 
 def big_plan() -> dict[str, Any]:
     """A 10,000-node plan of about 3.5 MiB: the largest the SPEC's limits allow in kind."""
-    return {"event_type": "workflow_planned",
-            "nodes": [{"node_id": f"n{i}", "node_name": "y" * 330} for i in range(10_000)]}  # fmt: skip
+    return {
+        "event_type": "workflow_planned",
+        "nodes": [{"node_id": f"n{i}", "node_name": "y" * 330} for i in range(10_000)],
+    }
 
 
 async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_events(
@@ -167,9 +173,11 @@ async def test_a_stalled_reader_holds_at_most_client_queue_bytes_of_the_largest_
             # on reaches the hub live.
             while not any(c.ready.is_set() for c in hub._channels.values()):
                 await asyncio.sleep(0.01)
-            for batch in [[big_event(i) for i in range(j, j + 50)] for j in range(0, 400, 50)] + [
-                [big_plan()] for _ in range(4)
-            ] + [[DONE]]:  # fmt: skip
+            for batch in (
+                [[big_event(i) for i in range(j, j + 50)] for j in range(0, 400, 50)]
+                + [[big_plan()] for _ in range(4)]
+                + [[DONE]]
+            ):
                 body = io.BytesIO(json.dumps(batch).encode())  # a big body in one go warns
                 async with s.post(url, data=body, headers=JSON) as resp:
                     assert resp.status == 201, await resp.text()

@@ -77,8 +77,15 @@ async def test_stalled_reader_is_bounded_does_not_delay_others_and_loses_nothing
             )
             peak = 0
             for i in range(n):
-                await publisher.publish(wf, {"event_type": "node_progress", "node_id": f"n{i % 40}",
-                                             "fraction": 0.5, "message": payload})  # fmt: skip
+                await publisher.publish(
+                    wf,
+                    {
+                        "event_type": "node_progress",
+                        "node_id": f"n{i % 40}",
+                        "fraction": 0.5,
+                        "message": payload,
+                    },
+                )
                 peak = max(peak, hub.max_queue())
             await publisher.publish(wf, DONE)
             fast = await reader

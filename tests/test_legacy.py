@@ -321,9 +321,11 @@ async def test_emit_node_event_and_emit_state_change_publish_like_publish(
     assert [r[0].decode() for r in rows] == ids
     stored = [json.loads(fields[b"d"]) for _, fields in rows]
     assert {k: v for k, v in stored[0].items() if k != "timestamp"} == {
-        "workflow_id": wf, "event_type": "workflow_state_changed",
-        "to_state": "RUNNING", "from_state": "PENDING",
-    }  # fmt: skip
+        "workflow_id": wf,
+        "event_type": "workflow_state_changed",
+        "to_state": "RUNNING",
+        "from_state": "PENDING",
+    }
     assert stored[1]["node_name"] == "품질 판정" and "error" not in stored[1]
     assert stored[2]["output"] == {"ok": True} and stored[2]["duration_ms"] == 12
     assert stored[4]["reason"] == "n2 failed"

@@ -142,8 +142,9 @@ async def test_the_original_hook_receives_every_event_in_chromium(
         await asyncio.sleep(0.01)
     await page.wait_for_function("n => window.received.length >= n", arg=len(ids), timeout=WAIT_MS)
     drop_connections(serve)  # a network blip: the TCP connection dies, no close frame
-    await page.wait_for_function("window.statuses.filter(s => s === 'connected').length >= 2",
-                                 timeout=WAIT_MS)  # fmt: skip
+    await page.wait_for_function(
+        "window.statuses.filter(s => s === 'connected').length >= 2", timeout=WAIT_MS
+    )
     ids += await publisher.publish_many(wf, node_events(wf, 25)[40:])
     ids.append(await publisher.emit_state_change(wf, "RUNNING", "COMPLETED"))
     await page.wait_for_function("window.statuses.includes('closed 1000')", timeout=WAIT_MS)

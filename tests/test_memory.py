@@ -89,10 +89,14 @@ async def publish_all(s: aiohttp.ClientSession, base: str, wf: str, pid: int) ->
     try:
         for b in range(N_EVENTS // BATCH):
             batch: list[dict[str, Any]] = [
-                {"event_type": "node_progress", "node_id": f"n{(b * BATCH + i) % 50}",
-                 "fraction": 0.5, "message": PAYLOAD}
+                {
+                    "event_type": "node_progress",
+                    "node_id": f"n{(b * BATCH + i) % 50}",
+                    "fraction": 0.5,
+                    "message": PAYLOAD,
+                }
                 for i in range(BATCH)
-            ]  # fmt: skip
+            ]
             if b == N_EVENTS // BATCH - 1:
                 batch.append(DONE)
             async with s.post(f"{base}/workflows/{wf}/events", json=batch) as resp:
@@ -145,10 +149,12 @@ async def test_stalled_reader_keeps_rss_bounded_and_another_client_is_not_delaye
     redis = await real_redis()
     env = {"REDIS_URL": REDIS_URL} if redis is not None else {}
     server = ServerProcess(
-        "--client-queue-frames", str(QUEUE_FRAMES),
-        "--history-maxlen", str(N_EVENTS * 2),  # all retained: the stalled reader needs them
+        "--client-queue-frames",
+        str(QUEUE_FRAMES),
+        "--history-maxlen",
+        str(N_EVENTS * 2),  # all retained: the stalled reader needs them
         env=env,
-    )  # fmt: skip
+    )
     if redis is None:
         server.env.pop("REDIS_URL", None)
     tag = uuid.uuid4().hex[:8]

@@ -219,17 +219,38 @@ def test_every_ref_resolves(doc: dict[str, Any]) -> None:
 
 
 SPEC_PROGRESS_KEYS = {
-    "workflow_id", "state", "total_nodes", "completed_nodes", "failed_nodes", "skipped_nodes",
-    "running_nodes", "percentage", "time_percentage", "current_node", "running", "started_at",
-    "updated_at", "elapsed_seconds", "estimated_remaining_seconds", "estimated_completion_at",
+    "workflow_id",
+    "state",
+    "total_nodes",
+    "completed_nodes",
+    "failed_nodes",
+    "skipped_nodes",
+    "running_nodes",
+    "percentage",
+    "time_percentage",
+    "current_node",
+    "running",
+    "started_at",
+    "updated_at",
+    "elapsed_seconds",
+    "estimated_remaining_seconds",
+    "estimated_completion_at",
     "last_event_id",
-}  # fmt: skip
+}
 # The SPEC's summary of GET /workflows, as the SPEC lists it.
 SPEC_SUMMARY_KEYS = {
-    "workflow_id", "definition_id", "state", "total_nodes", "completed_nodes",
-    "failed_nodes", "percentage", "estimated_remaining_seconds", "started_at",
-    "updated_at", "watchers",
-}  # fmt: skip
+    "workflow_id",
+    "definition_id",
+    "state",
+    "total_nodes",
+    "completed_nodes",
+    "failed_nodes",
+    "percentage",
+    "estimated_remaining_seconds",
+    "started_at",
+    "updated_at",
+    "watchers",
+}
 
 
 def test_wire_definitions_have_the_spec_keys() -> None:
@@ -252,8 +273,14 @@ def test_progress_schema_has_every_spec_key_required(doc: dict[str, Any]) -> Non
     nullable = {
         k for k, v in progress["properties"].items() if {"type": "null"} in v.get("anyOf", [])
     }
-    assert {"time_percentage", "current_node", "estimated_remaining_seconds",
-            "estimated_completion_at", "started_at", "elapsed_seconds"} <= nullable  # fmt: skip
+    assert {
+        "time_percentage",
+        "current_node",
+        "estimated_remaining_seconds",
+        "estimated_completion_at",
+        "started_at",
+        "elapsed_seconds",
+    } <= nullable
     assert not {"workflow_id", "total_nodes", "percentage", "running", "total_known"} & nullable
 
 
@@ -306,28 +333,46 @@ async def test_real_publish_and_progress_answers_match_the_schemas(
     await publish([{"event_type": "node_started", "node_id": "a", "node_name": "이상 탐지"}])
     unplanned = await progress()
     assert unplanned["total_known"] is False and unplanned["state"] is None
-    await publish([
-        {"event_type": "workflow_planned", "nodes": [{"node_id": "a"}, {"node_id": "b", "depends_on": ["a"]}]},
-        {"event_type": "workflow_state_changed", "to_state": "RUNNING"},
-        {"event_type": "node_completed", "node_id": "a", "duration_ms": 1200},
-        {"event_type": "node_started", "node_id": "b"},
-    ])  # fmt: skip
+    await publish(
+        [
+            {
+                "event_type": "workflow_planned",
+                "nodes": [{"node_id": "a"}, {"node_id": "b", "depends_on": ["a"]}],
+            },
+            {"event_type": "workflow_state_changed", "to_state": "RUNNING"},
+            {"event_type": "node_completed", "node_id": "a", "duration_ms": 1200},
+            {"event_type": "node_started", "node_id": "b"},
+        ]
+    )
     running = await progress()
     assert running["total_known"] is True and running["running"][0]["node_id"] == "b"
-    await publish([
-        {"event_type": "node_completed", "node_id": "b"},
-        {"event_type": "workflow_state_changed", "to_state": "COMPLETED"},
-    ])  # fmt: skip
+    await publish(
+        [
+            {"event_type": "node_completed", "node_id": "b"},
+            {"event_type": "workflow_state_changed", "to_state": "COMPLETED"},
+        ]
+    )
     done = await progress()
     assert done["percentage"] == 100 and done["estimated_remaining_seconds"] == 0
 
 
 @pytest.mark.parametrize(
     "value",
-    ["0-0", "1769077817000-3", "00000000000000000001-0", "18446744073709551615-0",
-     "18446744073709551616-0", "99999999999999999999-1", "1-18446744073709551616", "1-0-0"],
-)  # fmt: skip
+    [
+        "0-0",
+        "1769077817000-3",
+        "00000000000000000001-0",
+        "18446744073709551615-0",
+        "18446744073709551616-0",
+        "99999999999999999999-1",
+        "1-18446744073709551616",
+        "1-0-0",
+    ],
+)
 def test_start_id_schema_accepts_exactly_what_the_server_accepts(value: str) -> None:
-    pattern = re.compile(openapi_document()["paths"]["/workflows/{workflow_id}/events"]["get"]
-                         ["parameters"][1]["schema"]["pattern"])  # fmt: skip
+    pattern = re.compile(
+        openapi_document()["paths"]["/workflows/{workflow_id}/events"]["get"]["parameters"][1][
+            "schema"
+        ]["pattern"]
+    )
     assert bool(pattern.match(value)) == (models.parse_event_id(value) is not None)

@@ -83,33 +83,66 @@ def snap(
         pytest.param([started(1, "a")], "running", 1, (0, 0, 0, 1), id="started"),
         pytest.param(
             [started(1, "a"), ev(2, "node_progress", node_id="a", fraction=0.5)],
-            "running", 1, (0, 0, 0, 1), id="progress while running",
+            "running",
+            1,
+            (0, 0, 0, 1),
+            id="progress while running",
         ),
         pytest.param(
             [ev(2, "node_progress", node_id="a", fraction=0.5)],
-            "running", 1, (0, 0, 0, 1), id="progress marks a pending node running",
+            "running",
+            1,
+            (0, 0, 0, 1),
+            id="progress marks a pending node running",
         ),
-        pytest.param([started(1, "a"), completed(3, "a")], "completed", 1, (1, 0, 0, 0),
-                     id="completed"),
-        pytest.param([started(1, "a"), ev(3, "node_failed", node_id="a", error="x")],
-                     "failed", 1, (0, 1, 0, 0), id="failed"),
+        pytest.param(
+            [started(1, "a"), completed(3, "a")], "completed", 1, (1, 0, 0, 0), id="completed"
+        ),
+        pytest.param(
+            [started(1, "a"), ev(3, "node_failed", node_id="a", error="x")],
+            "failed",
+            1,
+            (0, 1, 0, 0),
+            id="failed",
+        ),
         pytest.param(
             [started(1, "a"), ev(3, "node_failed", node_id="a", error="x"), started(4, "a")],
-            "running", 2, (0, 0, 0, 1), id="retry after failure",
+            "running",
+            2,
+            (0, 0, 0, 1),
+            id="retry after failure",
         ),
         pytest.param(
-            [started(1, "a"), ev(3, "node_failed", node_id="a", error="x"), started(4, "a"),
-             completed(6, "a")],
-            "completed", 2, (1, 0, 0, 0), id="retry then success",
+            [
+                started(1, "a"),
+                ev(3, "node_failed", node_id="a", error="x"),
+                started(4, "a"),
+                completed(6, "a"),
+            ],
+            "completed",
+            2,
+            (1, 0, 0, 0),
+            id="retry then success",
         ),
-        pytest.param([ev(1, "node_skipped", node_id="a")], "skipped", 0, (0, 0, 1, 0),
-                     id="skipped"),
-        pytest.param([started(1, "a"), started(2, "a")], "running", 1, (0, 0, 0, 1),
-                     id="duplicate start ignored"),
-        pytest.param([completed(3, "a"), completed(4, "a")], "completed", 1, (1, 0, 0, 0),
-                     id="duplicate completion"),
+        pytest.param(
+            [ev(1, "node_skipped", node_id="a")], "skipped", 0, (0, 0, 1, 0), id="skipped"
+        ),
+        pytest.param(
+            [started(1, "a"), started(2, "a")],
+            "running",
+            1,
+            (0, 0, 0, 1),
+            id="duplicate start ignored",
+        ),
+        pytest.param(
+            [completed(3, "a"), completed(4, "a")],
+            "completed",
+            1,
+            (1, 0, 0, 0),
+            id="duplicate completion",
+        ),
     ],
-)  # fmt: skip
+)
 def test_fold_node_events(
     events: list[Event], status: str, attempts: int, counts: tuple[int, int, int, int]
 ) -> None:
@@ -172,8 +205,13 @@ def test_started_at_is_the_first_sign_of_work() -> None:
 
 
 def test_terminal_then_resume() -> None:
-    state = run(plan("a", "b"), state_to(0, "RUNNING"), started(1, "a"), completed(5, "a"),
-                state_to(10, "FAILED"))  # fmt: skip
+    state = run(
+        plan("a", "b"),
+        state_to(0, "RUNNING"),
+        started(1, "a"),
+        completed(5, "a"),
+        state_to(10, "FAILED"),
+    )
     out, _ = snap(state, 100)
     assert (out["state"], out["elapsed_seconds"], out["estimated_remaining_seconds"]) == (
         "FAILED",
@@ -189,8 +227,9 @@ def test_terminal_then_resume() -> None:
 
 
 def test_history_items_are_listed_once_at_the_end() -> None:
-    state = run(plan("a", "b", definition_id="d"), started(0, "a"), completed(2, "a"),
-                started(2, "b"))  # fmt: skip
+    state = run(
+        plan("a", "b", definition_id="d"), started(0, "a"), completed(2, "a"), started(2, "b")
+    )
     assert progress.history_items(state, completed(4, "b")) == []
     progress.fold(state, completed(4, "b"))
     end = state_to(4, "COMPLETED")
@@ -205,8 +244,13 @@ def test_history_items_are_listed_once_at_the_end() -> None:
 
 
 def test_duration_prefers_duration_ms_else_start_to_end() -> None:
-    state = run(plan("a", "b"), started(1, "a"), completed(4, "a", duration_ms=1500),
-                started(1, "b"), completed(4.5, "b"))  # fmt: skip
+    state = run(
+        plan("a", "b"),
+        started(1, "a"),
+        completed(4, "a", duration_ms=1500),
+        started(1, "b"),
+        completed(4.5, "b"),
+    )
     assert state.nodes["a"].duration_us == 1_500_000
     assert state.nodes["b"].duration_us == 3_500_000
 
@@ -214,9 +258,13 @@ def test_duration_prefers_duration_ms_else_start_to_end() -> None:
 def test_state_round_trips_exactly_and_compactly() -> None:
     state = run(
         plan("a", ("품질 판정", ["a"]), definition_id="d", max_concurrency=2),
-        state_to(0, "RUNNING"), started(1, "a"), completed(2, "a"), started(3, "품질 판정"),
-        ev(4, "node_failed", node_id="품질 판정", error="x"), started(5, "extra"),
-    )  # fmt: skip
+        state_to(0, "RUNNING"),
+        started(1, "a"),
+        completed(2, "a"),
+        started(3, "품질 판정"),
+        ev(4, "node_failed", node_id="품질 판정", error="x"),
+        started(5, "extra"),
+    )
     data = progress.dumps_state(state)
     assert "품질 판정".encode() in data and b"\\u" not in data
     assert progress.loads_state(data) == state
@@ -229,8 +277,9 @@ def test_loads_state_rejects_other_data() -> None:
 
 
 def test_history_keys_name_every_node_and_type() -> None:
-    state = run(plan("a", "b", definition_id="d"), ev(1, "node_started", node_id="x",
-                                                      node_type="other"))  # fmt: skip
+    state = run(
+        plan("a", "b", definition_id="d"), ev(1, "node_started", node_id="x", node_type="other")
+    )
     assert progress.history_keys(state) == ("d", ["a", "b", "x"], ["t", "other"])
 
 
@@ -267,8 +316,12 @@ def test_history_alone_is_a_basis() -> None:
 
 
 def test_a_finished_node_of_this_run_is_a_basis() -> None:
-    state = run(plan("a", "b", "c", max_concurrency=1), state_to(0, "RUNNING"),
-                started(0, "a"), completed(10, "a"))  # fmt: skip
+    state = run(
+        plan("a", "b", "c", max_concurrency=1),
+        state_to(0, "RUNNING"),
+        started(0, "a"),
+        completed(10, "a"),
+    )
     remaining = progress.eta(state, EMPTY, E0 + 10)
     assert remaining is not None
     assert 12 < remaining < 30
@@ -322,15 +375,22 @@ def test_concurrency_limit_and_critical_path() -> None:
 
 def test_without_dependencies_the_observed_parallelism_is_used() -> None:
     nodes = [f"n{i}" for i in range(8)]
-    work = [state_to(0, "RUNNING"), started(0, "n0"), started(0, "n1"), completed(10, "n0"),
-            completed(10, "n1")]  # fmt: skip
+    work = [
+        state_to(0, "RUNNING"),
+        started(0, "n0"),
+        started(0, "n1"),
+        completed(10, "n0"),
+        completed(10, "n1"),
+    ]
     state = run(plan(*nodes), *work)
     remaining = progress.eta(state, EMPTY, E0 + 10)
     assert remaining is not None
     # Six nodes of about 10 s, two at a time (two finished nodes leave a wide spread).
     assert 25 < remaining < 45
-    as_planned = {c: progress.eta(run(plan(*nodes, max_concurrency=c), *work), EMPTY, E0 + 10)
-                  for c in (1, 2, 6)}  # fmt: skip
+    as_planned = {
+        c: progress.eta(run(plan(*nodes, max_concurrency=c), *work), EMPTY, E0 + 10)
+        for c in (1, 2, 6)
+    }
     assert remaining == as_planned[2]
     assert (as_planned[6] or 0.0) < remaining < 0.7 * (as_planned[1] or 0.0)
 
@@ -348,18 +408,35 @@ def test_a_slow_run_stays_slow() -> None:
 
 def test_failed_node_is_expected_to_run_again() -> None:
     history = view_with({"a": [10.0] * 10, "b": [10.0] * 10})
-    state = run(plan("a", ("b", ["a"]), definition_id="def"), state_to(0, "RUNNING"),
-                started(0, "a"), ev(5, "node_failed", node_id="a", error="x"))  # fmt: skip
+    state = run(
+        plan("a", ("b", ["a"]), definition_id="def"),
+        state_to(0, "RUNNING"),
+        started(0, "a"),
+        ev(5, "node_failed", node_id="a", error="x"),
+    )
     remaining = progress.eta(state, history, E0 + 5)
     assert remaining is not None and 17 < remaining < 23
 
 
 def test_eta_is_deterministic_and_survives_serialisation() -> None:
     history = view_with({n: [5.0, 10.0, 20.0] for n in "abcdef"})
-    state = run(plan("a", ("b", ["a"]), ("c", ["a"]), ("d", ["a"]), ("e", ["b", "c"]), "f",
-                     definition_id="def", max_concurrency=2),
-                state_to(0, "RUNNING"), started(0, "a"), started(0, "f"), completed(8, "a"),
-                started(8, "b"))  # fmt: skip
+    state = run(
+        plan(
+            "a",
+            ("b", ["a"]),
+            ("c", ["a"]),
+            ("d", ["a"]),
+            ("e", ["b", "c"]),
+            "f",
+            definition_id="def",
+            max_concurrency=2,
+        ),
+        state_to(0, "RUNNING"),
+        started(0, "a"),
+        started(0, "f"),
+        completed(8, "a"),
+        started(8, "b"),
+    )
     first = progress.eta(state, history, E0 + 12)
     assert first is not None
     assert progress.eta(state, history, E0 + 12) == first
@@ -369,8 +446,12 @@ def test_eta_is_deterministic_and_survives_serialisation() -> None:
 
 def test_estimate_moves_smoothly_between_events() -> None:
     history = view_with({n: [5.0, 10.0, 20.0] for n in "abcd"})
-    state = run(plan(*"abcd", definition_id="def", max_concurrency=2), state_to(0, "RUNNING"),
-                started(0, "a"), started(0, "b"))  # fmt: skip
+    state = run(
+        plan(*"abcd", definition_id="def", max_concurrency=2),
+        state_to(0, "RUNNING"),
+        started(0, "a"),
+        started(0, "b"),
+    )
     before = [progress.eta(state, history, E0 + t / 10) or 0.0 for t in range(10, 200)]
     for x, y in itertools.pairwise(before):
         assert abs(y - x) < 0.5  # 0.1 s apart: no jumps from resampling
@@ -442,9 +523,14 @@ def test_big_plans_simulate_fewer_futures() -> None:
 
 def test_snapshot_has_every_key_and_spec_formats() -> None:
     history = view_with({"a": [60.0] * 5, "b": [60.0] * 5, "c": [60.0] * 5})
-    state = run(plan("a", "b", "c", definition_id="def"), state_to(0, "RUNNING"),
-                ev(1, "node_started", node_id="b", node_name="이상 탐지"), started(2, "a"),
-                started(3, "c"), completed(4, "c"))  # fmt: skip
+    state = run(
+        plan("a", "b", "c", definition_id="def"),
+        state_to(0, "RUNNING"),
+        ev(1, "node_started", node_id="b", node_name="이상 탐지"),
+        started(2, "a"),
+        started(3, "c"),
+        completed(4, "c"),
+    )
     out, shown = snap(state, 10.04, history)
     assert set(out) == SPEC_KEYS
     assert list(out) == list(wire.Progress.__annotations__)  # the order on the wire
@@ -471,8 +557,9 @@ def test_snapshot_has_every_key_and_spec_formats() -> None:
 def test_percentage_is_100_when_completed_and_zero_without_nodes() -> None:
     out, _ = snap(run(state_to(0, "RUNNING")), 1)
     assert (out["percentage"], out["total_nodes"], out["current_node"]) == (0.0, 0, None)
-    out, _ = snap(run(plan("a", "b"), started(0, "a"), completed(1, "a"),
-                      state_to(2, "COMPLETED")), 3)  # fmt: skip
+    out, _ = snap(
+        run(plan("a", "b"), started(0, "a"), completed(1, "a"), state_to(2, "COMPLETED")), 3
+    )
     assert (out["percentage"], out["time_percentage"]) == (100.0, 100.0)
     assert out["estimated_remaining_seconds"] == 0.0
     assert out["elapsed_seconds"] == 2.0
@@ -480,8 +567,7 @@ def test_percentage_is_100_when_completed_and_zero_without_nodes() -> None:
 
 @pytest.mark.parametrize("terminal", ["FAILED", "CANCELLED"])
 def test_a_run_that_ends_otherwise_has_no_time_left_but_keeps_its_count(terminal: str) -> None:
-    out, _ = snap(run(plan("a", "b"), started(0, "a"), completed(1, "a"),
-                      state_to(2, terminal)), 3)  # fmt: skip
+    out, _ = snap(run(plan("a", "b"), started(0, "a"), completed(1, "a"), state_to(2, terminal)), 3)
     assert (out["state"], out["percentage"], out["time_percentage"]) == (terminal, 50.0, 100.0)
     assert out["estimated_remaining_seconds"] == 0.0 and out["elapsed_seconds"] == 2.0
 
@@ -489,12 +575,20 @@ def test_a_run_that_ends_otherwise_has_no_time_left_but_keeps_its_count(terminal
 def test_percentages_never_go_back_while_the_plan_is_unchanged() -> None:
     history = view_with({n: [10.0] * 5 for n in "abcd"})
     events = [
-        plan(*"abcd", definition_id="def", max_concurrency=1), state_to(0, "RUNNING"),
-        started(0, "a"), completed(10, "a"), started(10, "b"), completed(60, "b"),
+        plan(*"abcd", definition_id="def", max_concurrency=1),
+        state_to(0, "RUNNING"),
+        started(0, "a"),
+        completed(10, "a"),
+        started(10, "b"),
+        completed(60, "b"),
         started(60, "a"),  # a completed node runs again: its count drops
-        completed(70, "a"), started(70, "c"), ev(75, "node_failed", node_id="c", error="x"),
-        started(76, "c"), completed(90, "c"), started(90, "d"),
-    ]  # fmt: skip
+        completed(70, "a"),
+        started(70, "c"),
+        ev(75, "node_failed", node_id="c", error="x"),
+        started(76, "c"),
+        completed(90, "c"),
+        started(90, "d"),
+    ]
     state = progress.new_state()
     shown: Shown | None = None
     last_pct, last_time = 0.0, 0.0
@@ -526,8 +620,11 @@ def test_a_changed_plan_may_lower_the_percentage() -> None:
 
 def test_shown_estimate_is_smoothed_toward_the_new_one() -> None:
     history = view_with({"a": [100.0] * 10, "b": [100.0] * 10})
-    state = run(plan("a", "b", definition_id="def", max_concurrency=1), state_to(0, "RUNNING"),
-                started(0, "a"))  # fmt: skip
+    state = run(
+        plan("a", "b", definition_id="def", max_concurrency=1),
+        state_to(0, "RUNNING"),
+        started(0, "a"),
+    )
     first, shown = snap(state, 1, history)
     # Nothing to smooth yet: the raw estimate, a little under 2 x 100 s (see eta()).
     assert first["estimated_remaining_seconds"] == pytest.approx(

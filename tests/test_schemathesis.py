@@ -54,8 +54,11 @@ OPERATIONS = [
 # a finished one (its stream replays and ends), a running one and a planned one.
 SEEDED: dict[str, list[dict[str, Any]]] = {
     "seed-done": [
-        {"event_type": "workflow_planned", "nodes": [{"node_id": "a"}, {"node_id": "b", "depends_on": ["a"]}],
-         "definition_id": "def-1"},
+        {
+            "event_type": "workflow_planned",
+            "nodes": [{"node_id": "a"}, {"node_id": "b", "depends_on": ["a"]}],
+            "definition_id": "def-1",
+        },
         {"event_type": "node_started", "node_id": "a", "node_name": "품질 판정"},
         {"event_type": "node_completed", "node_id": "a", "duration_ms": 1200},
         {"event_type": "node_skipped", "node_id": "b"},
@@ -69,7 +72,7 @@ SEEDED: dict[str, list[dict[str, Any]]] = {
     "seed-planned": [
         {"event_type": "workflow_planned", "nodes": [{"node_id": "x"}], "max_concurrency": 2},
     ],
-}  # fmt: skip
+}
 # Checks that cannot hold, per operation, and why.
 EXCLUDED: dict[str, list[Any]] = {
     # The body's workflow_id must equal the URL's (else 422), a cross-field rule that the
@@ -133,9 +136,13 @@ def test_every_documented_operation_is_exercised(target: Target) -> None:
 
 @pytest.mark.parametrize(
     ("label", "mode"),
-    [(label, mode) for label in OPERATIONS for mode in ("positive", "negative")
-     if mode == "positive" or "{" in label],  # no parameters: nothing to make invalid
-)  # fmt: skip
+    [
+        (label, mode)
+        for label in OPERATIONS
+        for mode in ("positive", "negative")
+        if mode == "positive" or "{" in label
+    ],  # no parameters: nothing to make invalid
+)
 def test_operation_never_answers_5xx_and_conforms(target: Target, label: str, mode: str) -> None:
     operation = target.schema.find_operation_by_label(label)
     assert operation is not None

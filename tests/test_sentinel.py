@@ -46,19 +46,35 @@ def test_a_sentinel_url_names_hosts_service_db_credentials_and_tls() -> None:
     )
     assert url.sentinels == [("10.0.0.1", 26380), ("::1", 26379), ("sentinel-3", 26379)]
     assert url.service == "orders"
-    assert url.connection == {"username": "app", "password": "s@cret", "db": 2,
-                              "socket_timeout": 2.5, "ssl_cert_reqs": "none", "ssl": True}  # fmt: skip
-    assert url.sentinel == {"password": "sp", "ssl": True, "ssl_cert_reqs": "none",
-                            "socket_timeout": 1.0, "socket_connect_timeout": 1.0}  # fmt: skip
+    assert url.connection == {
+        "username": "app",
+        "password": "s@cret",
+        "db": 2,
+        "socket_timeout": 2.5,
+        "ssl_cert_reqs": "none",
+        "ssl": True,
+    }
+    assert url.sentinel == {
+        "password": "sp",
+        "ssl": True,
+        "ssl_cert_reqs": "none",
+        "socket_timeout": 1.0,
+        "socket_connect_timeout": 1.0,
+    }
     plain = parse_sentinel_url("redis+sentinel://h:1/svc")
     assert (plain.service, plain.connection, "ssl" in plain.sentinel) == ("svc", {}, False)
 
 
 @pytest.mark.parametrize(
     "url",
-    ["sentinel://h/svc", "redis+sentinel://h:1", "redis+sentinel://h:1/svc/0/x",
-     "redis+sentinel:///svc", "redis+sentinel://h:port/svc"],
-)  # fmt: skip
+    [
+        "sentinel://h/svc",
+        "redis+sentinel://h:1",
+        "redis+sentinel://h:1/svc/0/x",
+        "redis+sentinel:///svc",
+        "redis+sentinel://h:port/svc",
+    ],
+)
 def test_a_malformed_redis_url_is_a_sentence_at_start(url: str) -> None:
     with pytest.raises(ValueError, match="REDIS_URL"):
         from_sources({"REDIS_URL": url})
@@ -119,8 +135,12 @@ async def test_with_min_replicas_ack_a_publish_is_503_until_a_replica_holds_it()
 def replica_info(node: RedisProcess) -> str:
     import subprocess
 
-    return subprocess.run(["redis-cli", "-p", str(node.port), "info", "replication"],
-                          capture_output=True, text=True, timeout=5).stdout  # fmt: skip
+    return subprocess.run(
+        ["redis-cli", "-p", str(node.port), "info", "replication"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout
 
 
 @dataclass
@@ -161,9 +181,14 @@ class Engine:
             key = f"{self.prefix}{i}"
             await self.publish(
                 session,
-                {"event_type": "node_progress", "node_id": "n", "fraction": 0.5,
-                 "message": key, "idempotency_key": key},
-            )  # fmt: skip
+                {
+                    "event_type": "node_progress",
+                    "node_id": "n",
+                    "fraction": 0.5,
+                    "message": key,
+                    "idempotency_key": key,
+                },
+            )
             i += 1
             await asyncio.sleep(PUBLISH_EVERY)
 
@@ -267,8 +292,11 @@ async def fail_over(
     """Streams open, engines publishing; cut replication, wait until every subscriber got
     `phantoms` events that reached no replica (or CUT_SECONDS), SIGKILL the primary, and
     follow the recovery to the terminal event."""
-    env = {"REDIS_URL": procs.url, "HEARTBEAT_SECONDS": "1",
-           "MIN_REPLICAS_ACK": str(min_replicas_ack)}  # fmt: skip
+    env = {
+        "REDIS_URL": procs.url,
+        "HEARTBEAT_SECONDS": "1",
+        "MIN_REPLICAS_ACK": str(min_replicas_ack),
+    }
     server = ServerProcess(env=server_env(**env))
     await server.start()
     wf = "sentinel-" + uuid.uuid4().hex[:8]
@@ -280,8 +308,9 @@ async def fail_over(
             connector=aiohttp.TCPConnector(limit=0), timeout=timeout
         ) as session:
             pubs = [Engine(server.url, wf, f"e{n}-") for n in range(engines)]
-            await pubs[0].publish(session, {"event_type": "workflow_planned",
-                                            "nodes": [{"node_id": "n"}]})  # fmt: skip
+            await pubs[0].publish(
+                session, {"event_type": "workflow_planned", "nodes": [{"node_id": "n"}]}
+            )
             subs = [Subscriber() for _ in range(3)]
             probe = ReadyProbe(server.url)
             tasks += [asyncio.create_task(s.run(session, url)) for s in subs]
@@ -311,8 +340,9 @@ async def fail_over(
             # Publishing works again, new streams are served, open streams resume.
             publishing_back = await wait_until(
                 lambda: any(p.first_success_after(promoted) for p in pubs),
-                RECOVERY_SECONDS, "publishing after the promotion",
-            )  # fmt: skip
+                RECOVERY_SECONDS,
+                "publishing after the promotion",
+            )
             # A new stream is served (one opened before the hub is back is told 503, with
             # Retry-After, as while Redis is down: the client retries).
             fresh = Subscriber()
@@ -327,21 +357,26 @@ async def fail_over(
                 fresh = Subscriber()
                 await asyncio.sleep(0.1)
             # The open streams get, by themselves, the first event stored after that.
-            await wait_until(lambda: acked_after(pubs, publishing_back), RECOVERY_SECONDS,
-                             "an event after the promotion")  # fmt: skip
+            await wait_until(
+                lambda: acked_after(pubs, publishing_back),
+                RECOVERY_SECONDS,
+                "an event after the promotion",
+            )
             key = acked_after(pubs, publishing_back)[0]
             resumed = []
             for sub in subs:
                 got = await wait_until(
                     lambda sub=sub: key in sub.messages(),  # type: ignore[misc]
-                    RECOVERY_SECONDS, "an open stream resumed",
-                )  # fmt: skip
+                    RECOVERY_SECONDS,
+                    "an open stream resumed",
+                )
                 resumed.append(got)
             for p in pubs:
                 p.stop.set()
             await asyncio.wait_for(asyncio.gather(*publishing), 35)
-            await pubs[0].publish(session, {"event_type": "workflow_state_changed",
-                                            "to_state": "COMPLETED"})  # fmt: skip
+            await pubs[0].publish(
+                session, {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
+            )
             for s in [*subs, fresh]:
                 await asyncio.wait_for(s.ended.wait(), 15)
     finally:
@@ -356,8 +391,19 @@ async def fail_over(
     finally:
         await redis.aclose()
     stored = [(i.decode(), _message(f)) for i, f in rows]
-    return Failover(killed, promoted, publishing_back, new_primary, stored, pubs, subs,
-                    probe.answers, resumed, new_stream_first, cut)  # fmt: skip
+    return Failover(
+        killed,
+        promoted,
+        publishing_back,
+        new_primary,
+        stored,
+        pubs,
+        subs,
+        probe.answers,
+        resumed,
+        new_stream_first,
+        cut,
+    )
 
 
 def _message(fields: dict[bytes, bytes]) -> str:

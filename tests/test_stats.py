@@ -118,9 +118,14 @@ async def test_stats_match_the_durations_published(
     assert types[fetch]["p90_seconds"] == round(history.percentile(pooled, 0.9) or 0, 3)
     assert (types[train]["runs"], types[train]["failure_rate"]) == (10, round(4 / 14, 4))
     assert set(nodes["load"]) == {
-        "node_id", "node_type", "runs", "p50_seconds", "p90_seconds",
-        "failure_rate", "last_seen",
-    }  # fmt: skip
+        "node_id",
+        "node_type",
+        "runs",
+        "p50_seconds",
+        "p90_seconds",
+        "failure_rate",
+        "last_seen",
+    }
 
 
 async def test_a_node_that_only_failed_has_a_failure_rate_and_no_percentiles(
@@ -128,13 +133,20 @@ async def test_a_node_that_only_failed_has_a_failure_rate_and_no_percentiles(
 ) -> None:
     base, definition, kind = await serve(), used.definition(), used.type("flaky")
     wf = new_workflow()
-    await publish(base, wf, [
-        {"event_type": "workflow_planned", "definition_id": definition,
-         "nodes": [{"node_id": "x", "node_type": kind}]},
-        {"event_type": "node_started", "node_id": "x"},
-        {"event_type": "node_failed", "node_id": "x", "error": "e"},
-        {"event_type": "node_failed", "node_id": "x", "error": "the same failure, again"},
-    ])  # fmt: skip
+    await publish(
+        base,
+        wf,
+        [
+            {
+                "event_type": "workflow_planned",
+                "definition_id": definition,
+                "nodes": [{"node_id": "x", "node_type": kind}],
+            },
+            {"event_type": "node_started", "node_id": "x"},
+            {"event_type": "node_failed", "node_id": "x", "error": "e"},
+            {"event_type": "node_failed", "node_id": "x", "error": "the same failure, again"},
+        ],
+    )
     # Counted as it happens (the run has not ended), once for the repeated event.
     status, _, body = await get_stats(base, definition)
     assert status == 200, body

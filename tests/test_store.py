@@ -151,10 +151,14 @@ async def test_a_big_plan_of_any_text_is_stored_exactly_and_a_smaller_one_drops_
     out of Redis as they went in, and every part of a node no longer planned is deleted."""
     texts = ["품질 판정", 'a "quote" and a \\', "tab\tnew\nline\x01\x7f", "\U0001f600", "[]{}"]
     nodes = [
-        {"node_id": f"n{i} {texts[i % 5]}", "node_name": texts[(i + 1) % 5],
-         "node_type": texts[(i + 2) % 5], "depends_on": [f"n{i - 1} {texts[(i - 1) % 5]}"]}
+        {
+            "node_id": f"n{i} {texts[i % 5]}",
+            "node_name": texts[(i + 1) % 5],
+            "node_type": texts[(i + 2) % 5],
+            "depends_on": [f"n{i - 1} {texts[(i - 1) % 5]}"],
+        }
         for i in range(1, parts.THREAD_NODES + 500)
-    ]  # fmt: skip
+    ]
     wf, s = new_workflow(), new_store(redis)
     await s.append(wf, [ev(0, "workflow_planned", nodes=[{"node_id": "n0 " + texts[0]}, *nodes])])
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)

@@ -218,8 +218,9 @@ async def test_two_server_processes_appending_to_one_workflow_at_once_store_it_e
                         assert await post(servers[(k + 1) % 2].url, batch) == first
 
             await asyncio.gather(*(lane(k) for k in range(6)))
-            await post(servers[1].url, {"event_type": "workflow_state_changed",
-                                        "to_state": "COMPLETED"})  # fmt: skip
+            await post(
+                servers[1].url, {"event_type": "workflow_state_changed", "to_state": "COMPLETED"}
+            )
         await asyncio.wait_for(asyncio.gather(*readers), 30)
         stored = [
             raw.decode() if isinstance(raw, bytes) else raw

@@ -59,13 +59,17 @@ def test_filled_fields_are_the_same_as_before_and_the_input_is_left_alone() -> N
     )
     assert raw == {"event_type": "node_started", "node_id": "n", "timestamp": None}
     assert json.loads(to_json(event)) == {
-        "event_type": "node_started", "node_id": "n", "workflow_id": "wf",
+        "event_type": "node_started",
+        "node_id": "n",
+        "workflow_id": "wf",
         "timestamp": "2026-01-22T10:00:00Z",
-    }  # fmt: skip
+    }
     again = validate_event(
         {**raw, "workflow_id": "wf", "timestamp": "2026-01-22T19:00:00+09:00"},
-        "wf", max_event_bytes=1000, now=datetime(2000, 1, 1, tzinfo=UTC),
-    )  # fmt: skip
+        "wf",
+        max_event_bytes=1000,
+        now=datetime(2000, 1, 1, tzinfo=UTC),
+    )
     assert to_json(again) == to_json(event)
 
 
@@ -86,10 +90,14 @@ TEXTS = ["품질 판정", 'a "quote", a \\ and \\n', "tab\tnew\nline\x01", "\U00
 
 def big_plan(nodes: int = 3_000, **fields: Any) -> dict[str, Any]:
     plan = [
-        {"node_id": f"n{i}", "node_name": TEXTS[i % 5] + "x" * 80, "node_type": TEXTS[i % 3],
-         "depends_on": [f"n{j}" for j in range(max(0, i - 3), i)]}
+        {
+            "node_id": f"n{i}",
+            "node_name": TEXTS[i % 5] + "x" * 80,
+            "node_type": TEXTS[i % 3],
+            "depends_on": [f"n{j}" for j in range(max(0, i - 3), i)],
+        }
         for i in range(nodes)
-    ]  # fmt: skip
+    ]
     return {"event_type": "workflow_planned", "nodes": plan, **fields}
 
 
@@ -112,12 +120,18 @@ def dumps(value: Any) -> bytes:
     [
         big_plan(definition_id="d", max_concurrency=3),
         [big_plan(), {"event_type": "node_progress", "node_id": "n1", "fraction": 0.25}],
-        [{"event_type": "node_completed", "node_id": f"n{i}", "duration_ms": 10**20,
-          "output": {"x": [1.5, -0.0, 1e300, None, True, {"y": "품질"}]}}
-         for i in range(3_000)],
+        [
+            {
+                "event_type": "node_completed",
+                "node_id": f"n{i}",
+                "duration_ms": 10**20,
+                "output": {"x": [1.5, -0.0, 1e300, None, True, {"y": "품질"}]},
+            }
+            for i in range(3_000)
+        ],
     ],
     ids=["plan", "batch with a plan", "batch of 3,000 events"],
-)  # fmt: skip
+)
 def test_a_big_body_decodes_in_pieces_to_the_same_value(value: Any) -> None:
     spaced = json.dumps(value, ensure_ascii=False, separators=(" ,\t", " :\r\n "))
     body = b" \n" + spaced.encode() + b" \r\n"
@@ -132,11 +146,23 @@ PLAN = dumps(big_plan())
 
 @pytest.mark.parametrize(
     "body",
-    [PLAN + b" x", PLAN.replace(b'"node_type":', b'"node_type"', 1), PLAN[:-1] + b",}", PLAN.replace(b'"n1"]', b'"n1",]', 1),
-     PLAN.replace(b'"n7"', b'"n7\x01"', 1), b"[" + PLAN + b"," + PLAN + b" 1]"],
-    ids=["extra data", "no colon", "trailing comma", "trailing comma in a node",
-         "control character", "batch"],
-)  # fmt: skip
+    [
+        PLAN + b" x",
+        PLAN.replace(b'"node_type":', b'"node_type"', 1),
+        PLAN[:-1] + b",}",
+        PLAN.replace(b'"n1"]', b'"n1",]', 1),
+        PLAN.replace(b'"n7"', b'"n7\x01"', 1),
+        b"[" + PLAN + b"," + PLAN + b" 1]",
+    ],
+    ids=[
+        "extra data",
+        "no colon",
+        "trailing comma",
+        "trailing comma in a node",
+        "control character",
+        "batch",
+    ],
+)
 def test_a_big_malformed_body_gets_the_message_of_the_one_call_decoder(body: bytes) -> None:
     with pytest.raises(json.JSONDecodeError) as expected:
         json.loads(body)
@@ -174,15 +200,24 @@ def _node(i: int, **fields: Any) -> dict[str, Any]:
         ({}, {5: _node(5, depends_on=["nowhere"])}),  # the DAG check, after the nodes
         ({}, {7: _node(8)}),  # duplicate ids
         ({}, {2: _node(2, depends_on=["n2999"]), 2999: _node(2999, depends_on=["n2"])}),
-        ({"workflow_id": "a b", "zzz": 1, "max_concurrency": "3", "definition_id": 4},
-         {1500: "x", 5: _node(5, node_id=""), 2999: _node(2999, bad=1, node_name=3)}),
+        (
+            {"workflow_id": "a b", "zzz": 1, "max_concurrency": "3", "definition_id": 4},
+            {1500: "x", 5: _node(5, node_id=""), 2999: _node(2999, bad=1, node_name=3)},
+        ),
         ({"timestamp": "yesterday"}, {0: None, 1: ["a"], 2: _node(2, node_id="x" * 300)}),
         ({"max_concurrency": 0}, {}),
         ({}, {i: _node(i, node_type=i) for i in range(0, 3_000, 7)}),
     ],
-    ids=["unplanned dependency", "duplicate", "cycle", "envelope and nodes", "types",
-         "envelope only", "every 7th node"],
-)  # fmt: skip
+    ids=[
+        "unplanned dependency",
+        "duplicate",
+        "cycle",
+        "envelope and nodes",
+        "types",
+        "envelope only",
+        "every 7th node",
+    ],
+)
 def test_a_big_invalid_plan_gets_the_errors_of_one_call_in_the_same_order(
     envelope: dict[str, Any], nodes: dict[int, Any]
 ) -> None:

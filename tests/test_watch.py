@@ -33,9 +33,18 @@ class Watch:
     @classmethod
     async def start(cls, base: str, wf: str) -> Watch:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "watch", wf, "--url", base, cwd=ROOT,
-            env=server_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "server",
+            "watch",
+            wf,
+            "--url",
+            base,
+            cwd=ROOT,
+            env=server_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         return cls(proc)
 
     @property

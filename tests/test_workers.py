@@ -57,8 +57,10 @@ async def test_two_workers_share_the_port_restart_on_crash_and_stop_on_sigterm()
                     ) as resp,
                 ):
                     assert resp.status == 201
-            async with s.post(f"{server.url}/workflows/{wf}/events",
-                              json={"event_type": "workflow_state_changed", "to_state": "COMPLETED"}) as resp:  # fmt: skip
+            async with s.post(
+                f"{server.url}/workflows/{wf}/events",
+                json={"event_type": "workflow_state_changed", "to_state": "COMPLETED"},
+            ) as resp:
                 assert resp.status == 201
             assert [m.event for m in await reader] == ["node_started"] * 2 + [
                 "workflow_state_changed"

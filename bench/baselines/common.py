@@ -64,5 +64,6 @@ def parse_args(description: str) -> argparse.Namespace:
 def run(create_app: Callable[[str], web.Application], description: str) -> None:
     """The command line of a baseline: `--host`, `--port`, `--redis-url`."""
     args = parse_args(description)
-    web.run_app(create_app(args.redis_url), host=args.host, port=args.port, print=None,
-                shutdown_timeout=1.0)  # fmt: skip
+    web.run_app(
+        create_app(args.redis_url), host=args.host, port=args.port, print=None, shutdown_timeout=1.0
+    )

@@ -30,8 +30,17 @@ class EventStreamParser:
     One parser per response; a reconnect passes the previous `last_event_id` on, since the
     id belongs to the event source, not to one connection."""
 
-    __slots__ = ("_buffer", "_cr_pending", "_data", "_decoder", "_event", "_id", "_started",
-                 "last_event_id", "retry")  # fmt: skip
+    __slots__ = (
+        "_buffer",
+        "_cr_pending",
+        "_data",
+        "_decoder",
+        "_event",
+        "_id",
+        "_started",
+        "last_event_id",
+        "retry",
+    )
 
     def __init__(self, last_event_id: str = "") -> None:
         # An incremental decoder, since a chunk may end inside a multi-byte character.

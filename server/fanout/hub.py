@@ -31,9 +31,20 @@ NO_OWNER = (RedisError, RedisClusterException)
 
 # What a cluster node's connection settings may carry over to a plain client.
 _CONN_KWARGS = {
-    "host", "port", "username", "password", "db", "ssl", "ssl_ca_certs", "ssl_certfile",
-    "ssl_keyfile", "ssl_cert_reqs", "socket_timeout", "socket_connect_timeout", "client_name",
-}  # fmt: skip
+    "host",
+    "port",
+    "username",
+    "password",
+    "db",
+    "ssl",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "client_name",
+}
 
 
 class Hub:
@@ -225,8 +236,11 @@ class Hub:
         if chan is None or chan.upstream is not upstream:
             return  # not wanted any more, or moved to another node (cluster failover)
         if kind in ("message", "smessage"):
-            self._deliver(raw_name if isinstance(raw_name, bytes) else name.encode(),
-                          message["data"], upstream)  # fmt: skip
+            self._deliver(
+                raw_name if isinstance(raw_name, bytes) else name.encode(),
+                message["data"],
+                upstream,
+            )
         elif kind in ("subscribe", "ssubscribe"):
             if chan.outstanding > 0:
                 chan.outstanding -= 1

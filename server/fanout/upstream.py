@@ -149,10 +149,14 @@ class Upstream:
                 # Retried twice a second while Redis is away: one line per 10 s, cut short
                 # (redis-py's errors may quote a whole client's repr).
                 _throttle(
-                    logging.WARNING, f"lost {self.name}",
+                    logging.WARNING,
+                    f"lost {self.name}",
                     "hub lost Redis %s (%s: %.300s); retrying in %.2fs",
-                    self.name, type(exc).__name__, exc, backoff,
-                )  # fmt: skip
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
                 self.down = True
                 await self._drop()
                 # On a cluster the node may be gone for good (its replica promoted): move

@@ -62,9 +62,14 @@ CLOSE_SECONDS = 3.0  # the longest a shutdown waits for the feed to stop
 GOING = ("CREATED", "PENDING", "RUNNING", "PAUSED")
 # Fields whose change is news; updated_at moves with every event, the ETA counts down.
 _COMPARED = (
-    "state", "total_nodes", "completed_nodes", "failed_nodes", "percentage", "watchers",
+    "state",
+    "total_nodes",
+    "completed_nodes",
+    "failed_nodes",
+    "percentage",
+    "watchers",
     "definition_id",
-)  # fmt: skip
+)
 
 
 def run_frame(summary: wire.RunSummary) -> bytes:
@@ -408,9 +413,13 @@ async def overview_stream(
         # Registered before the first page is read: a change meanwhile comes after it.
         await feed.add(client)
         first, _ = await list_page(
-            app[app_keys.runs_key], app[app_keys.tracker_key], states=states,
-            definition_id=definition_id, limit=limit, readable=readable,
-        )  # fmt: skip
+            app[app_keys.runs_key],
+            app[app_keys.tracker_key],
+            states=states,
+            definition_id=definition_id,
+            limit=limit,
+            readable=readable,
+        )
         response = await sse_response(request)
         for summary in first:
             feed.seen(summary)

@@ -423,8 +423,14 @@ class RunIndex:
             self._start_flusher()
             return True
         k = shard_of(workflow_id, self.shards)
-        row = [workflow_id, last_id, state or "", "1" if planned else "0", definition or "",
-               tie(workflow_id)]  # fmt: skip
+        row = [
+            workflow_id,
+            last_id,
+            state or "",
+            "1" if planned else "0",
+            definition or "",
+            tie(workflow_id),
+        ]
         try:
             await self._write(k, row)
         except BaseException:

@@ -41,8 +41,9 @@ def _node_row(n: NodeState) -> list[Any]:
 
 
 def _node_from_row(row: list[Any]) -> NodeState:
-    (status, attempts, started, finished, duration, name, ntype, deps, index, flags,
-     start_seq) = row  # fmt: skip
+    (status, attempts, started, finished, duration, name, ntype, deps, index, flags, start_seq) = (
+        row
+    )
     return NodeState(
         status=STATUSES[status],
         attempts=attempts,

@@ -284,9 +284,13 @@ async def record(
             per_type.append([node_type, x, micros, ""])
     seen_ms = round((time.time() if now is None else now) * 1000)
     head = [
-        str(ttl_seconds), str(MAX_COUNT), str(MAX_HISTORY_FIELDS), str(EVICTION_SAMPLES),
-        str(KEEP_DURATIONS), str(seen_ms),
-    ]  # fmt: skip
+        str(ttl_seconds),
+        str(MAX_COUNT),
+        str(MAX_HISTORY_FIELDS),
+        str(EVICTION_SAMPLES),
+        str(KEEP_DURATIONS),
+        str(seen_ms),
+    ]
     scopes = list(per_def.items())
     if per_type:
         scopes.append((history_types_key(prefix=prefix), per_type))

@@ -101,9 +101,12 @@ class ProgressService:
         if len(estimate.forecast.ids) > THREAD_NODES:
             await asyncio.to_thread(estimate.forecast.schedule)  # then cached in it
         nodes = progress.schedule_nodes(
-            estimate.state, estimate.forecast, estimate.at, now,
+            estimate.state,
+            estimate.forecast,
+            estimate.at,
+            now,
             snap["estimated_remaining_seconds"],
-        )  # fmt: skip
+        )
         return {
             "workflow_id": snap["workflow_id"],
             "state": snap["state"],
@@ -225,6 +228,8 @@ class ProgressService:
         """After an append: durations of a finished run go into the history."""
         if appended.history:
             await history.record(
-                self.redis, appended.history, ttl_seconds=self.history_ttl,
+                self.redis,
+                appended.history,
+                ttl_seconds=self.history_ttl,
                 prefix=self.history_prefix,
-            )  # fmt: skip
+            )

@@ -151,9 +151,14 @@ class Reporter:
         now = round(self.clock() * 1000)
         flat = [value for wf, n in counts.items() for value in (wf, str(n))]
         args = [
-            str(self.ttl_ms), self.process_id, str(now), str(now - PRUNE_MS), str(PRUNE_MS),
-            mode, json.dumps(flat, ensure_ascii=False),
-        ]  # fmt: skip
+            str(self.ttl_ms),
+            self.process_id,
+            str(now),
+            str(now - PRUNE_MS),
+            str(PRUNE_MS),
+            mode,
+            json.dumps(flat, ensure_ascii=False),
+        ]
         keys = [self.key, watcher_procs_key(prefix=self.prefix)]
         done = await self.redis.eval(_REPORT_LUA, 2, *keys, *args)
         return bool(done)
