@@ -11,6 +11,7 @@ from server import app_keys, cors, legacy, openapi, schedule, views
 from server.dashboard import static_dir
 from server.fanout.hub import Hub
 from server.metrics import Metrics
+from server.overview import views as overview_views
 from server.overview.feed import OverviewFeed
 from server.problems import mark_started, problem_middleware
 from server.publisher import assemble
@@ -57,14 +58,14 @@ def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Appl
         demo.setup_demo(app)
     app.on_shutdown.append(_end_streams)
 
-    app.router.add_get("/workflows", views.list_workflows)
+    app.router.add_get("/workflows", overview_views.list_workflows)
     app.router.add_post(f"/workflows/{WF}/events", views.publish_events)
     app.router.add_get(f"/workflows/{WF}/events", views.stream_events)
     app.router.add_get(f"/workflows/{WF}/ws", websocket.websocket_events)
     app.router.add_get("/api/v1/workflows/ws/{instance_id:[^/]+}", websocket.websocket_events)
     app.router.add_get(f"/workflows/{WF}/progress", views.get_progress)
     app.router.add_get(f"/workflows/{WF}/schedule", schedule.get_schedule)
-    app.router.add_get("/definitions/{definition_id:[^/]+}/stats", views.get_stats)
+    app.router.add_get("/definitions/{definition_id:[^/]+}/stats", overview_views.get_stats)
     app.router.add_get("/", views.index)
     app.router.add_static("/static/", static_dir(), append_version=True)
     app.router.add_get("/healthz", views.healthz)

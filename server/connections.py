@@ -25,7 +25,7 @@ The protocol is a subclass of aiohttp's `RequestHandler`; it relies on a few pri
 attributes (`RequestHandler._messages`, `Server._kwargs`, `AppRunner._make_server`,
 `TCPSite._server`), checked against aiohttp 3.14.
 
-Why one module of ~550 lines: every piece here patches the same few aiohttp internals
+Why one module of ~600 lines: every piece here patches the same few aiohttp internals
 (the protocol, the server, the runner) and must change together when aiohttp does.
 """
 

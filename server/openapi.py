@@ -1,5 +1,8 @@
 """The OpenAPI 3.1 document of the HTTP API, generated from the event models
-(server.models) and the answers' definitions (server.wire)."""
+(server.models) and the answers' definitions (server.wire).
+
+~510 lines: the schemas are generated, but each route's parameters, headers, status codes
+and their descriptions are written here, once (they are the document's own text)."""
 
 from __future__ import annotations
 

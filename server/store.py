@@ -5,7 +5,7 @@ The key names are in redis_keys, the script and how it is sent in append_script 
 lua/append.lua), the fold state's parts and this process's cache of them in
 progress.parts.
 
-About 570 lines, over the 400 aimed at: the append path (append, _append_group,
+About 580 lines, over the 400 aimed at: the append path (append, _append_group,
 _append_events, _try, _run_append) is one protocol whose steps share the per-workflow
 queue, the cache and the replica settings of one Store; cut apart, each piece would need
 the others' state passed in, and the order of its awaits (which the round-trip count and

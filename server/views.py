@@ -1,4 +1,8 @@
-"""HTTP handlers, kept thin: parse, call the pieces, answer."""
+"""HTTP handlers of the workflow routes, kept thin: parse, call the pieces, answer.
+
+Also the request parsing every handler shares (ids, start ids, one-value query parameters,
+counted auth checks) and the opening of a stream (StreamSlot); ~470 lines for that reason.
+The operator's routes are server/overview/views.py."""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
@@ -20,14 +25,11 @@ from server.models import (
     PIECES_BYTES,
     Event,
     EventRejected,
-    State,
     decode_body,
     is_workflow_id,
     parse_event_id,
 )
-from server.overview import feed, runs, summaries
 from server.problems import Problem
-from server.progress import history
 from server.publisher import Publisher
 from server.store import Page, Store, id_key
 from server.streams.events import LAST_KEY, SSE_HEADERS, EventStream, Sink, SseSink
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from server import wire
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JSON_TYPES = ("application/json",)
 
@@ -98,28 +101,27 @@ def start_id_of(request: web.Request) -> str | None:
     return header or query
 
 
-def authorize_publish(request: web.Request) -> None:
-    """401 unless PUBLISH_TOKEN is unset or given; failures are counted, tokens never logged."""
+def counted(request: web.Request, check: Callable[[], T]) -> T:
+    """`check()`, an auth check; a failure is counted in /metrics (tokens are never logged)."""
     try:
-        auth.check_publish(
-            request.headers.get("Authorization"), request.app[app_keys.settings_key].publish_token
-        )
+        return check()
     except auth.AuthFailed as exc:
         request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
         raise
+
+
+def authorize_publish(request: web.Request) -> None:
+    """401 unless PUBLISH_TOKEN is unset or given."""
+    token = request.app[app_keys.settings_key].publish_token
+    counted(request, lambda: auth.check_publish(request.headers.get("Authorization"), token))
 
 
 def authorize_subscribe(request: web.Request, workflow_id: str) -> None:
     """401/403 unless SUBSCRIBE_SECRET is unset or a token grants `workflow_id`."""
-    try:
-        auth.check_subscribe(
-            auth.subscriber_token(request),
-            request.app[app_keys.settings_key].subscribe_secret,
-            workflow_id,
-        )
-    except auth.AuthFailed as exc:
-        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
-        raise
+    secret = request.app[app_keys.settings_key].subscribe_secret
+    counted(
+        request, lambda: auth.check_subscribe(auth.subscriber_token(request), secret, workflow_id)
+    )
 
 
 async def publish_events(request: web.Request) -> web.Response:
@@ -318,7 +320,7 @@ def limit_of(request: web.Request, default: int, most: int) -> int:
         return default
     limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
     if not 1 <= limit <= most:
-        raise _query_problem(
+        raise query_problem(
             "limit",
             f"limit must be an integer from 1 to {most}",
             f"expected 1 to {most}",
@@ -370,10 +372,7 @@ async def history_page(
     return web.Response(text=body, content_type="application/json", headers=headers)
 
 
-STATES: tuple[str, ...] = get_args(State)  # the SPEC's states, as the models name them
-
-
-def _query_problem(name: str, detail: str, msg: str, slug: str) -> Problem:
+def query_problem(name: str, detail: str, msg: str, slug: str) -> Problem:
     return Problem(400, detail, errors=[{"loc": ["query", name], "msg": msg}], slug=slug)
 
 
@@ -382,118 +381,13 @@ def single(request: web.Request, name: str) -> str | None:
     guess, so it is a 400 rather than the first one silently."""
     values = request.query.getall(name, [])
     if len(values) > 1:
-        raise _query_problem(
+        raise query_problem(
             name,
             f"{name} is given {len(values)} times; give it once",
             "given more than once",
             "repeated-parameter",
         )
     return values[0] if values else None
-
-
-def list_params(request: web.Request) -> tuple[list[str], str | None, int, runs.Cursor | None]:
-    """`state` (comma-separated), `definition_id`, `limit` (1..200) and `cursor`, or 400."""
-    query = request.query
-    states = [s.strip() for s in ",".join(query.getall("state", [])).split(",") if s.strip()]
-    bad = [s for s in states if s not in STATES]
-    if bad:
-        raise _query_problem(
-            "state",
-            f"unknown state {bad[0]!r}; states are {', '.join(STATES)}",
-            "not a workflow state",
-            "bad-state",
-        )
-    definition_id = (single(request, "definition_id") or "").strip(" \t") or None
-    if definition_id is not None and not is_workflow_id(definition_id):
-        raise _query_problem(
-            "definition_id",
-            "definition_id must follow a workflow id's rules",
-            "not a definition id",
-            "bad-definition-id",
-        )
-    limit = limit_of(request, runs.PAGE_DEFAULT, runs.PAGE_MAX)
-    cursor = None
-    text = (single(request, "cursor") or "").strip(" \t")
-    if text:
-        try:
-            cursor = runs.Cursor.decode(text, request.app[app_keys.runs_key].clock())
-        except runs.BadCursor as exc:
-            raise _query_problem("cursor", str(exc), "not a valid cursor", "bad-cursor") from None
-    return list(dict.fromkeys(states)), definition_id, limit, cursor
-
-
-def readable_of(request: web.Request) -> list[str] | None:
-    """The workflows the request's token may read (None: all), or 401."""
-    try:
-        return auth.readable(
-            auth.subscriber_token(request), request.app[app_keys.settings_key].subscribe_secret
-        )
-    except auth.AuthFailed as exc:
-        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
-        raise
-
-
-async def list_workflows(request: web.Request) -> web.StreamResponse:
-    """GET /workflows: the known runs, most recently updated first (or, asked for
-    text/event-stream, the live overview)."""
-    states, definition_id, limit, cursor = list_params(request)
-    readable = readable_of(request)
-    app = request.app
-    if "text/event-stream" in request.headers.get("Accept", ""):
-        return await feed.overview_stream(request, states, definition_id, limit, readable)
-    try:
-        found, nxt = await summaries.list_page(
-            app[app_keys.runs_key],
-            app[app_keys.tracker_key],
-            states=states,
-            definition_id=definition_id,
-            limit=limit,
-            cursor=cursor,
-            readable=readable,
-        )
-    except runs.BadCursor as exc:
-        raise _query_problem("cursor", str(exc), "walk too old", "stale-cursor") from None
-    body: wire.RunList = {"workflows": found, "next": None if nxt is None else nxt.encode()}
-    return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
-
-
-def definition_id_of(request: web.Request) -> str:
-    """The URL's definition id, held to a workflow id's rules (SPEC), or 400."""
-    value = request.match_info.get("definition_id", "")
-    if not is_workflow_id(value):
-        raise Problem(
-            400,
-            "definition_id must be 1 to 128 characters of A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit",
-            slug="bad-definition-id",
-        )
-    return value
-
-
-async def get_stats(request: web.Request) -> web.Response:
-    """GET /definitions/{id}/stats: per node and node type, from the duration history."""
-    definition_id = definition_id_of(request)
-    try:
-        auth.check_stats(
-            auth.subscriber_token(request),
-            request.app[app_keys.settings_key].subscribe_secret,
-            definition_id,
-        )
-    except auth.AuthFailed as exc:
-        request.app[app_keys.metrics_key].auth_failed(exc.kind, exc.reason)
-        raise
-    tracker = request.app[app_keys.tracker_key]
-    nodes, types = await history.load_recent(
-        request.app[app_keys.redis_key], definition_id, prefix=tracker.history_prefix
-    )
-    if not nodes:
-        raise Problem(
-            404,
-            f"no history for definition {definition_id!r} (no finished run recorded, or expired)",
-            slug="unknown-definition",
-        )
-    body = history.definition_stats(definition_id, nodes, types)
-    return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-cache"})
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -522,10 +416,10 @@ async def get_progress(request: web.Request) -> web.StreamResponse:
     headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
     if _etag_matches(request.headers.get("If-None-Match", ""), etag):
         return web.Response(status=304, headers=headers)
-    return web.json_response(snap, headers=headers, dumps=_dumps)
+    return web.json_response(snap, headers=headers, dumps=dumps)
 
 
-def _dumps(obj: Any) -> str:
+def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 

@@ -12,7 +12,7 @@ definitions (`schema()`, pydantic's TypeAdapter), and the tests read the key set
     HistoryPage      GET /workflows/{id}/events as JSON                 views (joined text)
       StoredEvent    one of its events
     RunSummary       a summary of GET /workflows, `event: run`          overview.summaries
-    RunList          GET /workflows                                     views.list_workflows
+    RunList          GET /workflows                                     overview.views
     Schedule         GET /workflows/{id}/schedule                       progress.service
       ScheduledNode  one of its nodes                                   progress.snapshot
     DefinitionStats  GET /definitions/{id}/stats                        progress.history

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from server import app_keys, redis_keys
 from server.legacy import legacy_key
 from server.models import MAX_JSON_DEPTH, EventRejected
-from server.progress import history
+from server.progress import history, stats
 from tests.conftest import Serve, prefixed_redis
 
 PROBLEM = "application/problem+json"
@@ -389,7 +389,7 @@ async def test_the_node_type_hash_stays_under_its_cap_and_keeps_the_busy_types(
     assert "new-2-499" in view.types  # a new type still gets history once the hash is full
     assert await redis.ttl(key) > 0
     # The recent records (the statistics' percentiles) are held to the same cap, the same way.
-    busy_recent = history.decode_recent(await redis.hget(recent, "busy"))
+    busy_recent = stats.decode_recent(await redis.hget(recent, "busy"))
     assert busy_recent is not None and busy_recent.runs == 20
     assert await redis.hexists(recent, "new-2-499")
     assert await redis.ttl(recent) > 0

@@ -17,7 +17,7 @@ import pytest
 
 from server import auth, progress, redis_keys
 from server.models import event_adapter
-from server.progress import history
+from server.progress import history, stats
 from testing.http import publish
 from tests.conftest import HISTORY_PREFIX, Serve
 
@@ -114,8 +114,8 @@ async def test_stats_match_the_durations_published(
     # The node-type history pools both `fetch` nodes: 10 runs of 1..10 s and 10 of 3 s.
     pooled = sorted([float(i + 1) for i in range(10)] + [3.0] * 10)
     assert types[fetch]["runs"] == 20
-    assert types[fetch]["p50_seconds"] == round(history.percentile(pooled, 0.5) or 0, 3)
-    assert types[fetch]["p90_seconds"] == round(history.percentile(pooled, 0.9) or 0, 3)
+    assert types[fetch]["p50_seconds"] == round(stats.percentile(pooled, 0.5) or 0, 3)
+    assert types[fetch]["p90_seconds"] == round(stats.percentile(pooled, 0.9) or 0, 3)
     assert (types[train]["runs"], types[train]["failure_rate"]) == (10, round(4 / 14, 4))
     assert set(nodes["load"]) == {
         "node_id",
@@ -244,7 +244,7 @@ def test_the_token_cli_mints_a_definitions_claim() -> None:
 def test_percentile_interpolates_between_order_statistics(
     values: list[float], q: float, expected: float | None
 ) -> None:
-    got = history.percentile(values, q)
+    got = stats.percentile(values, q)
     assert got == (None if expected is None else pytest.approx(expected))
 
 
@@ -257,19 +257,19 @@ async def test_the_recent_record_keeps_the_last_durations_and_counts_every_run(
     for i in range(total):
         item = (definition, "n", kind, float(i + 1))
         await history.record(redis, [item], ttl_seconds=60, prefix=prefix, now=1_700_000_000.5)
-    nodes, types = await history.load_recent(redis, definition, prefix=prefix)
+    nodes, types = await stats.load_recent(redis, definition, prefix=prefix)
     node = nodes["n"]
     assert node.runs == total and node.failures == 0
     expected = tuple(float(i + 1) for i in range(20, total))  # the oldest 20 made room
     assert node.durations == expected
     assert node.node_type == kind and types[kind].durations == expected
-    assert history.figures(node)["last_seen"] == "2023-11-14T22:13:20.500Z"
+    assert stats.figures(node)["last_seen"] == "2023-11-14T22:13:20.500Z"
     key = redis_keys.history_definition_key(definition, prefix=prefix)
     assert 0 < await redis.ttl(redis_keys.history_recent_key(key, prefix=prefix)) <= 60
     # The ETA's log-stats are as before: Welford over the same durations.
     view = await history.load(redis, definition, ["n"], [kind], prefix=prefix)
-    stats = view.for_node(definition, "n")
-    assert stats is not None and stats.count == min(total, history.MAX_COUNT)
+    logstats = view.for_node(definition, "n")
+    assert logstats is not None and logstats.count == min(total, history.MAX_COUNT)
 
 
 async def test_failed_attempts_are_counted_apart_from_the_eta_history(
@@ -282,7 +282,7 @@ async def test_failed_attempts_are_counted_apart_from_the_eta_history(
     view = await history.load(redis, definition, ["n"], [kind], prefix=prefix)
     assert view.empty  # a failure is no duration: the ETA sees nothing
     await history.record(redis, [(definition, "n", None, 2.0)], ttl_seconds=60, prefix=prefix)
-    nodes, _ = await history.load_recent(redis, definition, prefix=prefix)
+    nodes, _ = await stats.load_recent(redis, definition, prefix=prefix)
     n = nodes["n"]
     assert (n.runs, n.failures, n.durations) == (1, 3, (2.0,))
     assert n.node_type == kind  # an item without a type keeps the one known
@@ -296,12 +296,12 @@ async def test_a_big_run_is_recorded_in_chunks_and_odd_names_round_trip(
     count = history.RECORD_CHUNK * 2 + 500
     items = [(definition, f"n{i}", odd, 0.25) for i in range(count)]
     await history.record(redis, items, ttl_seconds=60, prefix=prefix)
-    nodes, types = await history.load_recent(redis, definition, prefix=prefix)
+    nodes, types = await stats.load_recent(redis, definition, prefix=prefix)
     assert len(nodes) == count
     assert {n.node_type for n in nodes.values()} == {odd}
     assert types[odd].runs == count
     assert len(types[odd].durations) == history.KEEP_DURATIONS
-    body = history.definition_stats(definition, nodes, types)
+    body = stats.definition_stats(definition, nodes, types)
     assert body["nodes"][0]["p90_seconds"] == 0.25
 
 

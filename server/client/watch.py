@@ -1,4 +1,8 @@
-"""`python -m server watch <workflow_id>`: a workflow's live progress in a terminal."""
+"""`python -m server watch <workflow_id>`: a workflow's live progress in a terminal.
+
+~430 lines: the view (a pure fold of progress objects and events into lines), its drawing
+for a terminal or a pipe, and the reconnecting read loop with the messages the tests check;
+the view alone would not be worth a module of its own."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ run index's shard channels, on which the index announces a new run or a changed 
 (at most once a second per run, plus state changes). Watcher counts are read once a second
 for the runs it follows and has shown.
 
-Why one module of ~430 lines: the feed, its per-stream client and the stream handler
+Why one module of ~450 lines: the feed, its per-stream client and the stream handler
 share the follow/detach bookkeeping; apart, each would need the others' internals.
 """
 

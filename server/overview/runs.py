@@ -32,7 +32,7 @@ Expiry. A run is forgotten when its keys expire: an entry older than RETENTION_S
 is skipped and removed by the page that meets it, and each index write removes two such
 entries from the bottom, so dead runs leave at least as fast as new ones come.
 
-Why one module of ~600 lines: about half is the two Lua scripts (write and page), whose
+Why one module of ~620 lines: about half is the two Lua scripts (write and page), whose
 record layout, score and moves must match the Python that decodes them line for line.
 """
 
