@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -848,125 +848,39 @@ def summarise_profile(path: str, top: int = 20) -> str:
 # Tables
 
 
+# Each scenario's table columns, in order (S3 reports what S2 does).
+_BROADCAST = (
+    "rate published all_delivered missing dups p50_ms p99_ms max_ms server_cpu_pct loadgen_cpu_pct"
+)
 COLUMNS: dict[str, list[str]] = {
-    "S1": [
-        "established",
-        "failed",
-        "connect_s",
-        "got_event",
-        "kib_per_stream",
-        "rss_mib",
-        "redis_pubsub",
-        "redis_normal",
-    ],
-    "S2": [
-        "rate",
-        "published",
-        "all_delivered",
-        "missing",
-        "dups",
-        "p50_ms",
-        "p99_ms",
-        "max_ms",
-        "server_cpu_pct",
-        "loadgen_cpu_pct",
-    ],
-    "S3": [
-        "rate",
-        "published",
-        "all_delivered",
-        "missing",
-        "dups",
-        "p50_ms",
-        "p99_ms",
-        "max_ms",
-        "server_cpu_pct",
-        "loadgen_cpu_pct",
-    ],
-    "S4": [
-        "published_per_s",
-        "delivered_per_s",
-        "x_bare",
-        "x_seed",
-        "all_delivered",
-        "missing",
-        "drain_s",
-        "p50_ms",
-        "p99_ms",
-        "server_cpu_pct",
-        "loadgen_cpu_pct",
-    ],
-    "S5": [
-        "exit_code",
-        "exit_s",
-        "down_s",
-        "retry_min_ms",
-        "retry_max_ms",
-        "reconnected",
-        "reconnect_p50_s",
-        "reconnect_max_s",
-        "connect_errors",
-        "bad_status",
-        "backlog_flush_s",
-        "caught_up",
-        "caught_up_p50_s",
-        "caught_up_max_s",
-        "within_10s",
-        "published",
-        "publish_retries",
-        "gave_up",
-        "all_delivered",
-        "missing",
-        "dups",
-        "skips",
-        "gaps",
-        "ended_204",
-    ],
-    "W2S2": [
-        "rate",
-        "published",
-        "all_delivered",
-        "missing",
-        "p50_ms",
-        "p99_ms",
-        "p99_x_w1",
-        "max_ms",
-        "server_cpu_pct",
-        "cpu_x_w1",
-        "rss_mib",
-        "per_worker",
-        "loadgen_cpu_pct",
-    ],
-    "W2S4": [
-        "published_per_s",
-        "delivered_per_s",
-        "x_w1",
-        "all_delivered",
-        "missing",
-        "drain_s",
-        "p50_ms",
-        "p99_ms",
-        "server_cpu_pct",
-        "cpu_us_per_event",
-        "cpu_per_event_x_w1",
-        "throttled_s",
-        "rss_mib",
-        "per_worker",
-        "loadgen_cpu_pct",
-    ],
-    "RC": [
-        "rate",
-        "published",
-        "all_delivered",
-        "missing",
-        "dups",
-        "p50_ms",
-        "p99_ms",
-        "p99_x_single",
-        "max_ms",
-        "server_cpu_pct",
-        "loadgen_cpu_pct",
-    ],
+    "S1": (
+        "established failed connect_s got_event kib_per_stream rss_mib redis_pubsub redis_normal"
+    ).split(),
+    "S2": _BROADCAST.split(),
+    "S3": _BROADCAST.split(),
+    "S4": (
+        "published_per_s delivered_per_s x_bare x_seed all_delivered missing drain_s "
+        "p50_ms p99_ms server_cpu_pct loadgen_cpu_pct"
+    ).split(),
+    "S5": (
+        "exit_code exit_s down_s retry_min_ms retry_max_ms reconnected reconnect_p50_s "
+        "reconnect_max_s connect_errors bad_status backlog_flush_s caught_up "
+        "caught_up_p50_s caught_up_max_s within_10s published publish_retries gave_up "
+        "all_delivered missing dups skips gaps ended_204"
+    ).split(),
+    "W2S2": (
+        "rate published all_delivered missing p50_ms p99_ms p99_x_w1 max_ms "
+        "server_cpu_pct cpu_x_w1 rss_mib per_worker loadgen_cpu_pct"
+    ).split(),
+    "W2S4": (
+        "published_per_s delivered_per_s x_w1 all_delivered missing drain_s p50_ms "
+        "p99_ms server_cpu_pct cpu_us_per_event cpu_per_event_x_w1 throttled_s rss_mib "
+        "per_worker loadgen_cpu_pct"
+    ).split(),
+    "RC": (
+        "rate published all_delivered missing dups p50_ms p99_ms p99_x_single max_ms "
+        "server_cpu_pct loadgen_cpu_pct"
+    ).split(),
 }
 NOTES: dict[str, str] = {
     "S5": "Only our server: seed and bare keep no history, Nchan keeps it only in the "
@@ -1205,20 +1119,24 @@ async def run_one(
 async def _run_one(
     kind: str, param: int, system: System, args: argparse.Namespace, first_run: bool
 ) -> Result:
+    def broadcast(tag: str) -> Awaitable[Result]:
+        """S2's set-up (one workflow, --s2-streams streams, `param` events/s): S2, W2S2, RC."""
+        return live(
+            system,
+            args,
+            tag=tag,
+            workflows=1,
+            per_workflow=args.s2_streams,
+            rate=param,
+            duration=args.duration,
+            tick_ms=args.tick_ms,
+        )
+
     try:
         if kind == "S1":
             return await s1(system, param, args)
         if kind == "S2":
-            return await live(
-                system,
-                args,
-                tag="s2",
-                workflows=1,
-                per_workflow=args.s2_streams,
-                rate=param,
-                duration=args.duration,
-                tick_ms=args.tick_ms,
-            )
+            return await broadcast("s2")
         if kind == "S3":
             return await live(
                 system,
@@ -1233,43 +1151,16 @@ async def _run_one(
         if kind == "S5":
             return await s5(args, signal.Signals(param))
         if kind == "W2S2":
-            return await live(
-                system,
-                args,
-                tag="w2",
-                workflows=1,
-                per_workflow=args.s2_streams,
-                rate=param,
-                duration=args.duration,
-                tick_ms=args.tick_ms,
-            )
+            return await broadcast("w2")
         if kind == "W2S4":
             profile = f"{args.profile}.{system.name}" if args.profile and first_run else None
             return await s4(system, args, profile)
         if kind == "RC":
             if not system.cluster:
-                return await live(
-                    system,
-                    args,
-                    tag="rc",
-                    workflows=1,
-                    per_workflow=args.s2_streams,
-                    rate=param,
-                    duration=args.duration,
-                    tick_ms=args.tick_ms,
-                )
+                return await broadcast("rc")
             try:
                 async with redis_cluster(args):
-                    return await live(
-                        system,
-                        args,
-                        tag="rc",
-                        workflows=1,
-                        per_workflow=args.s2_streams,
-                        rate=param,
-                        duration=args.duration,
-                        tick_ms=args.tick_ms,
-                    )
+                    return await broadcast("rc")
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 return {"skipped": f"no Redis Cluster: {exc}"[:300]}
         profile = args.profile if first_run and system.name == "ours" else None

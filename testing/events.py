@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 # The usual last event of a run. A dict shared by every importer: copy it to change it.
@@ -62,3 +64,36 @@ def short_run(n: int = 4) -> list[dict[str, Any]]:
         {"event_type": "workflow_state_changed", "from_state": "RUNNING", "to_state": "COMPLETED"}
     )
     return events
+
+
+def iso(seconds: float) -> str:
+    """An explicit event timestamp: RFC 3339 in UTC, to the millisecond."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + (
+        f".{int(seconds % 1 * 1000):03d}Z"
+    )
+
+
+# A diamond then a tail: a -> (b, c) -> d -> e.
+DIAMOND: dict[str, list[str]] = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d"]}
+
+
+def dag_plan(
+    definition: str, ts: float, name: Callable[[str], str], deps: dict[str, list[str]] = DIAMOND
+) -> dict[str, Any]:
+    """A workflow_planned at `ts` with edges, names and a node type per node (unique to the
+    definition, so its history is the test's own)."""
+    nodes = [
+        {"node_id": n, "node_name": name(n), "node_type": f"{definition}-{n}", "depends_on": d}
+        for n, d in deps.items()
+    ]
+    return {
+        "event_type": "workflow_planned",
+        "definition_id": definition,
+        "nodes": nodes,
+        "timestamp": iso(ts),
+    }
+
+
+def timed(kind: str, node_id: str, ts: float, **extra: Any) -> dict[str, Any]:
+    """A node event with an explicit timestamp."""
+    return {"event_type": kind, "node_id": node_id, "timestamp": iso(ts), **extra}

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from server import app_keys, redis_keys, wire
-from testing.events import state
+from testing.events import iso, state
 from testing.sse import iter_messages
 from tests.conftest import Serve
 
@@ -256,13 +256,6 @@ async def test_live_run_numbers_and_second_run_eta_within_25_percent_at_half_way
     assert all(b["estimated_remaining_seconds"] > 0 for b in second[:-1])
 
 
-def _iso(seconds: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        + f".{int(seconds % 1 * 1000):03d}Z"
-    )
-
-
 async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
     serve: Serve, new_workflow: Callable[[], str]
 ) -> None:
@@ -281,14 +274,14 @@ async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
         events: list[dict[str, Any]] = []
         at = start
         for i in nodes:
-            events.append({"event_type": "node_started", "node_id": f"n{i}", "timestamp": _iso(at)})
+            events.append({"event_type": "node_started", "node_id": f"n{i}", "timestamp": iso(at)})
             at += durations[i]
             events.append(
                 {
                     "event_type": "node_completed",
                     "node_id": f"n{i}",
                     "duration_ms": durations[i] * 1000,
-                    "timestamp": _iso(at),
+                    "timestamp": iso(at),
                 }
             )
         return events
@@ -298,13 +291,13 @@ async def test_eta_after_a_burst_of_events_follows_the_history_at_once(
     async with aiohttp.ClientSession() as s:
         first, second = new_workflow(), new_workflow()
         earlier = now - 3600
-        done = {**state("COMPLETED"), "timestamp": _iso(earlier + 111)}
-        body = [{**planned, "timestamp": _iso(earlier)}, *run(earlier, range(10)), done]
+        done = {**state("COMPLETED"), "timestamp": iso(earlier + 111)}
+        body = [{**planned, "timestamp": iso(earlier)}, *run(earlier, range(10)), done]
         async with s.post(f"{base}/workflows/{first}/events", json=body) as resp:
             assert resp.status == 201  # its durations are now the definition's history
 
         async with s.post(
-            f"{base}/workflows/{second}/events", json={**planned, "timestamp": _iso(now - 30)}
+            f"{base}/workflows/{second}/events", json={**planned, "timestamp": iso(now - 30)}
         ) as resp:
             assert resp.status == 201
         _, _, before = await get_progress(s, base, second)

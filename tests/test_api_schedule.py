@@ -12,9 +12,8 @@ import aiohttp
 import pytest
 
 from server import app_keys, wire
-from testing.events import state
+from testing.events import DIAMOND, dag_plan, iso, state, timed
 from tests.conftest import Serve
-from tests.test_api_progress import _iso
 
 pytestmark = pytest.mark.backends("fakeredis", "redis", "cluster")
 
@@ -33,29 +32,14 @@ async def get(s: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
 
 # A diamond then a tail: a -> (b, c) -> d -> e. The history says b takes 4 s, c 8 s.
 SECONDS = {"a": 2, "b": 4, "c": 8, "d": 3, "e": 1}
-DEPS: dict[str, list[str]] = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d"]}
+DEPS = DIAMOND
 
 
 def plan(definition: str, ts: float) -> dict[str, Any]:
-    nodes = [
-        {
-            "node_id": n,
-            "node_name": f"<b>{n}</b> 노드",
-            "node_type": f"{definition}-{n}",
-            "depends_on": d,
-        }
-        for n, d in DEPS.items()
-    ]
-    return {
-        "event_type": "workflow_planned",
-        "definition_id": definition,
-        "nodes": nodes,
-        "timestamp": _iso(ts),
-    }
+    return dag_plan(definition, ts, lambda n: f"<b>{n}</b> 노드", DEPS)
 
 
-def node(kind: str, node_id: str, ts: float, **extra: Any) -> dict[str, Any]:
-    return {"event_type": kind, "node_id": node_id, "timestamp": _iso(ts), **extra}
+node = timed
 
 
 def whole_run(start: float) -> list[dict[str, Any]]:
@@ -72,7 +56,7 @@ def whole_run(start: float) -> list[dict[str, Any]]:
         node("node_started", "e", start + 13),
         node("node_completed", "e", start + 14),
     ]
-    return [*events, {**state("COMPLETED"), "timestamp": _iso(start + 14)}]
+    return [*events, {**state("COMPLETED"), "timestamp": iso(start + 14)}]
 
 
 async def test_unknown_workflow_is_404_and_a_bad_id_400(
@@ -104,7 +88,7 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
         start = now - 3
         body = [
             plan(definition, start),
-            {**state("RUNNING"), "timestamp": _iso(start)},
+            {**state("RUNNING"), "timestamp": iso(start)},
             node("node_started", "a", start),
             node("node_completed", "a", start + 2),
             node("node_started", "b", start + 2),
@@ -164,7 +148,7 @@ async def test_schedule_has_real_and_predicted_times_and_ends_at_the_shown_eta(
             node("node_completed", "c", start + 8),
             node("node_skipped", "d", start + 8),
             node("node_skipped", "e", start + 8),
-            {**state("COMPLETED"), "timestamp": _iso(start + 8)},
+            {**state("COMPLETED"), "timestamp": iso(start + 8)},
         ]
         async with s.post(f"{base}/workflows/{wf}/events", json=body) as resp:
             assert resp.status == 201

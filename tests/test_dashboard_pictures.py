@@ -21,6 +21,7 @@ import pytest
 
 from server import redis_keys
 from server.overview import runs
+from testing.events import DIAMOND, dag_plan, iso, timed
 from testing.http import publish
 from testing.procs import RestartPair, ServerProcess
 from testing.sse import collect
@@ -31,12 +32,6 @@ AXE = Path(__file__).parent / "assets" / "axe.min.js"
 SCREENSHOTS = os.environ.get("DASHBOARD_SCREENSHOTS")
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + (
-        f".{int(seconds % 1 * 1000):03d}Z"
-    )
 
 
 def eta_seconds(text: str) -> float:
@@ -212,29 +207,14 @@ async def shoot(page: Any, phone: Any, out: Path) -> None:
     await phone.locator("#timeline-panel").screenshot(path=str(out / "timeline-phone.png"))
 
 
-DEPS: dict[str, list[str]] = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d"]}
+DEPS = DIAMOND
 
 
 def planned(definition: str, ts: float, names: dict[str, str] | None = None) -> dict[str, Any]:
-    nodes = [
-        {
-            "node_id": n,
-            "node_name": (names or {}).get(n, f"노드 {n}"),
-            "node_type": f"{definition}-{n}",
-            "depends_on": d,
-        }
-        for n, d in DEPS.items()
-    ]
-    return {
-        "event_type": "workflow_planned",
-        "definition_id": definition,
-        "nodes": nodes,
-        "timestamp": iso(ts),
-    }
+    return dag_plan(definition, ts, lambda n: (names or {}).get(n, f"노드 {n}"), DEPS)
 
 
-def ev(kind: str, node_id: str, ts: float, **extra: Any) -> dict[str, Any]:
-    return {"event_type": kind, "node_id": node_id, "timestamp": iso(ts), **extra}
+ev = timed
 
 
 def state(to: str, ts: float) -> dict[str, Any]:
