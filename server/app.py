@@ -13,7 +13,7 @@ from server.fanout.hub import Hub
 from server.metrics import Metrics
 from server.overview import views as overview_views
 from server.overview.feed import OverviewFeed
-from server.problems import mark_started, problem_middleware
+from server.problems import problem_middleware
 from server.publisher import assemble
 from server.redis_client import open_redis
 from server.settings import Settings
@@ -30,7 +30,6 @@ WF = "{workflow_id:[^/]+}"
 def create_app(settings: Settings, *, redis: AnyRedis | None = None) -> web.Application:
     """Build the app; no I/O here. Without `redis`, one is opened from settings on startup."""
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
-    app.on_response_prepare.append(mark_started)  # an error after it cannot be an answer
     app[app_keys.settings_key] = settings
     app[app_keys.streams_key] = StreamRegistry(settings.max_streams, settings.retry_ms)
     app[app_keys.metrics_key] = metrics = Metrics()

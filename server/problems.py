@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from server import app_keys
+from server import app_keys, connections
 from server.fanout.hub import HubUnavailable
 from server.models import EventRejected
 from server.store import AppendConflict, AppendExpired, AppendNotReplicated, AppendUnknown
@@ -186,15 +186,6 @@ def problem_of(request: web.Request, exc: Exception) -> Problem | None:
     )
 
 
-# The response a handler has prepared: its status and headers are on the wire.
-_STARTED = web.RequestKey("problems_started", web.StreamResponse)
-
-
-async def mark_started(request: web.Request, response: web.StreamResponse) -> None:
-    """An `on_response_prepare` hook: remember that this request's answer has begun."""
-    request[_STARTED] = response
-
-
 def _stream_failed(
     request: web.Request, response: web.StreamResponse, exc: Exception
 ) -> web.StreamResponse:
@@ -236,7 +227,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Exception as exc:
-        started = request.get(_STARTED)
+        started = connections.started(request)
         if started is not None:
             return _stream_failed(request, started, exc)
         problem = problem_of(request, exc)

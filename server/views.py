@@ -209,6 +209,7 @@ async def sse_response(request: web.Request) -> web.StreamResponse:
         # the writes it makes straight to the transport.
         response.enable_chunked_encoding()
     await response.prepare(request)
+    connections.mark_started(request, response)  # an error after this cannot be an answer
     await response.write(b"retry: %d\n\n" % request.app[app_keys.settings_key].retry_ms)
     return response
 

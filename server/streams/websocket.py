@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError
 
-from server import app_keys, auth, cors, views
+from server import app_keys, auth, connections, cors, views
 from server.fanout.ring import Live, ws_text
 from server.problems import Problem
 from server.store import Entry
@@ -155,6 +155,7 @@ async def websocket_events(request: web.Request) -> web.StreamResponse:
 
     async with views.StreamSlot(request, workflow_id, "websocket") as (handle, sub):
         await ws.prepare(request)
+        connections.mark_started(request, ws)
         await serve(ws, views.event_stream(request, WsSink(ws), sub, handle, start))
     return ws
 
