@@ -15,9 +15,8 @@ from server.overview import views as overview_views
 from server.overview.feed import OverviewFeed
 from server.problems import problem_middleware
 from server.publisher import assemble
-from server.redis_client import open_redis
+from server.redis_client import AnyRedis, open_redis
 from server.settings import Settings
-from server.store import AnyRedis
 from server.streams import watchers, websocket
 from server.streams.registry import StreamRegistry
 

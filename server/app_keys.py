@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from server.overview.runs import RunIndex
     from server.progress.service import ProgressService
     from server.publisher import Publisher
-    from server.store import AnyRedis, Store
+    from server.redis_client import AnyRedis
+    from server.store import Store
     from server.streams.registry import StreamRegistry
     from server.streams.watchers import WatcherCounts
 

@@ -35,12 +35,13 @@ from redis.exceptions import RedisError
 from server import app_keys
 from server.models import Event, EventRejected, decode_body, is_workflow_id
 from server.publisher import Publisher
+from server.redis_client import AnyRedis
 from server.redis_keys import (
     LEGACY_CHANNEL_PATTERN,
     LEGACY_CHANNEL_PREFIX,
     LEGACY_CHANNEL_SUFFIX,
 )
-from server.store import AnyRedis, AppendConflict
+from server.store import AppendConflict
 from server.tasks import stop
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from pydantic import BaseModel
 from server.models import MAX_BATCH, Event, EventRejected, is_workflow_id, validate_event
 from server.overview.runs import RunIndex
 from server.progress.service import ProgressService
-from server.redis_client import open_redis
+from server.redis_client import AnyRedis, open_redis
 from server.settings import Settings
-from server.store import AnyRedis, Appended, Store, id_key
+from server.store import Appended, Store, id_key
 
 if TYPE_CHECKING:
     from server import wire

@@ -21,9 +21,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.store import AnyRedis
-
 logger = logging.getLogger(__name__)
+
+# Either client: most of the server works on a single Redis and a Cluster alike.
+AnyRedis = Redis | RedisCluster
 
 POOL_SIZE = 64  # Redis connections per process for commands (pub/sub has its own)
 COMMAND_TIMEOUT = 5.0  # seconds; redis-py's default socket_timeout, `?socket_timeout=` in URLs

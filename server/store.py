@@ -24,7 +24,6 @@ from functools import cached_property
 from typing import Any, NamedTuple
 
 import pydantic_core
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     RedisError,
@@ -45,11 +44,11 @@ from server.append_script import (
 from server.models import Event, parse_event_id
 from server.progress import parts
 from server.progress.parts import HistoryItem
+from server.redis_client import AnyRedis, closed_under
 from server.redis_keys import idempotency_key, progress_key, stream_key, trimmed_key
 
 logger = logging.getLogger(__name__)
 
-AnyRedis = Redis | RedisCluster
 
 # KEYS: progress. ARGV: shown. Sets `shown` only on a hash that still exists.
 SAVE_SHOWN_LUA = """
@@ -440,6 +439,12 @@ class Store:
             raise
         except (RedisError, OSError) as exc:
             raise AppendUnknown(f"Redis did not answer the append: {exc}") from exc
+        except (AttributeError, TypeError) as exc:
+            # A connection closed under the script, on a path the clients' own conversion
+            # does not cover (EVAL + WAIT on a cluster node): as lost as a ConnectionError.
+            if (lost := closed_under(exc)) is None:
+                raise
+            raise AppendUnknown(f"Redis did not answer the append: {lost}") from exc
         ids_raw, added = reply[0], reply[1]
         if added == -2:
             raise AppendExpired("Redis ran the append after its deadline and refused it")

@@ -18,11 +18,12 @@ import aiohttp
 import pytest
 
 from server import auth, redis_keys
+from testing.cleanup import forget
 from testing.http import publish
 from testing.procs import ServerProcess, free_port
 from tests.conftest import REDIS_URL, real_redis_or_skip
 from tests.test_dashboard_browser import PHONE, WAIT_MS, badge_is, open_page
-from tests.test_dashboard_pictures import HOSTILE, axe_audit, ev, forget, planned, state
+from tests.test_dashboard_pictures import HOSTILE, axe_audit, ev, planned, state
 from tests.test_runs import SECRET
 
 SCREENSHOTS = os.environ.get("DASHBOARD_SCREENSHOTS")

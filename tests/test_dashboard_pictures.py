@@ -19,8 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import redis_keys
-from server.overview import runs
+from testing.cleanup import forget
 from testing.events import DIAMOND, dag_plan, iso, timed
 from testing.http import publish
 from testing.procs import RestartPair, ServerProcess
@@ -219,14 +218,6 @@ ev = timed
 
 def state(to: str, ts: float) -> dict[str, Any]:
     return {"event_type": "workflow_state_changed", "to_state": to, "timestamp": iso(ts)}
-
-
-async def forget(redis: Any, workflows: list[str]) -> None:
-    """Delete every key the test's runs made: theirs and the run index's (the history's
-    go with the session's, tests/conftest.py)."""
-    for wf in workflows:
-        await redis.delete(*redis_keys.workflow_keys(wf))
-    await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
 
 
 async def test_pictures_are_right_after_a_server_restart_mid_run(browser: Any) -> None:

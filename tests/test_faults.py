@@ -12,6 +12,7 @@ import aiohttp
 
 from server import publisher as publisher_mod
 from server import redis_keys
+from testing.cleanup import forget_everywhere
 from testing.events import DONE, started
 from testing.procs import ServerProcess, app_on_own_redis
 from testing.redis_reads import stream_ids
@@ -121,6 +122,7 @@ async def test_sigterm_with_200_open_streams_ends_all_cleanly_within_5s() -> Non
         assert all(f >= 3000 for f in finals) and len(set(finals)) > 50  # jittered
     finally:
         server.stop()
+        await forget_everywhere([wf])
 
 
 async def test_client_reconnects_to_second_server_after_sigkill_and_gets_every_event_once() -> None:

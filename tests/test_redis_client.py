@@ -21,8 +21,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import redis_client, redis_keys
 from server.app import create_app
-from server.overview import runs
 from server.settings import Settings
+from testing.cleanup import forget
 from testing.procs import RedisProcess
 from tests.conftest import real_redis_or_skip
 
@@ -229,6 +229,5 @@ async def test_a_connection_closed_under_an_append_is_a_503_and_its_retry_is_sto
         assert [e.decode() for e, _ in await client.xrange(redis_keys.stream_key(wf))] == [event_id]
     finally:
         await server.close()
-        await client.delete(*redis_keys.workflow_keys(wf))
-        await runs.RunIndex(client, retention_seconds=1).forget([wf])
+        await forget(client, [wf])
         await client.aclose()

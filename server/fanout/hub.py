@@ -16,7 +16,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from server import redis_keys
 from server.fanout.ring import DEFAULT_QUEUE_BYTES, Channel, Subscription
 from server.fanout.upstream import Upstream, parse_messages
-from server.store import AnyRedis
+from server.redis_client import AnyRedis
 
 logger = logging.getLogger(__name__)
 

@@ -157,27 +157,34 @@ class OverviewFeed:
         self._tasks: list[asyncio.Task[None]] = []
         self._kick = Wakeup()
         self._lock = asyncio.Lock()
+        # From _start() to _stop(): a late task or attach after a stop (one that ignored its
+        # cancellation, or a start cut short by close()) adds nothing to a stopped feed.
+        self._active = False
 
     @property
     def running(self) -> bool:
-        return bool(self._tasks)
+        return self._active
 
     async def add(self, client: OverviewClient) -> None:
         self.clients.add(client)
         async with self._lock:
-            if not self._tasks:
+            if not self._active:
                 await self._start()
 
     async def remove(self, client: OverviewClient) -> None:
         self.clients.discard(client)
         async with self._lock:
-            if not self.clients and self._tasks:
+            if not self.clients and self._active:
                 await self._stop()
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._active = True
         for k in range(self.index.shards):
             sub = await self.hub.attach(runs_notice_id(k, prefix=self.index.prefix))
+            if not self._active:
+                await self._detach(sub)
+                return
             self._notices.append(sub)
             self._tasks.append(loop.create_task(self._read_notices(sub)))
         self._tasks.append(loop.create_task(self._tick()))
@@ -198,15 +205,17 @@ class OverviewFeed:
         cancelled without waiting; the hub, closed next, forgets their subscriptions."""
         try:
             async with asyncio.timeout(CLOSE_SECONDS), self._lock:
-                if self._tasks:
+                if self._active:
                     await self._stop()
         except TimeoutError:
             logger.warning("overview: the feed did not stop within %g s; cancelled", CLOSE_SECONDS)
+            self._active = False
             tasks, self._tasks = self._tasks, []
             for task in tasks:
                 task.cancel()
 
     async def _stop(self) -> None:
+        self._active = False
         tasks, self._tasks = self._tasks, []
         await stop(tasks, what="overview")  # bounded: see server/tasks.py
         # All at once, within one DETACH_SECONDS: one at a time, 2,000 followed runs on a slow
@@ -224,9 +233,12 @@ class OverviewFeed:
         self._estimated_at.clear()
 
     async def _follow(self, workflow_id: str) -> None:
-        if workflow_id in self._follows or len(self._follows) >= FOLLOW_MAX:
+        if not self._active or workflow_id in self._follows or len(self._follows) >= FOLLOW_MAX:
             return
         sub = await self.hub.attach(workflow_id)
+        if not self._active or workflow_id in self._follows:
+            await self._detach(sub)  # stopped meanwhile, or followed by a concurrent call
+            return
         sub.notify_only = True
         self._follows[workflow_id] = sub
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch(sub)))

@@ -488,13 +488,23 @@ class RunIndex:
             by_shard.setdefault(shard_of(w, self.shards), []).extend(
                 [w, last_id, "", "0", "", tie(w)]
             )
+        unwritten = dict(by_shard)
         for k, rows in by_shard.items():
             try:
                 for i in range(0, len(rows), 6 * FLUSH_RUNS):
                     await self._write(k, rows[i : i + 6 * FLUSH_RUNS])
+                del unwritten[k]
+            except asyncio.CancelledError:
+                # Stopped mid-flush (shutdown): what is not written yet goes back for
+                # close()'s own flush (writing a move twice is harmless: ids decide).
+                for left in unwritten.values():
+                    for j in range(0, len(left), 6):
+                        self._moves.setdefault(left[j], left[j + 1])
+                raise
             except (RedisError, OSError) as exc:
                 self.on_error()
                 logger.info("run index: %d moves not written (%s); next flush", len(rows) // 6, exc)
+                del unwritten[k]
                 for j in range(0, len(rows), 6):
                     self._moves.setdefault(rows[j], rows[j + 1])
                 self._start_flusher()

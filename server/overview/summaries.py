@@ -19,8 +19,8 @@ from server.models import format_timestamp
 from server.overview.runs import Cursor, RunIndex
 from server.progress.parts import META
 from server.progress.service import ProgressService
+from server.redis_client import AnyRedis
 from server.redis_keys import progress_key
-from server.store import AnyRedis
 from server.streams.watchers import watchers
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from server import progress
 from server.progress import history
-from server.store import AnyRedis, Appended, Store
+from server.redis_client import AnyRedis
+from server.store import Appended, Store
 
 if TYPE_CHECKING:
     from server import wire

@@ -150,6 +150,7 @@ async def websocket_events(request: web.Request) -> web.StreamResponse:
 
     if start is not None and await views.finished_before(store, workflow_id, start):
         await ws.prepare(request)  # nothing left to send: the twin of SSE's 204
+        connections.mark_started(request, ws)
         await close(ws, WSCloseCode.OK, "finished")
         return ws
 
