@@ -49,3 +49,10 @@ def comment(text: str = "") -> bytes:
 
 
 KEEP_ALIVE = comment("keep-alive")
+
+
+def http_chunk(data: bytes) -> bytes:
+    """`data` as one HTTP/1.1 chunk (chunked transfer encoding): how SSE bytes written
+    straight to the transport (the hub's direct writes) go on the wire of an HTTP/1.1
+    response, where aiohttp would otherwise frame them."""
+    return b"%x\r\n%b\r\n" % (len(data), data)

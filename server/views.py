@@ -18,7 +18,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import RedisError
 
-from server import app_keys, auth, connections
+from server import app_keys, auth, connections, sse
 from server.dashboard import static_dir
 from server.fanout.ring import Subscription, ws_text
 from server.models import (
@@ -210,7 +210,7 @@ async def sse_response(request: web.Request) -> web.StreamResponse:
         response.enable_chunked_encoding()
     await response.prepare(request)
     connections.mark_started(request, response)  # an error after this cannot be an answer
-    await response.write(b"retry: %d\n\n" % request.app[app_keys.settings_key].retry_ms)
+    await response.write(sse.encode(retry=request.app[app_keys.settings_key].retry_ms))
     return response
 
 

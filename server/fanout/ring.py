@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
+from server.sse import http_chunk
+
 if TYPE_CHECKING:
     from server.fanout.hub import Hub
     from server.fanout.upstream import Upstream
@@ -128,8 +130,7 @@ class Live:
     def chunk(self) -> bytes:
         """`sse` as one HTTP/1.1 chunk (chunked transfer encoding), for direct writes."""
         if self._chunk is None:
-            sse = self.sse
-            self._chunk = b"%x\r\n%b\r\n" % (len(sse), sse)
+            self._chunk = http_chunk(self.sse)
         return self._chunk
 
 

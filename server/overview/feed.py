@@ -73,8 +73,7 @@ _COMPARED = (
 
 
 def run_frame(summary: wire.RunSummary) -> bytes:
-    data = json.dumps(summary, ensure_ascii=False, separators=(",", ":"))
-    return b"event: run\ndata: " + data.encode() + b"\n\n"
+    return sse.encode(json.dumps(summary, ensure_ascii=False, separators=(",", ":")), event="run")
 
 
 def _updated(summary: wire.RunSummary) -> datetime:
