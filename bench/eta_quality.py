@@ -1,5 +1,8 @@
 """ETA quality on synthetic DAG traces with known truth: the server's estimator vs baselines.
 
+~690 lines: the trace generator, the estimators compared (the server's, an oracle, the
+baselines) and the report, which RESULTS.md cites as one program.
+
 Run from the repository root: `python -m bench.eta_quality [--traces N] [--seed S]`.
 
 Each trace is a layered DAG run by a simulated engine (list scheduling under a

@@ -1,5 +1,9 @@
 """Fan-out scenarios of issue 6 against four systems in one run.
 
+One file of ~1,300 lines: a benchmark is read and run as one program; its scenarios
+share the systems' start-up, the generator and the tables, and RESULTS.md cites it by
+name. The load generator and the baselines are modules of their own.
+
 Systems (each started fresh for every scenario and size, on a free loopback port):
   ours   python -m server --redis-url URL --port P
   seed   bench/baselines/seed_style.py: one Redis pub/sub connection per stream

@@ -1,5 +1,8 @@
 """SSE load generator: thousands of streams from one process on bare asyncio Protocols.
 
+~900 lines: the stream reader, the publishers (one event per POST and batches) and their
+parsing modes share the protocol classes and the per-stream bookkeeping they measure.
+
 Each stream is one `loop.create_connection` with a small Protocol that sends the GET and
 parses the (possibly chunked) event-stream bytes incrementally. Publishers put
 `"message":"B<lane>:<seq>:<time.time()>"` in every event; a receiver finds that marker in

@@ -1,4 +1,9 @@
-"""Real processes for fault tests: private redis-server instances and server subprocesses."""
+"""Real processes for fault tests: private redis-server instances and server subprocesses.
+
+~510 lines: single Redis, Cluster and Sentinel processes and the server subprocesses
+share the port choice, the start-and-wait and the stop-by-PID that every fault test
+relies on.
+"""
 
 from __future__ import annotations
 
