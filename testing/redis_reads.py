@@ -9,10 +9,14 @@ instead of every test narrowing the union again.
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+
+from server import redis_keys
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -35,3 +39,17 @@ def node_port(client: RedisCluster, key: str) -> int:
     node = client.get_node_from_key(key)
     assert node is not None, f"no node serves {key!r}: is the client initialized?"
     return int(node.port)  # typed str | int: ClusterNode() takes either; the slots table has ints
+
+
+async def owned_and_not(via_port: int, master_port: int, prefix: str) -> tuple[str, str]:
+    """Two new workflow ids: one whose keys the master at `master_port` serves, and one
+    that another shard serves (asked of the cluster through the node at `via_port`)."""
+    client = RedisCluster.from_url(f"redis://127.0.0.1:{via_port}/0")
+    await client.initialize()
+    try:
+        ids = (f"{prefix}-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
+        owned = next(w for w in ids if node_port(client, redis_keys.channel(w)) == master_port)
+        other = next(w for w in ids if node_port(client, redis_keys.channel(w)) != master_port)
+    finally:
+        await client.aclose()
+    return owned, other

@@ -11,19 +11,17 @@ node's replica, which is what lets WAIT succeed on that shard again.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import signal
 import time
-import uuid
 
 import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
 from server import redis_keys
 from testing.procs import RedisClusterProcesses, ServerProcess, server_env
-from testing.redis_reads import node_port, stream_entries
+from testing.redis_reads import owned_and_not, stream_entries
 from testing.waiting import wait_until
 from tests.test_sentinel import Engine
 
@@ -38,13 +36,7 @@ async def test_with_min_replicas_ack_a_cluster_master_killed_loses_no_acknowledg
     try:
         cluster.start()
         master, replica = cluster.master_and_replica()
-        client = RedisCluster.from_url(f"redis://127.0.0.1:{replica.port}/0")
-        await client.initialize()
-        try:
-            ids = (f"durable-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
-            wf = next(w for w in ids if node_port(client, redis_keys.channel(w)) == master.port)
-        finally:
-            await client.aclose()
+        wf, _ = await owned_and_not(replica.port, master.port, "durable")
 
         server = ServerProcess(env=server_env(REDIS_URL=cluster.url, MIN_REPLICAS_ACK="1"))
         await server.start()

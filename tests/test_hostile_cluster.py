@@ -10,9 +10,7 @@ healthy shards are never refused.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from server import redis_keys, store
 from testing.procs import RedisClusterProcesses, RedisProcess, ServerProcess
-from testing.redis_reads import node_port, stream_ids
+from testing.redis_reads import owned_and_not, stream_ids
 from testing.sse import iter_messages
 from testing.waiting import wait_until
 from tests.test_sentinel import Engine
@@ -81,14 +79,7 @@ async def test_a_killed_cluster_master_is_followed_streams_catch_up_and_healthy_
     cluster: RedisClusterProcesses,
 ) -> None:
     master, replica = cluster.master_and_replica()
-    client = RedisCluster.from_url(f"redis://127.0.0.1:{replica.port}/0")
-    await client.initialize()
-    try:
-        ids = (f"failover-{uuid.uuid4().hex[:8]}-{i}" for i in itertools.count())
-        victim = next(wf for wf in ids if node_port(client, redis_keys.channel(wf)) == master.port)
-        healthy = next(wf for wf in ids if node_port(client, redis_keys.channel(wf)) != master.port)
-    finally:
-        await client.aclose()
+    victim, healthy = await owned_and_not(replica.port, master.port, "failover")
 
     server = ServerProcess(env={"REDIS_URL": cluster.url, "HEARTBEAT_SECONDS": "1"})
     await server.start()
