@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,13 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
-        if not self.history_prefix:
-            raise ValueError("HISTORY_PREFIX must not be empty")
+        if not _PREFIX.fullmatch(self.history_prefix):
+            # A brace would move the history's keys out of the hash tags that keep each of
+            # its scripts on one Cluster slot; a colon or space would blur the key scheme.
+            raise ValueError(
+                "HISTORY_PREFIX must be 1 to 64 characters of A-Z a-z 0-9 . _ -, "
+                f"got {self.history_prefix!r}"
+            )
         if self.min_replicas_ack < 0:
             raise ValueError(f"MIN_REPLICAS_ACK must be 0 or more, got {self.min_replicas_ack}")
         if self.min_replicas_ack and not self.redis_url:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from server import settings
 
 
@@ -55,3 +57,9 @@ def test_every_spec_variable_is_a_flag_and_the_flag_wins() -> None:
         assert getattr(got, name.lower()) == expected, name
     from_env = settings.from_sources(env)
     assert (from_env.retry_ms, from_env.max_streams, from_env.workers) == (1000, 10, "3")
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "a}b", "a:b", "a b", "x" * 65])
+def test_a_history_prefix_that_would_break_the_key_scheme_is_refused(prefix: str) -> None:
+    with pytest.raises(ValueError, match="HISTORY_PREFIX"):
+        settings.Settings(history_prefix=prefix)
