@@ -23,13 +23,13 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import models, progress, redis_keys, store
+from server import models, progress, store
 from server.__main__ import GC_THRESHOLDS
 from server.app import create_app
-from server.overview import runs
 from server.progress import parts
 from server.publisher import Publisher
 from server.settings import Settings
+from testing.cleanup import forget
 
 NODES = 10_000  # the SPEC's maximum plan
 BODY_BYTES = 4 * 1024 * 1024 - 64 * 1024  # just under the default MAX_BODY_BYTES
@@ -166,9 +166,7 @@ async def loop_stalls(body: bytes, rounds: int, redis_url: str) -> list[tuple[fl
                 results.append((took, await ticker, full[0]))
     finally:
         gc.callbacks.remove(count)
-        for wf in workflows:
-            await redis.delete(*redis_keys.workflow_keys(wf))
-        await runs.RunIndex(redis, retention_seconds=1).forget(workflows)
+        await forget(redis, workflows)
         await server.close()
         await redis.aclose()
     return results[1:]

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from server import app_keys, redis_keys
 from server.app import create_app
-from server.overview import runs
 from server.settings import Settings
+from testing.cleanup import forget
 
 NODES = 30
 
@@ -79,9 +79,7 @@ async def main() -> None:
         ratio = statistics.median(samples[long]) / statistics.median(samples[short])
         print(f"p50 long/short: {ratio:.2f}")
     finally:
-        for wf in (short, long):
-            await redis.delete(*redis_keys.workflow_keys(wf))
-        await runs.RunIndex(redis, retention_seconds=1).forget([short, long])
+        await forget(redis, [short, long])
         await server.close()
         await redis.aclose()
 

@@ -19,10 +19,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server import redis_keys
 from server.app import create_app
 from server.overview import runs
 from server.settings import Settings
+from testing.cleanup import forget
 from testing.procs import RedisClusterProcesses
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -165,10 +165,8 @@ async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         client = await real_redis_or_skip()
     client.test_workflows = []
     yield client
-    names = [k for wf in client.test_workflows for k in redis_keys.workflow_keys(wf)]
-    if names:
-        await client.delete(*names)
-        await runs.RunIndex(client, retention_seconds=1).forget(client.test_workflows)
+    if client.test_workflows:
+        await forget(client, client.test_workflows)
     await client.aclose()
 
 
