@@ -82,6 +82,7 @@ async def _wire(app: web.Application, settings: Settings, redis: AnyRedis) -> No
         on_index_error=metrics.run_index_errors_total.inc,
         on_index_write=metrics.run_index_writes_total.inc,
     )
+    metrics.count_appends(lambda: store.merged, lambda: store.refolded)
     hub = Hub(
         redis,
         queue_limit=settings.client_queue_frames,

@@ -95,6 +95,7 @@ class AppendArgs:
     sets: bytes  # JSON: flat array of field, value strings
     deletes: bytes  # JSON: array of field names
     publish_parts: bool  # publish `sets` for other processes' caches (all that changed)
+    delta: bytes  # JSON: the fold's changes to the meta part, to merge (parts.Delta); b''
 
 
 def append_args(a: AppendArgs) -> tuple[list[str], list[bytes | str | int]]:
@@ -118,6 +119,7 @@ def append_args(a: AppendArgs) -> tuple[list[str], list[bytes | str | int]]:
         a.sets,
         a.deletes,
         "1" if a.publish_parts else "0",
+        a.delta,
     ]
     if a.read is not None:
         argv += a.read

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import (
@@ -54,6 +54,22 @@ class Tally:
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+class Sampled:
+    """A counter that its owner keeps as a plain int, read when scraped."""
+
+    def __init__(
+        self, name: str, documentation: str, registry: CollectorRegistry, read: Callable[[], int]
+    ) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
@@ -154,6 +170,23 @@ class Metrics:
             "Legacy channel messages that were not valid events.",
             namespace=ns,
             registry=r,
+        )
+
+    def count_appends(self, merged: Callable[[], int], refolded: Callable[[], int]) -> None:
+        """The store's counts of appends that met another process's append in between."""
+        Sampled(
+            f"{NAMESPACE}_appends_merged",
+            "Appends that another process's append preceded since their fold, merged by "
+            "the append script (no second fold).",
+            self.registry,
+            merged,
+        )
+        Sampled(
+            f"{NAMESPACE}_appends_refolded",
+            "Appends the script refused because another process's append changed what "
+            "their fold read (folded again).",
+            self.registry,
+            refolded,
         )
 
     def observe_frames(self, frames: Sequence[Frame], *, now: float | None = None) -> None:

@@ -178,18 +178,16 @@ def _prepare(
     known: dict[str, str],
     touched: set[str] | None,
     encoded: Encoded | None,
-) -> tuple[
-    progress.FoldState, list[Event], list[tuple[int, HistoryItem]], Encoded, bytes, int, bytes, int
-]:
-    """parts.fold_parts(), and what the script takes of it: the new state, the new events,
-    their history items, the events encoded (unless `encoded`, by an attempt that lost its
-    compare-and-set), and the fields to set and delete, as JSON and counted."""
-    state, new_events, history, updates, deletes = parts.fold_parts(state, events, known, touched)
+) -> tuple[parts.Folded, Encoded, bytes, bytes]:
+    """parts.fold_parts(), and what the script takes of it: the events encoded (unless
+    `encoded`, by an attempt that lost its compare-and-set), and the fields to set and
+    delete, as JSON."""
+    folded = parts.fold_parts(state, events, known, touched)
     if encoded is None:
         encoded = encode_events(events)
     # Strings (field names) and bytes (parts, UTF-8 JSON) alike become JSON strings.
-    sets, dels = pydantic_core.to_json(updates), pydantic_core.to_json(deletes)
-    return state, new_events, history, encoded, sets, len(updates) // 2, dels, len(deletes)
+    sets, dels = pydantic_core.to_json(folded.updates), pydantic_core.to_json(folded.deletes)
+    return folded, encoded, sets, dels
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
@@ -225,6 +223,10 @@ class Store:
         # MIN_REPLICAS_ACK: an append is answered once this many replicas hold it.
         self.min_replicas_ack = min_replicas_ack
         self.replica_wait_ms = max(1, int(1000 * (self.clock.budget or REPLICA_WAIT_SECONDS)))
+        # Appends that found another process's append in between: merged by the script, or
+        # answered with the parts to fold again (a lost compare-and-set). Read by /metrics.
+        self.merged = 0
+        self.refolded = 0
 
     async def append(self, workflow_id: str, events: Sequence[Event]) -> Appended:
         """Store `events` atomically (all or none), publish them, advance the progress fold.
@@ -406,7 +408,8 @@ class Store:
             )
         else:
             prepared = _prepare(view.state, events, known, touched, encoded)
-        state, new_events, history, encoded, sets, nset, deletes, ndel = prepared
+        folded, encoded, sets, deletes = prepared
+        state, new_events, history = folded.state, folded.new_events, folded.history
         if not wire:
             wire.append(encoded)
         names = parts.read_fields(touched)
@@ -418,8 +421,8 @@ class Store:
                 publish_command=self.publish_command,
                 ver=view.ver,
                 count=len(events),
-                nset=nset,
-                ndel=ndel,
+                nset=len(folded.updates) // 2,
+                ndel=len(folded.deletes),
                 last=view.last if strict else "",
                 strict=strict,
                 read=names,
@@ -429,6 +432,9 @@ class Store:
                 sets=sets,
                 deletes=deletes,
                 publish_parts=touched is not None,
+                # A key already stored would leave the script to skip an event this fold
+                # counted: such an append compares and folds again instead.
+                delta=b"" if known else folded.delta,
             )
         )
         try:
@@ -449,6 +455,7 @@ class Store:
         if added == -2:
             raise AppendExpired("Redis ran the append after its deadline and refused it")
         if added == -1:
+            self.refolded += 1
             got, known_raw = reply[2], reply[3]
             if names is None:
                 fields = {_text(got[i]): got[i + 1] for i in range(0, len(got), 2)}
@@ -460,6 +467,12 @@ class Store:
                 if e.idempotency_key and v
             }
             return parts.view_from(fields, touched), fresh
+        if reply[3] is not None and touched is not None:  # merged onto another's append
+            self.merged += 1
+            meta = _bytes(reply[3])
+            view = parts.merged_view(int(reply[4]), _text(reply[2]), meta, state, touched)
+            self.cache.keep(workflow_id, view)
+            return _Written([_text(i) for i in ids_raw], new_events, history)
         # The view is ours alone until cached: updated in place, not rebuilt, so an append
         # leaves no new long-lived objects for the garbage collector to scan.
         if added:

@@ -14,9 +14,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from server import redis_keys, store
+from server import progress, redis_keys, store
 from server.app import create_app
+from server.models import event_adapter
 from server.settings import Settings
+from server.store import Store
+from testing.metrics import sample
 from testing.procs import RedisProcess
 from testing.redis_reads import stream_entries
 from tests.conftest import Serve
@@ -94,6 +97,49 @@ async def test_concurrent_publishers_on_two_server_processes_all_succeed(
         async with session.get(f"{bases[1]}/workflows/{wf}/progress") as resp:
             progress = await resp.json()
     assert progress["running_nodes"] == WRITERS
+
+
+async def test_two_processes_reporting_progress_of_one_node_merge_instead_of_retrying(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """The engine's progress reports for one running node, spread over two server
+    processes: each append finds the other's in between, and the append script merges it
+    (no append is folded twice), while progress stays the serial fold of what is stored."""
+    bases, wf = [await serve(), await serve()], new_workflow()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        first = [plan(2), {"event_type": "node_started", "node_id": "n0"}]
+        async with session.post(f"{bases[0]}/workflows/{wf}/events", json=first) as r:
+            assert r.status == 201
+        report = {"event_type": "node_progress", "node_id": "n0", "fraction": 0.5}
+
+        async def lane(base: str) -> list[int]:  # one after the other, as an engine sends
+            statuses = []
+            for _ in range(30):
+                async with session.post(f"{base}/workflows/{wf}/events", json=[report] * 5) as r:
+                    statuses.append(r.status)
+            return statuses
+
+        assert await asyncio.gather(lane(bases[0]), lane(bases[1])) == [[201] * 30] * 2
+        merged = refolded = 0.0
+        for base in bases:
+            async with session.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            merged += sample(text, "wfsse_appends_merged_total") or 0.0
+            refolded += sample(text, "wfsse_appends_refolded_total") or 0.0
+        async with session.get(f"{bases[1]}/workflows/{wf}/progress") as resp:
+            shown = await resp.json()
+    assert merged >= 1 and refolded == 0, (merged, refolded)
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 2 + 300
+    assert (shown["running_nodes"], shown["completed_nodes"], shown["total_nodes"]) == (1, 0, 2)
+    stored = await Store(redis, maxlen=10_000, retention_seconds=60).load_progress(wf)
+    assert stored is not None
+    replayed = progress.new_state()
+    for _id, fields in await redis.xrange(redis_keys.stream_key(wf)):
+        replayed = progress.fold(replayed, event_adapter.validate_json(fields[b"d"]))
+    for state in (stored.state, replayed):  # the hash keeps no node order
+        state.nodes = dict(sorted(state.nodes.items()))
+    assert progress.dumps_state(stored.state) == progress.dumps_state(replayed)
 
 
 async def test_concurrent_retries_of_one_idempotency_key_store_it_once(

@@ -235,3 +235,80 @@ async def test_saving_what_was_shown_neither_extends_nor_revives_a_workflow(
     gone = new_workflow()  # expired, or never known: a poll must not create its key
     await s.save_shown(gone, b"shown")
     assert await redis.exists(redis_keys.progress_key(gone)) == 0
+
+
+async def test_two_writers_of_one_running_node_merge_and_never_fold_twice(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """An engine's progress reports through two processes: their appends touch one node
+    whose part none of them changes, so the script merges every stale meta part."""
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    await a.append(wf, [plan(3), ev(1, "node_started", node_id="n1")])
+    step = iter(range(2, 10_000))
+
+    async def writer(s: Store) -> None:
+        for _ in range(15):
+            batch = [ev(next(step), "node_progress", node_id="n1", fraction=0.5)] * 10
+            await s.append(wf, batch)
+
+    await asyncio.gather(writer(a), writer(b))
+    assert a.refolded + b.refolded == 0
+    assert a.merged + b.merged >= 1
+    assert await redis.xlen(redis_keys.stream_key(wf)) == 2 + 300
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+def mixed_events(count: int, nodes: int, seed: int) -> list[Event]:
+    """Node events, restarts after failures, non-terminal states and idempotency keys (some
+    repeated), with timestamps out of order now and then."""
+    rnd = random.Random(seed)
+    out = node_events(count, nodes, seed)
+    for i in range(0, count, 7):
+        out[i] = ev(i + 1, "workflow_state_changed", to_state=rnd.choice(["RUNNING", "PAUSED"]))
+    for i in range(3, count, 5):
+        out[i] = out[i].model_copy(update={"idempotency_key": f"k{rnd.randrange(count // 3)}"})
+    for i in range(5, count, 11):
+        out[i] = out[i].model_copy(update={"timestamp": out[i - 4].timestamp})
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_merged_appends_of_three_writers_equal_the_serial_fold(
+    redis: Any, new_workflow: Callable[[], str], seed: int
+) -> None:
+    wf = new_workflow()
+    stores = [new_store(redis) for _ in range(3)]
+    if seed != 2:  # without a plan, every node seen counts
+        await stores[0].append(wf, [plan(8)])
+    events = mixed_events(240, 10, seed)
+    rnd = random.Random(seed)
+
+    async def writer(k: int) -> None:
+        for i in range(k, len(events), 6):
+            await stores[k % 3].append(wf, events[i : i + rnd.choice([1, 2, 3])])  # overlapping
+
+    await asyncio.gather(*(writer(k) for k in range(6)))
+    assert sum(s.merged + s.refolded for s in stores) >= 1  # they did get in each other's way
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_a_merge_is_refused_when_the_node_or_the_plan_changed_under_the_fold(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    await a.append(wf, [ev(1, "node_started", node_id="x")])
+    await b.append(wf, [ev(2, "node_started", node_id="y")])
+    await b.append(wf, [ev(3, "node_completed", node_id="x")])  # x changed under a's view
+    await a.append(wf, [ev(4, "node_failed", node_id="x", error="boom")])
+    assert (a.merged, a.refolded) == (0, 1)
+    await b.append(wf, [ev(5, "node_started", node_id="z")])  # nothing a's fold reads
+    await a.append(wf, [ev(6, "node_started", node_id="x")])
+    assert (a.merged, a.refolded) == (1, 1)
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    await a.append(wf, [ev(1, "node_started", node_id="z1")])
+    await b.append(wf, [plan(2)])  # plan_known changed: z2 would not count any more
+    await a.append(wf, [ev(2, "node_started", node_id="z2")])
+    assert (a.merged, a.refolded) == (0, 1)
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)

@@ -25,14 +25,25 @@
 --  16 sets               the S field/value pairs as one flat JSON array of strings
 --  17 deletes            the D field names as one JSON array
 --  18 publish parts      '1': publish the S pairs (they are all that changed)
---  19.. read             the R field names (when R >= 0)
+--  19 delta              JSON of a fold of node events' changes to the meta part
+--                        (progress/parts.py, Delta), or '': see "Merging" below
+--  20.. read             the R field names (when R >= 0)
 --
--- Returns {ids, added, last}: `ids` in input order (a known idempotency key returns its
--- first id), `last` the newest id added. When the caller's view is stale (`ver` or `last`
+-- Returns {ids, added, last, meta, ver}: `ids` in input order (a known idempotency key
+-- returns its first id), `last` the newest id added, `meta` false unless merged (below),
+-- `ver` the hash's version now. When the caller's view is stale (`ver` or `last`
 -- moved since, or, if strict, a key is known) nothing is written and it returns
 -- {{}, -1, parts, known}: the R fields of the progress hash (all of it, flat, when R = -1)
 -- and per event the id its idempotency key was stored under (false if none), so the
 -- caller can fold again without another round trip. Past its deadline: {{}, -2}.
+--
+-- Merging: with a delta, a stale `ver` or `last` is no conflict when the fold's outcome
+-- cannot have changed: the stored meta part has the fold's `plan_known`, every node its
+-- events name has the part the fold started from, and (strict or not) none of its
+-- idempotency keys is known. The script then writes the fold's node parts and, instead of
+-- the fold's meta part, the stored one advanced by the delta, which is what folding the
+-- events after the stored state gives, and returns it as `meta`. Two processes appending
+-- node events to one workflow then rarely fold twice.
 --
 -- The events are published as `<id> <event_type> <terminal 0|1> <json>`, several to a
 -- message, one per line (stored JSON holds no line break), up to PUBLISH_BYTES a message
@@ -48,8 +59,64 @@ local expected_ver, n, nset, ndel = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumb
 local expected_last, strict, nread = ARGV[9], ARGV[10] == '1', tonumber(ARGV[11])
 local deadline, keep = tonumber(ARGV[12]), tonumber(ARGV[13])
 local lengths, blob, sets_json, dels_json = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
-local publish_parts = ARGV[18] == '1'
-local READ = 19  -- the first of the R field names
+local publish_parts, delta_json = ARGV[18] == '1', ARGV[19]
+local READ = 20  -- the first of the R field names
+
+-- JSON of the meta part's numbers as integers: cjson writes 14 significant digits, and a
+-- timestamp in microseconds has 16.
+local function int(x)
+  if x == nil or x == cjson.null then return 'null' end
+  return string.format('%d', x)
+end
+local function list(a, each)
+  local o = {}
+  for i = 1, #a do o[i] = each(a[i]) end
+  return '[' .. table.concat(o, ',') .. ']'
+end
+local function text(x)
+  if x == nil or x == cjson.null then return 'null' end
+  return cjson.encode(x)
+end
+
+-- The stored meta part (JSON) advanced by a fold's delta (see "Merging"), as JSON.
+local function merged(stored, d)
+  local m = cjson.decode(stored)
+  local t, c, x = m.t, m.c, m.x
+  if d.s ~= cjson.null then m.s, t[2] = d.s, cjson.null end  -- a non-terminal state
+  if d.first ~= cjson.null and (t[1] == cjson.null or d.first < t[1]) then t[1] = d.first end
+  t[3] = d.last
+  -- The running-count integrals over the events' timestamps, as fold._advance_clock.
+  local clock, busy, active, peak = t[4], x[2], x[3], x[4]
+  local base = #m.r
+  local n = base
+  local steps = d.steps
+  for i = 1, #steps, 2 do
+    local ts = steps[i]
+    if clock == cjson.null then
+      clock = ts
+    elseif ts > clock then
+      busy = busy + n * (ts - clock)
+      if n > 0 then active = active + ts - clock end
+      clock = ts
+    end
+    n = base + steps[i + 1]
+    if n > peak then peak = n end
+  end
+  t[4] = clock
+  for i = 1, #c do c[i] = c[i] + d.c[i] end
+  local gone = {}
+  for _, node in ipairs(d.gone) do gone[node] = true end
+  local running = {}
+  for _, node in ipairs(m.r) do
+    if not gone[node] then running[#running + 1] = node end
+  end
+  for _, node in ipairs(d.new) do running[#running + 1] = node end
+  return '{"v":1,"pk":' .. tostring(m.pk) .. ',"pv":' .. int(m.pv) .. ',"hd":'
+    .. tostring(m.hd) .. ',"d":' .. text(m.d) .. ',"mc":' .. int(m.mc) .. ',"s":' .. text(m.s)
+    .. ',"t":' .. list(t, int) .. ',"c":' .. list(c, int) .. ',"tot":' .. int(m.tot + d.tot)
+    .. ',"r":' .. list(running, text) .. ',"q":' .. int(m.q + d.q) .. ',"x":'
+    .. list({x[1] + d.f, busy, active, peak}, int) .. '}'
+end
 
 if deadline > 0 then
   local t = redis.call('TIME')
@@ -75,10 +142,25 @@ for i = 1, n do
   pos = pos + dl
 end
 local stale = ver ~= expected_ver or (expected_last ~= '' and cur[2] ~= expected_last)
+local meta = false  -- the merged meta part, when merging
+if stale and delta_json ~= '' then
+  local d = cjson.decode(delta_json)
+  local stored = redis.call('HGET', progress, 'meta')
+  local fits = stored and cjson.decode(stored).pk == d.pk
+  local nodes = d.parts
+  for i = 1, #nodes, 2 do
+    if not fits then break end
+    local now = redis.call('HGET', progress, nodes[i])
+    if nodes[i + 1] == cjson.null then fits = not now else fits = now == nodes[i + 1] end
+  end
+  if fits then
+    meta, stale, strict = merged(stored, d), false, true
+  end
+end
 if not stale and strict then
   for i = 1, n do
     if iks[i] ~= '' and redis.call('HEXISTS', idem, iks[i]) == 1 then
-      stale = true
+      stale, meta = true, false
       break
     end
   end
@@ -139,6 +221,10 @@ if added > 0 then
   -- client's event loop; as one JSON argument, one C call. Written 1,000 values a command
   -- (unpack() has a limit near 8,000).
   local sets, dels = cjson.decode(sets_json), cjson.decode(dels_json)
+  if meta then  -- sets begin with the fold's meta part (parts.fold_parts)
+    sets[2] = meta
+    sets_json = cjson.encode(sets)
+  end
   for k = 1, 2 * nset, 1000 do
     redis.call('HSET', progress, unpack(sets, k, math.min(k + 999, 2 * nset)))
   end
@@ -160,4 +246,4 @@ if added > 0 then
     if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ttl) end
   end
 end
-return {ids, added, last}
+return {ids, added, last, meta, ver + added}

@@ -34,6 +34,7 @@ from server.progress.fold import (
     history_keys,
     new_state,
     node_types,
+    starts_clock,
 )
 from server.progress.snapshot import (
     Shown,
@@ -75,5 +76,6 @@ __all__ = [
     "node_types",
     "schedule_nodes",
     "snapshot",
+    "starts_clock",
     "touched_nodes",
 ]

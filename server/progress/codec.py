@@ -36,14 +36,12 @@ def _node_row(n: NodeState) -> list[Any]:
         n.depends_on,
         n.index,
         int(n.seen) | int(n.recorded) << 1,
-        n.start_seq,
+        0,  # was the fold order of the latest start; `running` holds that order (see fold)
     ]
 
 
 def _node_from_row(row: list[Any]) -> NodeState:
-    (status, attempts, started, finished, duration, name, ntype, deps, index, flags, start_seq) = (
-        row
-    )
+    status, attempts, started, finished, duration, name, ntype, deps, index, flags, _ = row
     return NodeState(
         status=STATUSES[status],
         attempts=attempts,
@@ -56,7 +54,6 @@ def _node_from_row(row: list[Any]) -> NodeState:
         index=index,
         seen=bool(flags & 1),
         recorded=bool(flags & 2),
-        start_seq=start_seq,
     )
 
 

@@ -71,7 +71,6 @@ class NodeState:
     index: int = -1  # position in the plan, -1 when not planned
     seen: bool = False  # a node event named it (not only the plan)
     recorded: bool = False  # its duration already went into the history
-    start_seq: int = 0  # fold order of the latest start, to order equal timestamps
 
     @property
     def planned(self) -> bool:
@@ -144,6 +143,13 @@ def _advance_clock(state: FoldState, ts: int) -> None:
         state.clock_us = ts
 
 
+def starts_clock(event: Event) -> bool:
+    """Whether `event` shows the run at work (its timestamp may be `started_at`)."""
+    if isinstance(event, WorkflowStateChanged):
+        return event.to_state == "RUNNING"
+    return not isinstance(event, WorkflowPlanned)
+
+
 def _mark_started(state: FoldState, ts: int) -> None:
     if state.started_us is None or ts < state.started_us:
         state.started_us = ts
@@ -189,7 +195,6 @@ def _start(state: FoldState, node_id: str, node: NodeState, ts: int) -> None:
     node.finished_us = None
     node.duration_us = None
     node.recorded = False
-    node.start_seq = state.seq
     _set_status(state, node_id, node, RUNNING)
 
 
@@ -276,37 +281,32 @@ def fold(state: FoldState, event: Event) -> FoldState:
                         node.recorded = True
             else:
                 state.ended_us = None
-                if event.to_state == "RUNNING":
-                    _mark_started(state, ts)
         case NodeStarted():
             node = _node(state, event.node_id)
             _names(node, event.node_name, event.node_type)
             if node.status != RUNNING:
                 _start(state, event.node_id, node, ts)
-            _mark_started(state, ts)
         case NodeProgress():
             node = _node(state, event.node_id)
             if node.status == PENDING:
                 _start(state, event.node_id, node, ts)
-            _mark_started(state, ts)
         case NodeCompleted():
             node = _node(state, event.node_id)
             _names(node, event.node_name, event.node_type)
             _finish(state, event.node_id, node, COMPLETED, ts, event.duration_ms)
-            _mark_started(state, ts)
         case NodeFailed():
             node = _node(state, event.node_id)
             _names(node, event.node_name, event.node_type)
             if node.status != FAILED:
                 state.failed_attempts += 1
             _finish(state, event.node_id, node, FAILED, ts, event.duration_ms)
-            _mark_started(state, ts)
         case NodeSkipped():
             node = _node(state, event.node_id)
             _finish(state, event.node_id, node, SKIPPED, ts, None)
-            _mark_started(state, ts)
         case _:
             assert_never(event)
+    if starts_clock(event):
+        _mark_started(state, ts)
     return state
 
 

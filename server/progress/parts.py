@@ -21,10 +21,12 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import pydantic_core
 
 from server import progress
-from server.models import Event, WorkflowPlanned
+from server.models import Event, WorkflowPlanned, WorkflowStateChanged
 
 # Fields of the progress hash besides `ver`, `last` and `shown`: the fold state in parts.
 META, PLAN, NODE = "meta", "plan", "n:"
@@ -132,6 +134,17 @@ def view_from(fields: dict[str, Any], touched: set[str] | None) -> View:
     return View(ver, last, state, None if touched is None else set(touched))
 
 
+def merged_view(
+    ver: int, last: str, meta: bytes, folded: progress.FoldState, touched: set[str]
+) -> View:
+    """The view after an append the script merged (lua/append.lua): the meta part it wrote,
+    and of the nodes only those the fold touched (the others `folded` holds may be stale:
+    another process's append came in between)."""
+    state = progress.loads_parts(meta, None, {})
+    state.nodes = {n: folded.nodes[n] for n in touched if n in folded.nodes}
+    return View(ver, last, state, set(touched))
+
+
 def grown(prior: View | None, view: View) -> View:
     """`prior` with the nodes of `view`, a fresh read, when it is still current (same `ver`
     and `last`): the parts this process knows of a workflow grow instead of being read
@@ -157,20 +170,33 @@ def fold_weight(state: progress.FoldState, events: Sequence[Event]) -> int:
     return len(state.nodes) + planned
 
 
+class Folded(NamedTuple):
+    """What fold_parts() gives the append: the state, the events the script will store,
+    their history items, the progress-hash fields to set and delete, and, for a fold of
+    node events (not a plan, not a terminal state), its `Delta` as JSON, else b''."""
+
+    state: progress.FoldState
+    new_events: list[Event]
+    history: list[tuple[int, HistoryItem]]
+    updates: list[Any]
+    deletes: list[str]
+    delta: bytes
+
+
 def fold_parts(
     state: progress.FoldState,
     events: Sequence[Event],
     known: dict[str, str],
     touched: set[str] | None,
-) -> tuple[progress.FoldState, list[Event], list[tuple[int, HistoryItem]], list[Any], list[str]]:
-    """Fold the events the script will store into `state` (in place): the new state, the
-    new events, their history items, and the progress-hash fields to set and delete."""
+) -> Folded:
+    """Fold the events the script will store into `state` (in place)."""
     # Only events the script will really store are folded; a key repeated in the batch
     # stores once.
     new_events: list[Event] = []
     history: list[tuple[int, HistoryItem]] = []
     seen = set(known)
     before_nodes = set(state.nodes) if touched is None else set()
+    delta = None if touched is None else Delta.before(state, touched)
     for index, event in enumerate(events):
         key = event.idempotency_key
         if key and key in seen:
@@ -180,7 +206,11 @@ def fold_parts(
         new_events.append(event)
         for item in progress.history_items(state, event):  # before fold updates it
             history.append((index, item))
+        node_id = getattr(event, "node_id", None)
+        was_running = node_id in state.running
         state = progress.fold(state, event)
+        if delta is not None:
+            delta.step(state, event, node_id, was_running)
 
     updates: list[Any] = [META, progress.dumps_meta(state)]
     deletes: list[str] = []
@@ -189,7 +219,93 @@ def fold_parts(
         deletes = [NODE + n for n in before_nodes - state.nodes.keys()]
     for node_id in state.nodes if touched is None else touched & state.nodes.keys():
         updates += [NODE + node_id, progress.dumps_node(state.nodes[node_id])]
-    return state, new_events, history, updates, deletes
+    wire = b"" if delta is None else delta.dumps(state, len(new_events))
+    return Folded(state, new_events, history, updates, deletes, wire)
+
+
+@dataclass(slots=True)
+class Delta:
+    """What a fold of node events (and non-terminal states) changed in the meta part, so
+    that the append script can merge it onto a meta part that another process advanced
+    meanwhile (lua/append.lua), instead of refusing it and making the fold run again.
+
+    Such a fold depends on the meta part only through `plan_known`, and on the parts of the
+    nodes its events name: the script merges only when those are as the fold found them
+    (`parts`: each node's part before the fold, None where absent). Then adding the
+    counts, editing the running list and integrating the running count over the events'
+    timestamps from the stored clock give exactly the serial fold's meta part.
+    """
+
+    plan_known: bool
+    parts: list[Any]  # flat: field, the node's part before the fold (str) or None
+    counts: list[int]  # before, per progress.STATUSES; after dumps(): the differences
+    total: int
+    failed: int
+    running_before: int
+    was_running: set[str]  # the touched nodes that ran before the fold
+    started: dict[str, None]  # touched nodes (re)started by the fold, in start order
+    first_start: int | None = None  # the earliest timestamp that may start the clock
+    state: str | None = None  # the last workflow state the events set
+    steps: list[int] | None = None  # per event: its timestamp, running count - before
+
+    @classmethod
+    def before(cls, state: progress.FoldState, touched: set[str]) -> Delta:
+        flat: list[Any] = []
+        for node_id in sorted(touched):
+            node = state.nodes.get(node_id)
+            flat += [NODE + node_id, None if node is None else progress.dumps_node(node).decode()]
+        return cls(
+            plan_known=state.plan_known,
+            parts=flat,
+            counts=[state.counts[s] for s in progress.STATUSES],
+            total=state.total,
+            failed=state.failed_attempts,
+            running_before=len(state.running),
+            was_running={n for n in touched if n in state.running},
+            started={},
+            steps=[],
+        )
+
+    def step(
+        self, state: progress.FoldState, event: Event, node_id: str | None, was_running: bool
+    ) -> None:
+        """Note what folding `event` did (called after the fold)."""
+        ts = state.updated_us
+        assert ts is not None and self.steps is not None
+        self.steps += (ts, len(state.running) - self.running_before)
+        if progress.starts_clock(event) and (self.first_start is None or ts < self.first_start):
+            self.first_start = ts
+        if isinstance(event, WorkflowStateChanged):
+            self.state = event.to_state
+        if node_id is None:
+            return
+        if node_id not in state.running:
+            self.started.pop(node_id, None)
+        elif not was_running:  # started now: it goes to the end of the running list
+            self.started.pop(node_id, None)
+            self.started[node_id] = None
+
+    def dumps(self, state: progress.FoldState, events: int) -> bytes:
+        """The delta as the script takes it (ARGV `delta` of lua/append.lua)."""
+        gone = [n for n in self.was_running if n not in state.running or n in self.started]
+        return pydantic_core.to_json(
+            {
+                "pk": self.plan_known,
+                "parts": self.parts,
+                "c": [
+                    state.counts[s] - c for s, c in zip(progress.STATUSES, self.counts, strict=True)
+                ],
+                "tot": state.total - self.total,
+                "f": state.failed_attempts - self.failed,
+                "q": events,
+                "first": self.first_start,
+                "last": state.updated_us,
+                "s": self.state,
+                "gone": sorted(gone),
+                "new": list(self.started),
+                "steps": self.steps,
+            }
+        )
 
 
 def loads_stored(fields: dict[str, bytes]) -> tuple[bytes, bytes | None, dict[str, bytes]] | None:

@@ -133,10 +133,8 @@ def snapshot(
             time_percentage = max(share, prev.time_percentage or 0.0)
             new.time_percentage = time_percentage
 
-    running_ids = sorted(
-        state.running,
-        key=lambda n: (state.nodes[n].started_us or 0, state.nodes[n].start_seq),
-    )
+    # `running` is in start order (fold appends each start), so equal timestamps keep it.
+    running_ids = sorted(state.running, key=lambda n: state.nodes[n].started_us or 0)
     running: list[wire.RunningNode] = [
         {
             "node_id": n,
