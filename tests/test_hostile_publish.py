@@ -120,7 +120,7 @@ async def test_two_processes_reporting_progress_of_one_node_merge_instead_of_ret
                     statuses.append(r.status)
             return statuses
 
-        assert await asyncio.gather(lane(bases[0]), lane(bases[1])) == [[201] * 30] * 2
+        assert list(await asyncio.gather(lane(bases[0]), lane(bases[1]))) == [[201] * 30] * 2
         merged = refolded = 0.0
         for base in bases:
             async with session.get(f"{base}/metrics") as resp:
