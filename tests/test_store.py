@@ -312,3 +312,19 @@ async def test_a_merge_is_refused_when_the_node_or_the_plan_changed_under_the_fo
     await a.append(wf, [ev(2, "node_started", node_id="z2")])
     assert (a.merged, a.refolded) == (0, 1)
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_a_failed_attempt_after_another_process_replanned_is_filed_under_the_new_definition(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """A new plan with the same nodes changes no node's part, only the definition that the
+    failed attempt's history item names: no merge then."""
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    nodes = [{"node_id": "n0"}, {"node_id": "n1"}]
+    await a.append(wf, [ev(0, "workflow_planned", nodes=nodes, definition_id="A")])
+    await a.append(wf, [ev(1, "node_started", node_id="n0")])
+    await b.append(wf, [ev(2, "workflow_planned", nodes=nodes, definition_id="B")])
+    failed = await a.append(wf, [ev(3, "node_failed", node_id="n0", error="boom")])
+    assert (a.merged, a.refolded) == (0, 1)
+    assert [item[0] for item in failed.history] == ["B"]
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)

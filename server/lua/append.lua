@@ -38,7 +38,8 @@
 -- caller can fold again without another round trip. Past its deadline: {{}, -2}.
 --
 -- Merging: with a delta, a stale `ver` or `last` is no conflict when the fold's outcome
--- cannot have changed: the stored meta part has the fold's `plan_known`, every node its
+-- cannot have changed: the stored meta part has the fold's `plan_known` and
+-- `definition_id`, every node its
 -- events name has the part the fold started from, and (strict or not) none of its
 -- idempotency keys is known. The script then writes the fold's node parts and, instead of
 -- the fold's meta part, the stored one advanced by the delta, which is what folding the
@@ -78,9 +79,8 @@ local function text(x)
   return cjson.encode(x)
 end
 
--- The stored meta part (JSON) advanced by a fold's delta (see "Merging"), as JSON.
-local function merged(stored, d)
-  local m = cjson.decode(stored)
+-- The stored meta part (decoded) advanced by a fold's delta (see "Merging"), as JSON.
+local function merged(m, d)
   local t, c, x = m.t, m.c, m.x
   if d.s ~= cjson.null then m.s, t[2] = d.s, cjson.null end  -- a non-terminal state
   if d.first ~= cjson.null and (t[1] == cjson.null or d.first < t[1]) then t[1] = d.first end
@@ -146,15 +146,16 @@ local meta = false  -- the merged meta part, when merging
 if stale and delta_json ~= '' then
   local d = cjson.decode(delta_json)
   local stored = redis.call('HGET', progress, 'meta')
-  local fits = stored and cjson.decode(stored).pk == d.pk
+  local m = stored and cjson.decode(stored)
+  local fits = m and m.pk == d.pk and m.d == d.d
   local nodes = d.parts
   for i = 1, #nodes, 2 do
     if not fits then break end
-    local now = redis.call('HGET', progress, nodes[i])
-    if nodes[i + 1] == cjson.null then fits = not now else fits = now == nodes[i + 1] end
+    local part = redis.call('HGET', progress, nodes[i])
+    if nodes[i + 1] == cjson.null then fits = not part else fits = part == nodes[i + 1] end
   end
   if fits then
-    meta, stale, strict = merged(stored, d), false, true
+    meta, stale, strict = merged(m, d), false, true
   end
 end
 if not stale and strict then

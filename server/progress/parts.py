@@ -229,14 +229,16 @@ class Delta:
     that the append script can merge it onto a meta part that another process advanced
     meanwhile (lua/append.lua), instead of refusing it and making the fold run again.
 
-    Such a fold depends on the meta part only through `plan_known`, and on the parts of the
-    nodes its events name: the script merges only when those are as the fold found them
+    Such a fold depends on the meta part only through `plan_known` and `definition_id` (its
+    failed attempts' history items name it), and on the parts of the nodes its events name:
+    the script merges only when those are as the fold found them
     (`parts`: each node's part before the fold, None where absent). Then adding the
     counts, editing the running list and integrating the running count over the events'
     timestamps from the stored clock give exactly the serial fold's meta part.
     """
 
     plan_known: bool
+    definition_id: str | None
     parts: list[Any]  # flat: field, the node's part before the fold (str) or None
     counts: list[int]  # before, per progress.STATUSES; after dumps(): the differences
     total: int
@@ -256,6 +258,7 @@ class Delta:
             flat += [NODE + node_id, None if node is None else progress.dumps_node(node).decode()]
         return cls(
             plan_known=state.plan_known,
+            definition_id=state.definition_id,
             parts=flat,
             counts=[state.counts[s] for s in progress.STATUSES],
             total=state.total,
@@ -291,6 +294,7 @@ class Delta:
         return pydantic_core.to_json(
             {
                 "pk": self.plan_known,
+                "d": self.definition_id,
                 "parts": self.parts,
                 "c": [
                     state.counts[s] - c for s, c in zip(progress.STATUSES, self.counts, strict=True)
