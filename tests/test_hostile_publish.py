@@ -99,12 +99,13 @@ async def test_concurrent_publishers_on_two_server_processes_all_succeed(
     assert progress["running_nodes"] == WRITERS
 
 
-async def test_two_processes_reporting_progress_of_one_node_merge_instead_of_retrying(
+async def test_two_processes_reporting_progress_of_one_node_merge_instead_of_refolding(
     serve: Serve, redis: Any, new_workflow: Callable[[], str]
 ) -> None:
     """The engine's progress reports for one running node, spread over two server
-    processes: each append finds the other's in between, and the append script merges it
-    (no append is folded twice), while progress stays the serial fold of what is stored."""
+    processes: each append finds the other's in between. After the first such append of
+    each process (folded again), the append script merges them, while progress stays the
+    serial fold of what is stored."""
     bases, wf = [await serve(), await serve()], new_workflow()
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -129,7 +130,7 @@ async def test_two_processes_reporting_progress_of_one_node_merge_instead_of_ret
             refolded += sample(text, "wfsse_appends_refolded_total") or 0.0
         async with session.get(f"{bases[1]}/workflows/{wf}/progress") as resp:
             shown = await resp.json()
-    assert merged >= 1 and refolded == 0, (merged, refolded)
+    assert merged >= 10 and refolded <= 2, (merged, refolded)
     assert await redis.xlen(redis_keys.stream_key(wf)) == 2 + 300
     assert (shown["running_nodes"], shown["completed_nodes"], shown["total_nodes"]) == (1, 0, 2)
     stored = await Store(redis, maxlen=10_000, retention_seconds=60).load_progress(wf)

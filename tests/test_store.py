@@ -237,11 +237,13 @@ async def test_saving_what_was_shown_neither_extends_nor_revives_a_workflow(
     assert await redis.exists(redis_keys.progress_key(gone)) == 0
 
 
-async def test_two_writers_of_one_running_node_merge_and_never_fold_twice(
+async def test_two_writers_of_one_running_node_merge_and_fold_twice_once_at_most(
     redis: Any, new_workflow: Callable[[], str]
 ) -> None:
     """An engine's progress reports through two processes: their appends touch one node
-    whose part none of them changes, so the script merges every stale meta part."""
+    whose part none of them changes. The first append of each that finds the other's in
+    between folds again (a workflow is not known to be shared until then); every later
+    one is merged by the script."""
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
     await a.append(wf, [plan(3), ev(1, "node_started", node_id="n1")])
     step = iter(range(2, 10_000))
@@ -252,8 +254,8 @@ async def test_two_writers_of_one_running_node_merge_and_never_fold_twice(
             await s.append(wf, batch)
 
     await asyncio.gather(writer(a), writer(b))
-    assert a.refolded + b.refolded == 0
-    assert a.merged + b.merged >= 1
+    assert a.refolded <= 1 and b.refolded <= 1
+    assert a.merged + b.merged >= 10
     assert await redis.xlen(redis_keys.stream_key(wf)) == 2 + 300
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
 
@@ -298,19 +300,24 @@ async def test_a_merge_is_refused_when_the_node_or_the_plan_changed_under_the_fo
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
     await a.append(wf, [ev(1, "node_started", node_id="x")])
     await b.append(wf, [ev(2, "node_started", node_id="y")])
-    await b.append(wf, [ev(3, "node_completed", node_id="x")])  # x changed under a's view
-    await a.append(wf, [ev(4, "node_failed", node_id="x", error="boom")])
-    assert (a.merged, a.refolded) == (0, 1)
-    await b.append(wf, [ev(5, "node_started", node_id="z")])  # nothing a's fold reads
-    await a.append(wf, [ev(6, "node_started", node_id="x")])
-    assert (a.merged, a.refolded) == (1, 1)
+    await a.append(wf, [ev(3, "node_progress", node_id="x", fraction=0.1)])
+    assert (a.merged, a.refolded) == (0, 1)  # not yet known to be shared: no delta sent
+    await b.append(wf, [ev(4, "node_completed", node_id="x")])  # x changed under a's view
+    await a.append(wf, [ev(5, "node_failed", node_id="x", error="boom")])
+    assert (a.merged, a.refolded) == (0, 2)
+    await b.append(wf, [ev(6, "node_started", node_id="z")])  # nothing a's fold reads
+    await a.append(wf, [ev(7, "node_started", node_id="x")])
+    assert (a.merged, a.refolded) == (1, 2)
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
 
     wf, a, b = new_workflow(), new_store(redis), new_store(redis)
     await a.append(wf, [ev(1, "node_started", node_id="z1")])
-    await b.append(wf, [plan(2)])  # plan_known changed: z2 would not count any more
-    await a.append(wf, [ev(2, "node_started", node_id="z2")])
+    await b.append(wf, [ev(2, "node_started", node_id="z0")])
+    await a.append(wf, [ev(3, "node_completed", node_id="z1")])
     assert (a.merged, a.refolded) == (0, 1)
+    await b.append(wf, [plan(2)])  # plan_known changed: z1 no longer counts
+    await a.append(wf, [ev(4, "node_started", node_id="z1")])
+    assert (a.merged, a.refolded) == (0, 2)
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
 
 
@@ -323,8 +330,11 @@ async def test_a_failed_attempt_after_another_process_replanned_is_filed_under_t
     nodes = [{"node_id": "n0"}, {"node_id": "n1"}]
     await a.append(wf, [ev(0, "workflow_planned", nodes=nodes, definition_id="A")])
     await a.append(wf, [ev(1, "node_started", node_id="n0")])
-    await b.append(wf, [ev(2, "workflow_planned", nodes=nodes, definition_id="B")])
-    failed = await a.append(wf, [ev(3, "node_failed", node_id="n0", error="boom")])
-    assert (a.merged, a.refolded) == (0, 1)
+    await b.append(wf, [ev(2, "node_started", node_id="n1")])
+    await a.append(wf, [ev(3, "node_progress", node_id="n0", fraction=0.5)])
+    assert (a.merged, a.refolded) == (0, 1)  # now known to be shared
+    await b.append(wf, [ev(4, "workflow_planned", nodes=nodes, definition_id="B")])
+    failed = await a.append(wf, [ev(5, "node_failed", node_id="n0", error="boom")])
+    assert (a.merged, a.refolded) == (0, 2)
     assert [item[0] for item in failed.history] == ["B"]
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)

@@ -18,6 +18,7 @@ compare-and-set, never a wrong state.
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -134,6 +135,29 @@ def view_from(fields: dict[str, Any], touched: set[str] | None) -> View:
     return View(ver, last, state, None if touched is None else set(touched))
 
 
+class SharedWorkflows:
+    """The workflows another process appended to lately, as this process's appends found
+    (a lost compare-and-set, or a merge): their appends send a Delta. A workflow only this
+    process writes, the usual case, is spared the cost (3-5% of a one-event POST's CPU);
+    the first append that finds another writer folds again, and the next ones merge."""
+
+    SECONDS = 60.0  # a workflow counts as shared this long after the last such append
+    LIMIT = 10_000  # workflows remembered at most; the least recently marked go first
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, workflow_id: str) -> bool:
+        seen = self._seen.get(workflow_id)
+        return seen is not None and time.monotonic() - seen < self.SECONDS
+
+    def mark(self, workflow_id: str) -> None:
+        self._seen[workflow_id] = time.monotonic()
+        self._seen.move_to_end(workflow_id)
+        if len(self._seen) > self.LIMIT:
+            self._seen.popitem(last=False)
+
+
 def merged_view(
     ver: int, last: str, meta: bytes, folded: progress.FoldState, touched: set[str]
 ) -> View:
@@ -188,15 +212,18 @@ def fold_parts(
     events: Sequence[Event],
     known: dict[str, str],
     touched: set[str] | None,
+    *,
+    with_delta: bool = False,
 ) -> Folded:
-    """Fold the events the script will store into `state` (in place)."""
+    """Fold the events the script will store into `state` (in place); `with_delta`: note
+    its Delta too (only a fold of node events and non-terminal states has one)."""
     # Only events the script will really store are folded; a key repeated in the batch
     # stores once.
     new_events: list[Event] = []
     history: list[tuple[int, HistoryItem]] = []
     seen = set(known)
     before_nodes = set(state.nodes) if touched is None else set()
-    delta = None if touched is None else Delta.before(state, touched)
+    delta = Delta.before(state, touched) if with_delta and touched is not None else None
     for index, event in enumerate(events):
         key = event.idempotency_key
         if key and key in seen:
