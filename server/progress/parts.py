@@ -13,6 +13,10 @@ the same workflow reads nothing first: one round trip. It keeps them current fro
 other processes' appends publish on the live channel (`ProgressCache.follow`), applied
 only onto the exact state it was written over; whatever it misses costs a retry of the
 compare-and-set, never a wrong state.
+
+Where another process writes the same workflow (SharedWorkflows), an append of node events
+also sends its `Delta`, and the script merges it onto a stale meta part instead of refusing
+whenever what the fold read is unchanged (lua/append.lua, "Merging").
 """
 
 from __future__ import annotations
