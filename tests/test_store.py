@@ -338,3 +338,26 @@ async def test_a_failed_attempt_after_another_process_replanned_is_filed_under_t
     assert (a.merged, a.refolded) == (0, 2)
     assert [item[0] for item in failed.history] == ["B"]
     assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+
+
+async def test_merged_running_lists_keep_node_ids_of_any_text(
+    redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """The script writes the merged running list itself: quotes, backslashes, slashes,
+    control characters and Unicode in node ids come out as they went in."""
+    ids = ['a "quote"', "back\\slash", "sl/ash", "tab\tnew\nline\x01", "품질 판정", "\U0001f600"]
+    wf, a, b = new_workflow(), new_store(redis), new_store(redis)
+    step = iter(range(1, 1000))
+
+    async def writer(s: Store, nodes: list[str]) -> None:
+        for node in nodes:  # start, report, fail, retry: one node after the other
+            await s.append(wf, [ev(next(step), "node_started", node_id=node)])
+            await s.append(wf, [ev(next(step), "node_progress", node_id=node, fraction=0.5)])
+            await s.append(wf, [ev(next(step), "node_failed", node_id=node, error="boom")])
+            await s.append(wf, [ev(next(step), "node_started", node_id=node)])
+
+    await asyncio.gather(writer(a, ids[:3]), writer(b, ids[3:]))
+    assert a.merged + b.merged >= 1
+    assert await stored_state(redis, wf) == await replayed_state(redis, wf)
+    running = json.loads((await stored_state(redis, wf))[0])["r"]
+    assert sorted(running) == sorted(ids)
