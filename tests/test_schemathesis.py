@@ -183,8 +183,9 @@ def test_operation_never_answers_5xx_and_conforms(target: Target, label: str, mo
     run()
     # Not vacuous: many distinct requests went out (fewer only where the schema allows few:
     # an operation whose one parameter is the path id gets 21 to 24 distinct invalid ids of
-    # 50 in negative mode, where Hypothesis repeats itself; a half was a flaky bound there).
-    wanted = MAX_EXAMPLES // 2 if mode == "positive" else MAX_EXAMPLES // 4
+    # 50 in negative mode, where Hypothesis repeats itself, and in positive mode half the
+    # cases go to the few seeded workflows: 24 of 50 was seen; a half was a flaky bound).
+    wanted = MAX_EXAMPLES // 4
     assert len(seen) >= (1 if "workflow_id" not in operation.path else wanted), seen
     print(f"{label} [{mode}]: {CASES[f'{label} [{mode}]']} cases, {len(seen)} distinct")
 
