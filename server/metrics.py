@@ -74,14 +74,15 @@ class Delays:
         registry.register(self)
 
     def observe_frames(self, frames: Sequence[Frame], now: float) -> None:
-        """The delay of each frame, from its event id's clock (ms) to `now`, clamped at 0."""
+        """The delay of each event, from its id's clock (ms) to `now`, clamped at 0. The
+        events of a block were stored by one script: each counts with the first one's."""
         counts, bounds, total = self.counts, self.bounds, 0.0
         for frame in frames:
-            delay = now - frame.key[0] / 1000.0
+            delay = now - frame.first[0] / 1000.0
             if delay < 0.0:
                 delay = 0.0  # the clocks of Redis and this host differ
-            counts[bisect_left(bounds, delay)] += 1  # first bound >= delay: `le` buckets
-            total += delay
+            counts[bisect_left(bounds, delay)] += frame.count  # first bound >= delay: `le`
+            total += delay * frame.count
         self.sum += total
 
     def collect(self) -> Iterator[Metric]:

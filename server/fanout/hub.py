@@ -15,7 +15,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from server import redis_keys
 from server.fanout.ring import DEFAULT_QUEUE_BYTES, Channel, Subscription
-from server.fanout.upstream import Upstream, parse_messages
+from server.fanout.upstream import Upstream, parse_block, parse_messages
 from server.redis_client import AnyRedis
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class Hub:
         return len(self._upstreams)
 
     def queued_frames(self) -> int:
-        """Live frames held for local readers right now (bounded by design)."""
-        return sum(len(chan.ring) for chan in self._channels.values())
+        """Live events held for local readers right now (bounded by design)."""
+        return sum(chan.ring_events for chan in self._channels.values())
 
     def queued_bytes(self) -> int:
         """Frame.size of the live frames held right now (CLIENT_QUEUE_BYTES per channel,
@@ -103,8 +103,9 @@ class Hub:
         return sum(chan.ring_bytes for chan in self._channels.values())
 
     def max_queue(self) -> int:
-        """The most live frames held for one channel right now (at most the queue limit)."""
-        return max((len(chan.ring) for chan in self._channels.values()), default=0)
+        """The most live events held for one channel right now (at most the queue limit,
+        or one block of the append script's)."""
+        return max((chan.ring_events for chan in self._channels.values()), default=0)
 
     def _overflowed(self) -> None:
         self.overflows += 1
@@ -220,10 +221,14 @@ class Hub:
         chan = self._channels.get(raw_name.decode())
         if chan is None or chan.upstream is not upstream:
             return 0
+        if data[:1] == b"#":
+            frame = parse_block(data)
+            chan.push(frame)
+            return frame.count
         if data[:1] == b"=":
             self._on_state(chan.workflow_id, data)
             return 0
-        frames = parse_messages(data)
+        frames = parse_messages(data)  # a shard's overview notices, or an older writer's
         for frame in frames:
             chan.push(frame)
         return len(frames)

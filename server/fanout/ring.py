@@ -21,32 +21,86 @@ DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024  # CLIENT_QUEUE_BYTES' default
 
 
 class Frame:
-    """A live event, encoded once per process and shared by every local subscriber."""
+    """Live events stored together (one append), encoded once per process and shared by
+    every local subscriber: one event, or a block of them as the append script published
+    it (their SSE frames joined), which costs the hub the same whatever its length. Only a
+    block's last event can be terminal."""
 
-    __slots__ = ("_ws", "data", "id", "json", "key", "terminal")
+    __slots__ = ("_events", "_ws", "count", "data", "first", "id", "json", "key", "terminal")
 
     def __init__(
-        self, key: tuple[int, int], id: str, data: bytes, json: bytes, terminal: bool
+        self,
+        key: tuple[int, int],
+        id: str,
+        data: bytes,
+        json: bytes | None,
+        terminal: bool,
+        *,
+        first: tuple[int, int] | None = None,
+        count: int = 1,
     ) -> None:
-        self.key = key
-        self.id = id
-        self.data = data  # the SSE frame
-        self.json = json  # the stored event, UTF-8 JSON
-        self.terminal = terminal
+        self.key = key  # of the last event
+        self.id = id  # of the last event
+        self.data = data  # the SSE frames
+        self.json = json  # the stored event, UTF-8 JSON (one event only; see events())
+        self.terminal = terminal  # the last event is terminal
+        self.first = key if first is None else first  # of the first event
+        self.count = count
         self._ws: str | None = None
+        self._events: list[Frame] | None = None
+
+    def events(self) -> list[Frame]:
+        """One frame per event: a block is split on first use (a WebSocket, an overview, a
+        stream that read part of it from history); SSE streams send it whole."""
+        if self.count == 1 and self.json is not None:
+            return [self]
+        if self._events is None:
+            self._events = split_frames(self.data, self.terminal)
+        return self._events
+
+    def after(self, key: tuple[int, int]) -> Frame | None:
+        """This frame without the events at or below `key` (None when nothing is left)."""
+        if self.first > key:
+            return self
+        if self.key <= key:
+            return None
+        rest = [f for f in self.events() if f.key > key]
+        if len(rest) == 1:
+            return rest[0]
+        last = rest[-1]
+        data = b"".join(f.data for f in rest)
+        return Frame(
+            last.key, last.id, data, None, last.terminal, first=rest[0].key, count=len(rest)
+        )
 
     @property
     def ws(self) -> str:
         """The WebSocket text message (the event object with its `id`), made on first use:
         most processes serve SSE only, and this costs a decode and a copy per event."""
         if self._ws is None:
+            assert self.json is not None, "a block has one WebSocket message per event"
             self._ws = ws_text(self.id, self.json.decode())
         return self._ws
 
     @property
     def size(self) -> int:
-        """What holding this frame costs, roughly: the SSE frame and its WebSocket text."""
+        """What holding this frame costs, roughly: the SSE frames and their WebSocket text."""
         return 2 * len(self.data)
+
+
+def split_frames(data: bytes, terminal: bool) -> list[Frame]:
+    """A block's SSE frames (`id:`, `event:`, one `data:` line each) as one Frame each;
+    `terminal`: the last one is."""
+    frames = []
+    for text in data.split(b"\n\n")[:-1]:
+        id_line, _, rest = text.partition(b"\n")
+        event_id = id_line[4:].decode()  # after "id: "
+        ms, _, seq = event_id.partition("-")
+        raw = rest.partition(b"\n")[2][6:]  # after "event: ...\n" and "data: "
+        frames.append(Frame((int(ms), int(seq)), event_id, text + b"\n\n", raw, False))
+    if terminal:
+        frames[-1].terminal = True
+    return frames
 
 
 def ws_text(event_id: str, data: str) -> str:
@@ -103,22 +157,32 @@ class Live:
     frames: list[Frame]
     terminal: bool  # frames end with a terminal event (the stream ends after it)
     stop: int = field(init=False)  # the position after the last frame
+    count: int = field(init=False)  # events in the frames
     _sse: bytes | None = None
     _chunk: bytes | None = None
 
     def __post_init__(self) -> None:
         self.stop = self.start + len(self.frames)
+        self.count = sum(f.count for f in self.frames)
 
     def after(self, key: tuple[int, int]) -> Live | None:
-        """These frames without those at or below `key` (sent from history already)."""
+        """These frames without the events at or below `key` (sent from history already)."""
         n, frames = 0, self.frames
         while n < len(frames) and frames[n].key <= key:
             n += 1
-        if n == 0:
-            return self
         if n == len(frames):
             return None
+        if frames[n].first <= key:  # a block read partly from history
+            rest = frames[n].after(key)
+            assert rest is not None  # its last event is newer than `key`
+            return Live(self.start + n, self.end, [rest, *frames[n + 1 :]], self.terminal)
+        if n == 0:
+            return self
         return Live(self.start + n, self.end, frames[n:], self.terminal)
+
+    def events(self) -> list[Frame]:
+        """The frames one per event (see Frame.events)."""
+        return [event for frame in self.frames for event in frame.events()]
 
     @property
     def sse(self) -> bytes:
@@ -200,12 +264,13 @@ class Channel:
     workflow_id: str
     upstream: Upstream
     hub: Hub
-    limit: int  # frames a reader may fall behind before it is sent to catch up
+    limit: int  # events a reader may fall behind before it is sent to catch up
     subs: set[Subscription] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     outstanding: int = 0  # SUBSCRIBEs sent and not yet confirmed
     ring: deque[Frame] = field(default_factory=deque)
     ring_bytes: int = 0  # Frame.size summed over the ring
+    ring_events: int = 0  # Frame.count summed over the ring
     byte_limit: int = DEFAULT_QUEUE_BYTES  # `limit` in bytes: large events fill it sooner
     seq: int = 0  # sequence of the next frame; the ring holds base .. seq - 1
     terminal_seq: int = -1  # sequence of the newest terminal frame
@@ -219,21 +284,19 @@ class Channel:
 
     def push(self, frame: Frame) -> None:
         """Add a live frame; readers hear of it in flush(), once per event-loop pass."""
-        ring, seq, size = self.ring, self.seq, frame.size
-        if len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit:
+        ring, seq, size, count = self.ring, self.seq, frame.size, frame.count
+        if self._full(size, count):
             if self.flush_due:
                 # A burst bigger than the ring within one loop pass (a group commit of 1,000
                 # events): hand the parked streams what came so far now, rather than send
                 # them all to catch up from Redis, one read each.
                 self.flush()
             self._trim()
-            if ring and (len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit):
+            if ring and self._full(size, count):
                 # The slowest readers are a whole ring behind: they catch up from Redis.
                 # The newest frame is always kept, however large: live readers need it.
-                while ring and (
-                    len(ring) >= self.limit or self.ring_bytes + size > self.byte_limit
-                ):
-                    self.ring_bytes -= ring.popleft().size
+                while ring and self._full(size, count):
+                    self._drop_oldest()
                 kept_from = seq - len(ring)
                 for sub in self.subs:
                     if sub.cursor < kept_from and not (sub.resync or sub.notify_only):
@@ -241,6 +304,7 @@ class Channel:
                         sub.request_resync()
         ring.append(frame)
         self.ring_bytes += size
+        self.ring_events += count
         if frame.terminal:
             self.terminal_seq = seq
         self.seq = seq + 1
@@ -283,11 +347,20 @@ class Channel:
                 low = sub.cursor
         if low == seq:
             ring.clear()
-            self.ring_bytes = 0
+            self.ring_bytes = self.ring_events = 0
             self.cached = None
         else:
             for _ in range(low - base):
-                self.ring_bytes -= ring.popleft().size
+                self._drop_oldest()
+
+    def _full(self, size: int, count: int) -> bool:
+        """A frame of `size` and `count` events does not fit beside the ring's."""
+        return self.ring_events + count > self.limit or self.ring_bytes + size > self.byte_limit
+
+    def _drop_oldest(self) -> None:
+        frame = self.ring.popleft()
+        self.ring_bytes -= frame.size
+        self.ring_events -= frame.count
 
     def since(self, cursor: int) -> Live | None:
         """Frames from `cursor` on (None if they left the ring), cut after a terminal one."""

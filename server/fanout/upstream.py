@@ -27,6 +27,25 @@ _throttle = Throttle(logger)
 YIELD_FRAMES = 256
 
 
+def parse_block(payload: bytes) -> Frame:
+    """`#<first id> <last id> <count> <terminal>` and a line break, then the events' SSE
+    frames (as the append script publishes them) -> one Frame, whatever the count."""
+    head, _, data = payload.partition(b"\n")
+    first, last, count, terminal = head[1:].split(b" ")
+    first_ms, _, first_seq = first.partition(b"-")
+    last_id = last.decode()
+    ms, _, seq = last_id.partition("-")
+    return Frame(
+        (int(ms), int(seq)),
+        last_id,
+        data,
+        None,
+        terminal == b"1",
+        first=(int(first_ms), int(first_seq)),
+        count=int(count),
+    )
+
+
 def parse_message(payload: bytes) -> Frame:
     """`<id> <event_type> <terminal> <json>` (as the append script publishes) -> Frame."""
     raw_id, event_type, terminal, raw = payload.split(b" ", 3)
@@ -36,10 +55,11 @@ def parse_message(payload: bytes) -> Frame:
 
 
 def parse_messages(payload: bytes) -> list[Frame]:
-    """A live message: one event per line, in stored order (see server/lua/append.lua).
+    """A message of one event per line, in stored order: a shard's overview notices
+    (server/overview/runs.py), and what an append script of a version before blocks
+    (parse_block) published, which a rolling upgrade may still meet.
 
-    parse_message() per line, inlined: every process pays this for every event of the
-    workflows it streams (a third less per event). The ids are the stream's own."""
+    parse_message() per line, inlined. The ids are the stream's own."""
     frames = []
     for line in payload.split(b"\n"):
         raw_id, event_type, terminal, raw = line.split(b" ", 3)

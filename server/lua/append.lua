@@ -46,10 +46,15 @@
 -- events after the stored state gives, and returns it as `meta`. Two processes appending
 -- node events to one workflow then rarely fold twice.
 --
--- The events are published as `<id> <event_type> <terminal 0|1> <json>`, several to a
--- message, one per line (stored JSON holds no line break), up to PUBLISH_BYTES a message
--- (a bigger event goes alone): a subscriber pays its per-message cost per batch, not per
--- event. Then, when asked and small enough, what the append wrote to the progress hash:
+-- The events are published as their SSE frames, ready to send, several to a message:
+-- `#<first id> <last id> <count> <terminal 0|1>` and a line break, then `id: <id>`,
+-- `event: <event_type>`, `data: <json>` and a blank line per event, up to PUBLISH_BYTES a
+-- message (a bigger event goes alone); a terminal event ends its message, so only a
+-- message's last event can be terminal. Stored JSON holds no CR or LF (the serializer
+-- escapes them), so it is one `data:` line. Every process reading the channel then pays
+-- per message, not per event (server/fanout/upstream.py parse_block): the hub's cost per
+-- event is what a second worker adds. Then, when asked and small enough, what the append
+-- wrote to the progress hash:
 -- `=<ver before> <last before or -> <ver> <last> <the S pairs>`, so that other processes
 -- keep their cached fold state current (ProgressCache.follow) instead of losing their next
 -- compare-and-set to this append.
@@ -183,7 +188,13 @@ local ids = {}
 local added = 0
 local last = false
 local out, outn = {}, 0
+local first, prev = false, false  -- the first and the last id of the message being built
 local limit = PUBLISH_BYTES
+local function send(terminal)
+  redis.call(publish, channel, '#' .. first .. ' ' .. prev .. ' ' .. #out .. ' ' .. terminal
+    .. '\n' .. table.concat(out))
+  out, outn, first = {}, 0, false
+end
 for i = 1, n do
   local ik = iks[i]
   local known = false
@@ -197,19 +208,18 @@ for i = 1, n do
       redis.call('HSET', idem, ik, id)
       redis.call('RPUSH', idem_order, ik)
     end
-    local msg = id .. ' ' .. t .. ' ' .. x .. ' ' .. d
-    if outn > 0 and outn + #msg > limit then
-      redis.call(publish, channel, table.concat(out, '\n'))
-      out, outn = {}, 0
-    end
-    out[#out + 1] = msg
-    outn = outn + #msg + 1
+    local frame = 'id: ' .. id .. '\nevent: ' .. t .. '\ndata: ' .. d .. '\n\n'
+    if outn > 0 and outn + #frame > limit then send('0') end
+    out[#out + 1] = frame
+    outn = outn + #frame
+    first, prev = first or id, id
+    if x == '1' then send('1') end
     ids[#ids + 1] = id
     added = added + 1
     last = id
   end
 end
-if outn > 0 then redis.call(publish, channel, table.concat(out, '\n')) end
+if outn > 0 then send('0') end
 if added > 0 then
   local len = redis.call('XLEN', stream)
   if len > maxlen then

@@ -278,9 +278,9 @@ class OverviewFeed:
             if live is None:
                 await sub.wakeup.wait()
                 continue
-            for frame in live.frames:
+            for frame in live.events():
                 try:
-                    notice = json.loads(frame.json)
+                    notice = json.loads(frame.json or b"")
                     w, state = notice["workflow_id"], notice["state"]
                 except (ValueError, KeyError, TypeError):
                     continue

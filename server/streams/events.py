@@ -305,7 +305,7 @@ class EventStream:
         last = live.frames[-1]
         self.last_id, self.last_key = last.id, last.key
         self.sent_id = last.id
-        self.on_sent(len(live.frames))
+        self.on_sent(live.count)
         if first := self.sub.first_writes(live):
             self.on_live(first)
 

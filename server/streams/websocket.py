@@ -69,7 +69,7 @@ class WsSink:
             await self._send(text)
 
     async def send_live(self, live: Live) -> None:
-        for frame in live.frames:
+        for frame in live.events():
             await self._send(frame.ws)  # encoded once per process by the hub, shared
 
     def write_now(self, live: Live) -> bool:
