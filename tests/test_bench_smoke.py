@@ -56,9 +56,9 @@ CASES = [
     ),
     (
         "hub_cost",
-        ["--messages", "200", "--runs", "1"],
-        "| run | us CPU per message |",
-        r"^\| median \| \d+\.\d+ \|$",
+        ["--messages", "200", "--batch", "10", "--runs", "1"],
+        "| run | blocks | lines |",
+        r"^\| median \| \d+\.\d+ \| \d+\.\d+ \|$",
     ),
     ("eta_quality", ["--traces", "2", "--smoke"], "| scenario ", r"^\| default .*\| wfsse +\| +\d"),
     ("plan_post", ["--rounds", "1"], "body: ", r"^longest loop stall ms: median \d"),
