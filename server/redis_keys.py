@@ -79,7 +79,8 @@ def progress_key(workflow_id: str) -> str:
 
 
 def channel(workflow_id: str) -> str:
-    """Pub/sub channel that carries `<id> <event_type> <terminal 0|1> <json>`."""
+    """Pub/sub channel of a workflow's live events, in blocks of SSE frames (see
+    server/lua/append.lua), and of what its appends wrote to the progress hash."""
     return f"wf:{{{workflow_id}}}:live"
 
 

@@ -48,7 +48,7 @@ class Settings:
     # costs about 5% of the server's CPU per published event, and a proxy in front usually
     # logs requests already; Redis failures and unhandled errors are logged either way.
     access_log: bool = False
-    # Beyond the SPEC's list: per-client live queue bound (frames) before a catch-up, and
+    # Beyond the SPEC's list: per-client live queue bound (events) before a catch-up, and
     # how long per-definition duration history is kept after its last update.
     client_queue_frames: int = 1024
     # The same bound in bytes (both encodings of each frame): 1,024 frames of 60 KB would

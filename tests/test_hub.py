@@ -196,7 +196,7 @@ async def test_take_stops_after_the_terminal_frame_and_after_drops_what_history_
     assert rest is not None and [f.id for f in rest.frames] == [
         f"1769077817000-{i}" for i in (1, 2)
     ]
-    assert rest.sse == _frame(1).data + _frame(2, True).data and rest.stop == live.stop
+    assert rest.sse == b"".join((_frame(1).data, _frame(2, True).data)) and rest.stop == live.stop
     assert live.after(_frame(2).key) is None and live.after((0, 0)) is live
 
 

@@ -4,14 +4,15 @@ per message, so that every process reading the channel pays per message, not per
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import aiohttp
 import fakeredis
 import pytest
 
-from server import redis_keys, sse
+from server import app_keys, redis_keys, sse
 from server.append_script import PUBLISH_BYTES
 from server.fanout.hub import Hub
 from server.fanout.ring import Channel, Frame, Subscription
@@ -20,6 +21,7 @@ from server.metrics import NAMESPACE, Metrics
 from server.store import id_key
 from testing.events import completed, started, state
 from testing.metrics import sample
+from testing.sse import Message, iter_messages
 from tests.conftest import Serve
 
 
@@ -40,6 +42,14 @@ async def _post(base: str, wf: str, events: list[dict[str, Any]]) -> list[str]:
             assert resp.status == 201, await resp.text()
             ids: list[str] = (await resp.json())["ids"]
             return ids
+
+
+async def _next_event(messages: AsyncIterator[Message]) -> Message:
+    async with asyncio.timeout(10):
+        async for message in messages:
+            if message.id:
+                return message
+    raise AssertionError("the stream ended")
 
 
 async def _stored_frames(redis: Any, wf: str) -> list[bytes]:
@@ -75,7 +85,8 @@ async def test_a_block_holds_ready_frames_and_a_terminal_event_ends_it(
     assert [(e.key, e.data, e.terminal) for e in events] == [
         (k, f, i == 2) for i, (k, f) in enumerate(zip(keys, stored, strict=True))
     ]
-    assert [e.ws.startswith('{"id":"' + i + '",') for e, i in zip(events, ids, strict=True)]
+    assert all(e.ws.startswith('{"id":"' + i + '",') for e, i in zip(events, ids, strict=True))
+    assert [json.loads(e.ws)["id"] for e in events] == ids
 
 
 async def test_a_batch_bigger_than_a_message_is_published_in_blocks_of_the_bound(
@@ -100,6 +111,43 @@ async def test_a_batch_bigger_than_a_message_is_published_in_blocks_of_the_bound
     assert b"".join(b.data for b in blocks) == b"".join(stored)
     assert [e.id for b in blocks for e in b.events()] == ids
     assert all(b.first == b.events()[0].key and b.key == b.events()[-1].key for b in blocks)
+
+
+async def test_a_message_of_an_unknown_format_resyncs_its_streams_and_keeps_the_connection(
+    serve: Serve, redis: Any, new_workflow: Callable[[], str]
+) -> None:
+    """What a newer writer may publish during a rolling upgrade: the streams read the
+    events from Redis; the hub does not reconnect (which would refuse new streams)."""
+    base, wf = await serve(), new_workflow()
+    app = serve.apps[0]
+    upstream = app[app_keys.hub_key]._upstreams["redis"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/workflows/{wf}/events") as resp:
+            messages = iter_messages(resp)
+            first = await _post(base, wf, [started("a")])
+            assert (await _next_event(messages)).id == first[0]
+            pubsub = upstream.pubsub
+            # A stored event whose live message this version cannot read.
+            data = json.dumps({"event_type": "node_started", "workflow_id": wf, "node_id": "b"})
+            fields = {"t": "node_started", "x": "0", "d": data}
+            hidden = (await redis.xadd(redis_keys.stream_key(wf), fields)).decode()
+            await redis.publish(redis_keys.channel(wf), b"@" + hidden.encode() + b" v9 frames")
+            got = await _next_event(messages)
+            assert (got.id, got.data) == (hidden, data)
+            assert upstream.pubsub is pubsub and not upstream.down
+            after = await _post(base, wf, [started("c")])
+            assert (await _next_event(messages)).id == after[0]
+
+
+def test_the_events_of_a_split_block_are_views_of_its_bytes() -> None:
+    block = _block(range(4))
+    events = block.events()
+    views = [e.data for e in events]
+    assert all(isinstance(v, memoryview) for v in views)
+    assert len({id(cast(memoryview, v).obj) for v in views}) == 1  # one buffer, no copies
+    assert b"".join(e.data for e in events) == block.data
+    assert [bytes(e.json or b"") for e in events] == [b'{"node_id":"%d"}' % n for n in range(4)]
+    assert block.events() is events  # split once
 
 
 # The ring over blocks, without Redis.

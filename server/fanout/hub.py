@@ -17,8 +17,10 @@ from server import redis_keys
 from server.fanout.ring import DEFAULT_QUEUE_BYTES, Channel, Subscription
 from server.fanout.upstream import Upstream, parse_block, parse_messages
 from server.redis_client import AnyRedis
+from server.throttle import Throttle
 
 logger = logging.getLogger(__name__)
+_throttle = Throttle(logger)
 
 
 class HubUnavailable(Exception):
@@ -93,7 +95,7 @@ class Hub:
         """Pub/sub connections held: one, or one per cluster shard that carries a channel."""
         return len(self._upstreams)
 
-    def queued_frames(self) -> int:
+    def queued_events(self) -> int:
         """Live events held for local readers right now (bounded by design)."""
         return sum(chan.ring_events for chan in self._channels.values())
 
@@ -217,21 +219,31 @@ class Hub:
             await chan.upstream.unsubscribe(name)
 
     def _deliver(self, raw_name: bytes, data: bytes, upstream: Upstream) -> int:
-        """A live message (the common case, without PubSub's dict); the frames pushed."""
+        """A live message (the common case, without PubSub's dict); the events pushed."""
         chan = self._channels.get(raw_name.decode())
         if chan is None or chan.upstream is not upstream:
             return 0
-        if data[:1] == b"#":
-            frame = parse_block(data)
-            chan.push(frame)
-            return frame.count
         if data[:1] == b"=":
             self._on_state(chan.workflow_id, data)
             return 0
-        frames = parse_messages(data)  # a shard's overview notices, or an older writer's
+        try:
+            if data[:1] == b"#":
+                frames = [parse_block(data)]
+            else:  # a shard's overview notices, or what an older writer published
+                frames = parse_messages(data)
+        except ValueError:
+            # A format this version does not read (a newer writer during a rolling
+            # upgrade): its streams read the events from Redis, and the connection stays
+            # (dropping it would resync every channel on it and refuse new streams).
+            _throttle(
+                logging.WARNING, "unknown", "live message not understood on %s", chan.workflow_id
+            )
+            for sub in chan.subs:
+                sub.request_resync()
+            return 0
         for frame in frames:
             chan.push(frame)
-        return len(frames)
+        return sum(frame.count for frame in frames)
 
     def _dispatch(self, message: dict[str, Any], upstream: Upstream) -> None:
         kind = message["type"]

@@ -32,8 +32,8 @@ class Frame:
         self,
         key: tuple[int, int],
         id: str,
-        data: bytes,
-        json: bytes | None,
+        data: bytes | memoryview,
+        json: bytes | memoryview | None,
         terminal: bool,
         *,
         first: tuple[int, int] | None = None,
@@ -79,7 +79,7 @@ class Frame:
         most processes serve SSE only, and this costs a decode and a copy per event."""
         if self._ws is None:
             assert self.json is not None, "a block has one WebSocket message per event"
-            self._ws = ws_text(self.id, self.json.decode())
+            self._ws = ws_text(self.id, bytes(self.json).decode())
         return self._ws
 
     @property
@@ -88,16 +88,23 @@ class Frame:
         return 2 * len(self.data)
 
 
-def split_frames(data: bytes, terminal: bool) -> list[Frame]:
-    """A block's SSE frames (`id:`, `event:`, one `data:` line each) as one Frame each;
-    `terminal`: the last one is."""
+def split_frames(data: bytes | memoryview, terminal: bool) -> list[Frame]:
+    """A block's SSE frames (`id:`, `event:`, one `data:` line each; stored JSON holds no
+    line break) as one Frame each; `terminal`: the last one is. Their SSE bytes and JSON
+    are views of the block's, not copies: the ring counts a block's bytes once."""
+    whole = bytes(data)
+    view = memoryview(whole)
     frames = []
-    for text in data.split(b"\n\n")[:-1]:
-        id_line, _, rest = text.partition(b"\n")
-        event_id = id_line[4:].decode()  # after "id: "
+    start = 0
+    while start < len(whole):
+        end = whole.index(b"\n\n", start) + 2
+        id_end = whole.index(b"\n", start)
+        event_id = whole[start + 4 : id_end].decode()  # after "id: "
+        json_start = whole.index(b"\n", id_end + 1) + 7  # after "event: ...\n" and "data: "
         ms, _, seq = event_id.partition("-")
-        raw = rest.partition(b"\n")[2][6:]  # after "event: ...\n" and "data: "
-        frames.append(Frame((int(ms), int(seq)), event_id, text + b"\n\n", raw, False))
+        key = (int(ms), int(seq))
+        frames.append(Frame(key, event_id, view[start:end], view[json_start : end - 2], False))
+        start = end
     if terminal:
         frames[-1].terminal = True
     return frames

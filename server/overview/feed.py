@@ -280,7 +280,7 @@ class OverviewFeed:
                 continue
             for frame in live.events():
                 try:
-                    notice = json.loads(frame.json or b"")
+                    notice = json.loads(bytes(frame.json or b""))
                     w, state = notice["workflow_id"], notice["state"]
                 except (ValueError, KeyError, TypeError):
                     continue
