@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -12,12 +12,12 @@ import fakeredis
 import pytest
 
 from server import app_keys, redis_keys
-from server.fanout.hub import Hub
-from server.fanout.ring import Channel, Frame, Live, Subscription
+from server.fanout.ring import Frame, Live
 from server.fanout.upstream import parse_message, parse_messages
 from server.redis_client import open_redis
 from testing.events import DONE, started
 from testing.raw_http import dechunk, open_stalled_reader, read_all
+from testing.rings import reader, ring
 from testing.sse import Parser, collect, iter_messages
 from testing.waiting import wait_until
 from tests.conftest import Serve
@@ -135,25 +135,14 @@ async def test_on_a_cluster_one_sharded_subscription_per_shard_serves_every_work
 # The live ring of one channel, without Redis: what readers take, share and lose.
 
 
-def _ring(limit: int) -> tuple[Hub, Channel]:
-    hub = Hub(fakeredis.FakeAsyncRedis(), queue_limit=limit)
-    return hub, Channel("wf", cast(Any, None), hub, limit)
-
-
-def _reader(chan: Channel) -> Subscription:
-    sub = Subscription("wf", chan, chan.seq)
-    chan.subs.add(sub)
-    return sub
-
-
 def _frame(seq: int, terminal: bool = False) -> Frame:
     kind = "workflow_state_changed" if terminal else "node_started"
     return parse_message(f"1769077817000-{seq} {kind} {int(terminal)} {{}}".encode())
 
 
 async def test_readers_at_one_position_share_one_joined_write() -> None:
-    _, chan = _ring(8)
-    first, second = _reader(chan), _reader(chan)
+    _, chan = ring(8)
+    first, second = reader(chan), reader(chan)
     for i in range(3):
         chan.push(_frame(i))
     await asyncio.sleep(0)  # the pass's flush wakes the readers
@@ -169,8 +158,8 @@ async def test_readers_at_one_position_share_one_joined_write() -> None:
 
 
 async def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not() -> None:
-    hub, chan = _ring(4)
-    slow, fast = _reader(chan), _reader(chan)
+    hub, chan = ring(4)
+    slow, fast = reader(chan), reader(chan)
     for i in range(10):
         chan.push(_frame(i))
         live = fast.take()
@@ -185,8 +174,8 @@ async def test_a_reader_a_whole_ring_behind_is_sent_to_catch_up_others_are_not()
 
 
 async def test_take_stops_after_the_terminal_frame_and_after_drops_what_history_sent() -> None:
-    _, chan = _ring(8)
-    sub = _reader(chan)
+    _, chan = ring(8)
+    sub = reader(chan)
     for i, terminal in enumerate([False, False, True, False]):
         chan.push(_frame(i, terminal))
     live = sub.take()
@@ -214,8 +203,8 @@ async def test_a_fresh_cluster_client_takes_concurrent_first_commands(cluster_ur
 
 
 async def test_a_notify_only_reader_holds_no_frames_and_never_counts_as_slow() -> None:
-    hub, chan = _ring(4)
-    progress = _reader(chan)
+    hub, chan = ring(4)
+    progress = reader(chan)
     progress.notify_only = True  # a progress stream: it only wants to know that something came
     for i in range(10):
         chan.push(_frame(i))  # no loop pass in between: the ring's bound trims it
@@ -239,8 +228,8 @@ class _Writer:
 
 
 async def test_a_parked_stream_is_written_once_per_loop_pass_without_waking_its_task() -> None:
-    _, chan = _ring(8)
-    parked, woken = _reader(chan), _reader(chan)
+    _, chan = ring(8)
+    parked, woken = reader(chan), reader(chan)
     writer = _Writer()
     parked.direct = writer
     for i in range(3):
@@ -258,8 +247,8 @@ async def test_a_parked_stream_is_written_once_per_loop_pass_without_waking_its_
 
 
 async def test_a_parked_stream_that_refuses_or_must_resync_goes_back_to_its_task() -> None:
-    _, chan = _ring(8)
-    refusing, resyncing = _reader(chan), _reader(chan)
+    _, chan = ring(8)
+    refusing, resyncing = reader(chan), reader(chan)
     unwritten = _Writer()
     refusing.direct, resyncing.direct = _Writer(accept=False), unwritten
     resyncing.resync = True

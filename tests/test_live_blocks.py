@@ -9,18 +9,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import aiohttp
-import fakeredis
 import pytest
 
 from server import app_keys, redis_keys, sse
 from server.append_script import PUBLISH_BYTES
-from server.fanout.hub import Hub
-from server.fanout.ring import Channel, Frame, Subscription
+from server.fanout.ring import Frame
 from server.fanout.upstream import parse_block
 from server.metrics import NAMESPACE, Metrics
 from server.store import id_key
 from testing.events import completed, started, state
 from testing.metrics import sample
+from testing.rings import reader, ring
 from testing.sse import Message, iter_messages
 from tests.conftest import Serve
 
@@ -163,20 +162,9 @@ def _block(seqs: range, terminal: bool = False) -> Frame:
     return parse_block(head + frames)
 
 
-def _channel(limit: int) -> tuple[Hub, Channel]:
-    hub = Hub(fakeredis.FakeAsyncRedis(), queue_limit=limit)
-    return hub, Channel("wf", cast(Any, None), hub, limit)
-
-
-def _reader(chan: Channel) -> Subscription:
-    sub = Subscription("wf", chan, chan.seq)
-    chan.subs.add(sub)
-    return sub
-
-
 async def test_a_block_read_partly_from_history_goes_on_from_its_first_unsent_event() -> None:
-    _, chan = _channel(64)
-    sub = _reader(chan)
+    _, chan = ring(64)
+    sub = reader(chan)
     first, second = _block(range(5)), _block(range(5, 8), terminal=True)
     chan.push(first)
     chan.push(second)
@@ -196,8 +184,8 @@ async def test_a_block_read_partly_from_history_goes_on_from_its_first_unsent_ev
 
 
 async def test_the_ring_bound_counts_the_events_of_blocks() -> None:
-    hub, chan = _channel(10)
-    slow, fast = _reader(chan), _reader(chan)
+    hub, chan = ring(10)
+    slow, fast = reader(chan), reader(chan)
     chan.push(_block(range(6)))
     assert fast.take() is not None and chan.ring_events == 6
     chan.push(_block(range(6, 12)))  # 12 events held for `slow`: past the bound of 10
