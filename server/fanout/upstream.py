@@ -31,13 +31,23 @@ def parse_block(payload: bytes) -> Frame:
     """`#<first id> <last id> <count> <terminal>` and a line break, then the events' SSE
     frames (as the append script publishes them) -> one Frame, whatever the count."""
     head, _, data = payload.partition(b"\n")
-    first, last, count, terminal = head[1:].decode().split(" ")
-    key, first_key = store.id_key(last), store.id_key(first)
-    return Frame(key, last, data, None, terminal == "1", first=first_key, count=int(count))
+    first, last, count, terminal = head[1:].split(b" ")
+    first_ms, _, first_seq = first.partition(b"-")
+    last_id = last.decode()
+    ms, _, seq = last_id.partition("-")
+    return Frame(
+        (int(ms), int(seq)),
+        last_id,
+        data,
+        None,
+        terminal == b"1",
+        first=(int(first_ms), int(first_seq)),
+        count=int(count),
+    )
 
 
 def parse_message(payload: bytes) -> Frame:
-    """`<id> <event_type> <terminal> <json>` (one line of parse_messages) -> Frame."""
+    """`<id> <event_type> <terminal> <json>` (as the append script publishes) -> Frame."""
     raw_id, event_type, terminal, raw = payload.split(b" ", 3)
     event_id = raw_id.decode()
     frame = sse.encode_event(raw_id, event_type, raw)
